@@ -1,0 +1,162 @@
+"""Capture the real post-softmax attention and the attention-branch magnitude of every block.
+
+timm ViTs compute attention with ``F.scaled_dot_product_attention`` by default, which never materialises
+the map: hook-based tools then silently see nothing. :class:`AttentionCapture` switches the fused path off
+on the hooked model's own attention modules (not process-wide), hooks the ``attn_drop`` module that the
+explicit path applies to the softmax output (identity in eval mode), and checks after every forward that
+each block delivered one map whose rows sum to 1.
+
+Captured quantities, per forward of a (B, C, H, W) batch with L blocks, heads H_ and T tokens:
+
+- ``attn``: (B, L, H_, T, T) float32, rows are queries;
+- ``magnitude``: (B, L, T) float32, ``||attention-branch update added to the residual|| / ||residual
+  entering the block||`` per token, the update taken after the output projection and layer scale;
+- ``tokens``: (B, T, D), the last block's output before the model's final norm (as computed, not upcast).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import AttnflowError
+
+ROW_SUM_TOLERANCE = 1e-3
+
+
+@dataclass
+class Captured:
+    attn: torch.Tensor  # (B, L, H, T, T) float32
+    magnitude: torch.Tensor  # (B, L, T) float32
+    tokens: torch.Tensor  # (B, T, D) last block output, before the final norm
+
+
+def _attention_update_source(block: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """The module whose output, after the returned function, is exactly what the block adds to the residual.
+
+    timm's ``Block``/``ResPostBlock`` wrap the branch in an ``ls1`` module (identity without layer scale);
+    ``EvaBlock`` multiplies the attention output by a ``gamma_1`` parameter; ``EvaBlockPostNorm`` adds
+    ``norm1(attn(x))``.
+    """
+    kind = type(block).__name__
+    if hasattr(block, "ls1"):
+        return block.ls1, lambda out: out
+    if kind == "EvaBlockPostNorm":
+        return block.norm1, lambda out: out
+    if kind == "EvaBlock":
+        gamma = block.gamma_1
+        return block.attn, (lambda out: out) if gamma is None else (lambda out: out * gamma)
+    raise AttnflowError(f"unsupported transformer block type {kind}: attnflow cannot locate its residual update")
+
+
+class AttentionCapture:
+    """Context manager that hooks every transformer block of a timm ViT.
+
+    Example::
+
+        with AttentionCapture(model) as capture:
+            model.forward_features(images)
+            captured = capture.pop()   # Captured(attn=(B, L, H, T, T), magnitude=(B, L, T))
+
+    Hooks are removed and each attention module's ``fused_attn`` flag is restored on exit.
+    """
+
+    def __init__(self, model: nn.Module):
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or len(blocks) == 0:
+            raise AttnflowError(f"{type(model).__name__} has no transformer blocks to capture")
+        self.blocks = list(blocks)
+        for i, block in enumerate(self.blocks):
+            attn = getattr(block, "attn", None)
+            if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
+                raise AttnflowError(f"block {i} ({type(block).__name__}) exposes no attention softmax to hook")
+            if not hasattr(attn, "fused_attn"):
+                raise AttnflowError(f"block {i}: {type(attn).__name__} cannot switch off fused attention")
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._saved_fused: list[bool] = []
+        self._attn: list[list[torch.Tensor]] = []
+        self._residual_norm: list[list[torch.Tensor]] = []
+        self._update_norm: list[list[torch.Tensor]] = []
+        self._tokens: list[torch.Tensor] = []
+
+    def __enter__(self) -> "AttentionCapture":
+        self._clear()
+        for i, block in enumerate(self.blocks):
+            attn = block.attn
+            self._saved_fused.append(bool(attn.fused_attn))
+            attn.fused_attn = False
+            source, finish = _attention_update_source(block)
+            self._handles += [
+                block.register_forward_pre_hook(self._residual_hook(i)),
+                attn.attn_drop.register_forward_hook(self._attn_hook(i)),
+                source.register_forward_hook(self._update_hook(i, finish)),
+            ]
+        self._handles.append(self.blocks[-1].register_forward_hook(self._tokens_hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for block, fused in zip(self.blocks, self._saved_fused):
+            block.attn.fused_attn = fused
+        self._saved_fused.clear()
+        self._clear()
+
+    def _clear(self) -> None:
+        n = len(self.blocks)
+        self._attn = [[] for _ in range(n)]
+        self._residual_norm = [[] for _ in range(n)]
+        self._update_norm = [[] for _ in range(n)]
+        self._tokens = []
+
+    # Hooks keep float32 copies: under autocast the softmax already runs in float32, the residual and the
+    # update may be bfloat16 and are upcast before their norms.
+    def _attn_hook(self, i: int):
+        def hook(module, inputs, output):
+            self._attn[i].append(output.detach().float())
+
+        return hook
+
+    def _residual_hook(self, i: int):
+        def hook(module, args):
+            self._residual_norm[i].append(args[0].detach().float().norm(dim=-1))
+
+        return hook
+
+    def _update_hook(self, i: int, finish: Callable[[torch.Tensor], torch.Tensor]):
+        def hook(module, inputs, output):
+            self._update_norm[i].append(finish(output.detach().float()).norm(dim=-1))
+
+        return hook
+
+    def _tokens_hook(self, module, inputs, output):
+        self._tokens.append(output.detach())
+
+    def pop(self) -> Captured:
+        """Return what the last forward captured and reset; raise if any block did not deliver exactly once."""
+        try:
+            for name, per_block in (("attention", self._attn), ("residual", self._residual_norm), ("update", self._update_norm)):
+                counts = [len(x) for x in per_block]
+                if any(c != 1 for c in counts):
+                    bad = [i for i, c in enumerate(counts) if c != 1]
+                    raise AttnflowError(
+                        f"expected one {name} capture per block per forward, got {counts} "
+                        f"(blocks {bad}); was the model run more or less than once, or is attention fused?"
+                    )
+            attn = torch.stack([x[0] for x in self._attn], dim=1)
+            if attn.ndim != 5 or attn.shape[-1] != attn.shape[-2]:
+                raise AttnflowError(f"captured attention has shape {tuple(attn.shape)}, expected (B, L, H, T, T)")
+            deviation = (attn.sum(dim=-1) - 1).abs().max().item()
+            if not deviation <= ROW_SUM_TOLERANCE:  # also catches NaN
+                raise AttnflowError(
+                    f"captured attention rows do not sum to 1 (max deviation {deviation:.3g}): "
+                    "the hooked tensor is not a post-softmax map"
+                )
+            residual = torch.stack([x[0] for x in self._residual_norm], dim=1)
+            update = torch.stack([x[0] for x in self._update_norm], dim=1)
+            return Captured(attn=attn, magnitude=update / residual, tokens=self._tokens[-1])
+        finally:
+            self._clear()

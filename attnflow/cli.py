@@ -1,0 +1,212 @@
+"""The ``attnflow`` command: a thin layer over the Python API.
+
+Data goes to stdout, messages and progress to stderr. Exit codes: 0 success, 1 a data/model error (one
+line on stderr), 2 a usage error.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import AttnflowError
+from .render import Format, emit
+
+app = typer.Typer(
+    name="attnflow",
+    help="See how information flows through the attention of Vision Transformers (MIM vs JEA).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Store(str, Enum):
+    full = "full"
+    rows = "rows"
+    none = "none"
+
+
+class DType(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Compression(str, Enum):
+    gzip = "gzip"
+    lzf = "lzf"
+    none = "none"
+
+
+class Family(str, Enum):
+    mim = "mim"
+    jea = "jea"
+    supervised = "supervised"
+    unknown = "unknown"
+
+
+class InfoFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    # soft_wrap: a message about a long path stays one greppable line instead of wrapping at 80 columns.
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"attnflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """attnflow: capture, measure and compare attention in timm Vision Transformers."""
+
+
+@app.command()
+def extract(
+    model: str = typer.Argument(..., help="timm model name, with a pretrained tag (vit_base_patch16_224.mae) or with --checkpoint."),
+    images: List[str] = typer.Argument(..., help="Image files, directories (searched recursively), or - to read paths from stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Cache file to write (HDF5)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights: .pth/.pt/.bin/.tar or .safetensors, in raw, MAE, MoCo v3, DINO/iBOT or I-JEPA layout."),
+    checkpoint_key: Optional[str] = typer.Option(None, help="Container inside the checkpoint, e.g. 'student' for a DINO student (default: teacher, target_encoder, model or state_dict)."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow a checkpoint pickle that runs code when loaded. Only for files you trust."),
+    random_init: bool = typer.Option(False, help="Analyse random weights on purpose (for untagged names without a checkpoint)."),
+    img_size: Optional[int] = typer.Option(None, help="Build the model at this input resolution; position embeddings are resampled."),
+    family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: inferred from the pretrained tag)."),
+    label: Optional[str] = typer.Option(None, help="Name of the model in later tables (default: model name, plus checkpoint stem)."),
+    store: Store = typer.Option(Store.full, help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
+    dtype: DType = typer.Option(DType.float16, help="Storage type of attention maps."),
+    compression: Compression = typer.Option(Compression.gzip, help="HDF5 compression of maps and tokens."),
+    save_tokens: bool = typer.Option(False, help="Also store the last block's output tokens (before the final norm)."),
+    labels_from_dirs: bool = typer.Option(False, help="Store each image's parent folder as its class (ImageFolder layout)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    amp: bool = typer.Option(False, help="bfloat16 autocast on the GPU; attention is still captured in float32."),
+    crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction."),
+    interpolation: Optional[str] = typer.Option(None, help="Override the resize interpolation (bicubic, bilinear, ...)."),
+    strict: bool = typer.Option(False, help="Stop at the first image that cannot be decoded."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N images."),
+    resume: bool = typer.Option(False, help="Continue an interrupted extraction of the same inputs into the same output."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new cache is complete)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
+) -> None:
+    """Capture every block's attention for IMAGES into an HDF5 cache.
+
+    Example: find data -name '*.JPEG' | head -500 | attnflow extract vit_small_patch16_224.dino - -o dino.h5
+    """
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .extract import extract as run_extract
+    from .images import list_images
+    from .models import build_model
+
+    console = _stderr_console()
+    paths = list_images(images)
+    if limit is not None:
+        paths = paths[:limit]
+    if not paths:
+        raise AttnflowError("no images found in " + " ".join(images))
+    loaded = build_model(
+        model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key, random_init=random_init,
+        trust_checkpoint=trust_checkpoint, family=family.value if family else None, label=label,
+    )
+    if loaded.weights == "random" and not quiet:
+        console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
+
+    progress = Progress(
+        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet, transient=False,
+    )
+    with progress:
+        task = progress.add_task("extract", total=len(paths), rate="")
+        started: list[float] = []
+
+        def on_progress(done: int, total: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            if not started:
+                started.extend((now, done))
+            elapsed = now - started[0]
+            rate = f"{(done - started[1]) / elapsed:.1f} img/s" if elapsed > 0 else ""
+            progress.update(task, completed=done, rate=rate)
+
+        def on_skip(path: str, reason: str) -> None:
+            console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")
+
+        result = run_extract(
+            loaded, paths, output, store=store.value, dtype=dtype.value, compression=compression.value,
+            save_tokens=save_tokens, labels_from_dirs=labels_from_dirs, batch_size=batch_size,
+            workers=workers, device=device, amp=amp, crop_pct=crop_pct, interpolation=interpolation,
+            strict=strict, resume=resume, overwrite=overwrite, on_skip=on_skip, on_progress=on_progress,
+        )
+    if not quiet:
+        rate = result.n_new / result.seconds if result.seconds > 0 else float("nan")
+        size_mb = result.path.stat().st_size / 1e6
+        console.print(
+            f"attnflow: wrote {escape(str(result.path))} ({size_mb:.1f} MB): {result.n_images} images, "
+            f"{result.n_skipped} skipped, {escape(loaded.label)} ({loaded.family}), "
+            f"{result.n_new} new in {result.seconds:.1f} s ({rate:.1f} img/s)"
+        )
+
+
+@app.command()
+def info(
+    path: Path = typer.Argument(..., help="An attnflow cache or metrics file."),
+    format: InfoFormat = typer.Option(InfoFormat.table, "--format", "-f", help="table or json."),
+) -> None:
+    """Print what an attnflow file holds: its attributes and dataset shapes."""
+    from .cache import describe
+
+    described = describe(path)
+    if format is InfoFormat.json:
+        json.dump(described, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    rows = [{"key": k, "value": v} for k, v in described["attrs"].items()]
+    rows += [{"key": f"/{name}", "value": f"{'x'.join(map(str, d['shape'])) or 'scalar'} {d['dtype']}"} for name, d in described["datasets"].items()]
+    emit(rows, ["key", "value"], Format.table, title=str(path))
+
+
+@app.command()
+def models(
+    family: Optional[Family] = typer.Option(None, help="Only models of this family."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
+) -> None:
+    """List the pretrained timm ViTs attnflow supports, with their inferred family."""
+    from .models import supported_pretrained
+
+    rows = [{"model": n, "family": f} for n, f in supported_pretrained(family.value if family else None)]
+    emit(rows, ["model", "family"], format, title="pretrained ViTs in timm")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"attnflow: warning: {message}", file=sys.stderr)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    warnings.showwarning = _show_warning
+    try:
+        app()
+    except AttnflowError as e:
+        print(f"attnflow: error: {e}", file=sys.stderr)
+        sys.exit(1)

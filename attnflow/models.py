@@ -1,0 +1,248 @@
+"""Build a timm ViT and load its weights: from the hub, from a local checkpoint in any common layout, or
+(only when asked) at random.
+
+Public entry point: :func:`load_model`. :func:`build_model` also returns what the cache records about the
+model (name, checkpoint, its sha256, family, label).
+"""
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+
+from .checkpoint import StateDict, file_sha256, read_checkpoint_file, select_state_dict, strip_encoder_prefix
+from .errors import AttnflowError
+from .layout import TokenLayout
+
+FAMILIES = ("mim", "jea", "supervised", "unknown")
+
+# timm modules whose models attnflow can hook (their blocks and attention are the ones capture knows).
+SUPPORTED_MODULES = ("timm.models.vision_transformer", "timm.models.eva")
+
+# Keys a pre-training checkpoint carries that the encoder has no use for.
+UNUSED_KEY_PATTERN = re.compile(r"^(decoder|mask_token|predictor|head|projector)([._]|$)")
+
+# Encoder parameters that cannot change the attention maps, the magnitudes or the stored tokens (which are
+# read before the final norm): missing ones are worth a warning, not a refusal.
+OUTSIDE_CAPTURE_PATTERN = re.compile(r"^(norm|fc_norm|head|attn_pool|head_drop)\.")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture and what the cache records about where its weights came from."""
+
+    model: nn.Module
+    name: str
+    checkpoint: str  # absolute path, or "" for hub or random weights
+    checkpoint_sha256: str
+    weights: str  # "pretrained", "checkpoint" or "random"
+    family: str
+    label: str
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_model(self.model)
+
+
+def split_model_name(name: str) -> tuple[str, str]:
+    """``'vit_base_patch16_224.mae'`` -> ``('vit_base_patch16_224', 'mae')``."""
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def infer_family(name: str) -> str:
+    """Family from a timm name and pretrained tag: ``mim``, ``jea``, ``supervised`` or ``unknown``.
+
+    Fine-tuned tags (``*_ft_*``) are supervised even when pre-training was MIM or JEA: the attention a
+    researcher sees there is the classifier's.
+    """
+    arch, tag = split_model_name(name.lower())
+    words = set(re.split(r"[_\-]", tag))
+    if "ft" in words:
+        return "supervised"
+    if words & {"mae", "ijepa", "simmim", "beitv2", "mim"} or tag.startswith("mim_"):
+        return "mim"
+    if words & {"dino", "dinov2", "dinov3", "ibot", "mocov3"} or re.search(r"dinov[23]", arch):
+        return "jea"
+    if tag and (words & {"in1k", "in21k", "in22k", "in12k", "augreg", "orig", "sam"}):
+        return "supervised"
+    return "unknown"
+
+
+def supported_pretrained(family: str | None = None) -> list[tuple[str, str]]:
+    """Pretrained ``(name, family)`` pairs timm knows whose architecture attnflow can capture."""
+    from timm.models import get_arch_name, model_entrypoint
+
+    rows = []
+    for name in timm.list_pretrained():
+        try:
+            module = model_entrypoint(get_arch_name(name)).__module__
+        except RuntimeError:
+            continue
+        if module not in SUPPORTED_MODULES:
+            continue
+        fam = infer_family(name)
+        if family is None or fam == family:
+            rows.append((name, fam))
+    return rows
+
+
+def default_label(name: str, checkpoint: str | Path | None) -> str:
+    return f"{name}@{Path(checkpoint).stem}" if checkpoint else name
+
+
+def build_model(
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    img_size: int | None = None,
+    checkpoint_key: str | None = None,
+    random_init: bool = False,
+    trust_checkpoint: bool = False,
+    family: str | None = None,
+    label: str | None = None,
+) -> LoadedModel:
+    """Create ``name`` with timm and load its weights, see :func:`load_model`."""
+    arch, tag = split_model_name(name)
+    if not timm.is_model(arch):
+        raise AttnflowError(f"unknown timm model '{name}' (see `attnflow models` for supported pretrained ViTs)")
+    if family is not None and family not in FAMILIES:
+        raise AttnflowError(f"unknown family '{family}' (choose from {', '.join(FAMILIES)})")
+    if checkpoint is None and not tag and not random_init:
+        raise AttnflowError(
+            f"'{name}' has no pretrained tag and no --checkpoint was given; pass a checkpoint, a tagged name "
+            "(e.g. vit_base_patch16_224.mae), or --random-init to analyse random weights on purpose"
+        )
+    if checkpoint is not None and random_init:
+        raise AttnflowError("--checkpoint and --random-init exclude each other")
+
+    kwargs = {"num_classes": 0}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    pretrained = checkpoint is None and not random_init
+    model = _create(name, pretrained=pretrained, **kwargs)
+
+    ckpt_path, sha = "", ""
+    if checkpoint is not None:
+        ckpt = Path(checkpoint).expanduser().resolve()
+        obj = read_checkpoint_file(ckpt, trust=trust_checkpoint)
+        state_dict, _ = select_state_dict(obj, checkpoint_key, source=f"checkpoint {ckpt}")
+        load_state_dict_strict(model, state_dict, source=str(ckpt))
+        ckpt_path, sha = str(ckpt), file_sha256(ckpt)
+
+    model.eval()
+    return LoadedModel(
+        model=model,
+        name=name,
+        checkpoint=ckpt_path,
+        checkpoint_sha256=sha,
+        weights="checkpoint" if checkpoint is not None else ("random" if random_init else "pretrained"),
+        family=family or infer_family(name),
+        label=label or default_label(name, checkpoint),
+    )
+
+
+def load_model(
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    img_size: int | None = None,
+    checkpoint_key: str | None = None,
+    random_init: bool = False,
+    trust_checkpoint: bool = False,
+) -> nn.Module:
+    """Return the timm model ``name`` in eval mode with its weights loaded.
+
+    Args:
+        name: timm model name, with or without a pretrained tag (``vit_small_patch16_224.dino``).
+        checkpoint: local ``.pth/.pt/.bin/.tar/.safetensors`` file in any layout :mod:`attnflow.checkpoint`
+            understands. Without it a tagged name downloads its weights through timm.
+        img_size: build at this input resolution; position embeddings are resampled from the weights.
+        checkpoint_key: the container inside the checkpoint (``'student'`` for a DINO student).
+        random_init: allow random weights for an untagged name without a checkpoint.
+        trust_checkpoint: allow pickles that run code when loaded.
+    """
+    return build_model(
+        name,
+        checkpoint,
+        img_size=img_size,
+        checkpoint_key=checkpoint_key,
+        random_init=random_init,
+        trust_checkpoint=trust_checkpoint,
+    ).model
+
+
+def _create(name: str, *, pretrained: bool, **kwargs) -> nn.Module:
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # timm and the hub client raise many types; every one is a user-facing failure
+        if pretrained:
+            raise AttnflowError(
+                f"could not fetch pretrained weights for '{name}' ({type(e).__name__}: {_short(e)}); "
+                "download the file elsewhere and pass it with --checkpoint PATH"
+            ) from None
+        raise AttnflowError(f"cannot build '{name}': {_short(e)}") from None
+    module = type(model).__module__
+    if module not in SUPPORTED_MODULES:
+        raise AttnflowError(
+            f"'{name}' is a {type(model).__name__}; attnflow captures timm VisionTransformer and Eva models"
+        )
+    return model
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _list_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: StateDict, *, source: str) -> None:
+    """Fit a checkpoint's state dict to ``model``, refusing any partial load that would change attention.
+
+    The prefix is stripped first, then timm's own checkpoint filter of the model's module converts foreign
+    layouts and resamples position embeddings; decoder/mask-token/predictor/head keys are dropped.
+    """
+    model_sd = model.state_dict()
+    state_dict, _ = strip_encoder_prefix(state_dict, model_sd.keys())
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except Exception as e:  # a foreign layout timm cannot convert is the user's file, not our bug
+            raise AttnflowError(f"checkpoint {source} does not fit {type(model).__name__}: {_short(e)}") from None
+
+    unexpected = [k for k in state_dict if k not in model_sd and not UNUSED_KEY_PATTERN.match(k)]
+    missing = [k for k in model_sd if k not in state_dict]
+    misshaped = [
+        f"{k} {list(state_dict[k].shape)} vs model {list(v.shape)}"
+        for k, v in model_sd.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    fatal_missing = [k for k in missing if not OUTSIDE_CAPTURE_PATTERN.match(k)]
+    fatal_unexpected = [k for k in unexpected if k.startswith("blocks.")]
+    problems = []
+    if fatal_missing:
+        problems.append(f"missing {_list_keys(fatal_missing)}")
+    if misshaped:
+        problems.append(f"mis-shaped {_list_keys(misshaped)}")
+    if fatal_unexpected:
+        problems.append(f"unexpected {_list_keys(fatal_unexpected)}")
+    if problems:
+        raise AttnflowError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
+    for key_list, what in ((missing, "missing"), (unexpected, "ignored")):
+        if key_list:
+            warnings.warn(f"{what} checkpoint keys outside the captured path: {_list_keys(key_list)}", stacklevel=2)
+    wanted = {k: v for k, v in state_dict.items() if k in model_sd}
+    with torch.no_grad():
+        model.load_state_dict(wanted, strict=False)

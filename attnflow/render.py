@@ -1,0 +1,72 @@
+"""Write records to stdout as a terminal table, markdown, csv, tsv or json.
+
+Data goes to stdout and nothing else does; when stdout is not a terminal the table format is plain
+aligned text without colour codes or box characters, so it pipes into ``column``, ``grep`` or pandas.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from enum import Enum
+from typing import Any, Sequence, TextIO
+
+
+class Format(str, Enum):
+    table = "table"
+    markdown = "markdown"
+    csv = "csv"
+    tsv = "tsv"
+    json = "json"
+
+
+def format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else json.dumps(value)
+    return str(value)
+
+
+def emit(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    fmt: Format | str = Format.table,
+    *,
+    title: str | None = None,
+    out: TextIO | None = None,
+) -> None:
+    """Write ``rows`` (dicts keyed by ``columns``) in ``fmt``."""
+    out = out or sys.stdout
+    fmt = Format(fmt)
+    if fmt is Format.json:
+        json.dump([{c: r.get(c) for c in columns} for r in rows], out, indent=2, default=str)
+        out.write("\n")
+    elif fmt in (Format.csv, Format.tsv):
+        writer = csv.writer(out, delimiter="," if fmt is Format.csv else "\t", lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow([format_cell(r.get(c, "")) for c in columns])
+    elif fmt is Format.markdown:
+        out.write("| " + " | ".join(columns) + " |\n")
+        out.write("|" + "|".join("---" for _ in columns) + "|\n")
+        for r in rows:
+            out.write("| " + " | ".join(format_cell(r.get(c, "")).replace("|", "\\|") for c in columns) + " |\n")
+    elif out.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for c in columns:
+            table.add_column(c)
+        for r in rows:
+            table.add_row(*(format_cell(r.get(c, "")) for c in columns), )
+        Console(file=out).print(table)
+    else:
+        cells = [list(columns)] + [[format_cell(r.get(c, "")) for c in columns] for r in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+        if title:
+            out.write(f"# {title}\n")
+        for row in cells:
+            out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
