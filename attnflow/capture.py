@@ -76,10 +76,7 @@ class AttentionCapture:
                 raise AttnflowError(f"block {i}: {type(attn).__name__} cannot switch off fused attention")
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved_fused: list[bool] = []
-        self._attn: list[list[torch.Tensor]] = []
-        self._residual_norm: list[list[torch.Tensor]] = []
-        self._update_norm: list[list[torch.Tensor]] = []
-        self._tokens: list[torch.Tensor] = []
+        self._clear()
 
     def __enter__(self) -> "AttentionCapture":
         self._clear()
@@ -107,15 +104,19 @@ class AttentionCapture:
 
     def _clear(self) -> None:
         n = len(self.blocks)
-        self._attn = [[] for _ in range(n)]
-        self._residual_norm = [[] for _ in range(n)]
-        self._update_norm = [[] for _ in range(n)]
-        self._tokens = []
+        self._attn: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._residual_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._update_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._tokens: list[torch.Tensor] = []
+        self._low_precision: torch.dtype | None = None
 
-    # Hooks keep float32 copies: under autocast the softmax already runs in float32, the residual and the
-    # update may be bfloat16 and are upcast before their norms.
+    # Hooks keep float32 copies. Under CUDA autocast the softmax itself runs in float32 (it is on autocast's
+    # float32 list), so the map is the model's own float32 softmax; the residual and the update may be
+    # bfloat16 and are upcast before their norms. A softmax computed in half precision is refused in pop().
     def _attn_hook(self, i: int):
         def hook(module, inputs, output):
+            if output.dtype not in (torch.float32, torch.float64):
+                self._low_precision = output.dtype
             self._attn[i].append(output.detach().float())
 
         return hook
@@ -146,6 +147,11 @@ class AttentionCapture:
                         f"expected one {name} capture per block per forward, got {counts} "
                         f"(blocks {bad}); was the model run more or less than once, or is attention fused?"
                     )
+            if self._low_precision is not None:
+                raise AttnflowError(
+                    f"the attention softmax ran in {self._low_precision}, not float32 (CPU autocast or a "
+                    "half-precision model): capture needs float32 maps; use CUDA autocast or a float32 model"
+                )
             attn = torch.stack([x[0] for x in self._attn], dim=1)
             if attn.ndim != 5 or attn.shape[-1] != attn.shape[-2]:
                 raise AttnflowError(f"captured attention has shape {tuple(attn.shape)}, expected (B, L, H, T, T)")
