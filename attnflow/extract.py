@@ -21,7 +21,7 @@ import torch
 from .cache import CacheSpec, CacheWriter, inputs_digest
 from .capture import AttentionCapture
 from .errors import AttnflowError
-from .images import ImageBatch, ImageDataset, collate_images, resolve_preprocessing
+from .images import ImageBatch, ImageDataset, Preprocessing, collate_images, resolve_preprocessing
 from .models import LoadedModel
 
 
@@ -186,7 +186,7 @@ def extract(
                             raise AttnflowError(f"cannot decode {path}: {reason}")
                         if on_skip:
                             on_skip(path, reason)
-                    rows = _forward(model, capture, batch, torch_device, autocast, spec) if batch.indices else {}
+                    rows = _forward(model, capture, batch, preprocessing, torch_device, autocast, spec) if batch.indices else {}
                     done = start + max([*batch.indices, *(i for i, _ in batch.failures)]) + 1
                     ids = [path_texts[start + i] for i in batch.indices]
                     background.put(
@@ -211,9 +211,11 @@ def extract(
     )
 
 
-def _forward(model, capture: AttentionCapture, batch: ImageBatch, device, autocast, spec: CacheSpec) -> dict[str, np.ndarray]:
+def _forward(
+    model, capture: AttentionCapture, batch: ImageBatch, preprocessing: Preprocessing, device, autocast, spec: CacheSpec
+) -> dict[str, np.ndarray]:
     """One forward pass; returns the rows the cache stores for this batch, as CPU numpy arrays."""
-    pixels = batch.pixels.to(device, non_blocking=True)
+    pixels = preprocessing.normalize(batch.pixels.to(device, non_blocking=True))
     with autocast:
         model.forward_features(pixels)
     captured = capture.pop()

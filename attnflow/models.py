@@ -143,7 +143,8 @@ def build_model(
         checkpoint=ckpt_path,
         checkpoint_sha256=sha,
         weights="checkpoint" if checkpoint is not None else ("random" if random_init else "pretrained"),
-        family=family or infer_family(name),
+        # random weights were never pre-trained, whatever family the architecture's name suggests
+        family=family or ("unknown" if random_init else infer_family(name)),
         label=label or default_label(name, checkpoint),
     )
 

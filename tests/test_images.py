@@ -92,10 +92,13 @@ def test_preprocessing_matches_timms_own_eval_transform(tmp_path):
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=48, num_classes=0)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    ours = ImageDataset([tmp_path / "x.png"], resolve_preprocessing(model))[0][1]
+    pre = resolve_preprocessing(model)
+    raw = ImageDataset([tmp_path / "x.png"], pre)[0][1]
+    assert raw.dtype == torch.uint8
+    ours = pre.normalize(raw[None])[0]
     config = resolve_data_config({"input_size": (3, 48, 48)}, model=model)
     theirs = create_transform(**config, is_training=False)(Image.open(tmp_path / "x.png").convert("RGB"))
-    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
 def test_greyscale_model_gets_one_channel_statistics(tmp_path):
