@@ -16,9 +16,9 @@ from PIL import Image
 from attnflow import AttentionCapture, AttnflowError, build_model, open_cache
 from attnflow.cache import SCHEMA
 from attnflow.extract import extract
-from attnflow.images import ImageDataset, list_images, resolve_preprocessing
+from attnflow.images import list_images, resolve_preprocessing
 from attnflow.models import LoadedModel
-from conftest import make_tiny_vit, write_images
+from conftest import make_tiny_vit
 
 ARCH = "vit_tiny_patch16_224"
 
