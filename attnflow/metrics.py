@@ -1,0 +1,280 @@
+"""Attention statistics of the *Beyond [cls]* analysis, attention rollout and object relevance.
+
+Pure, batched functions over post-softmax attention (rows are queries) with an explicit
+:class:`~attnflow.layout.TokenLayout`; they work on attention from anywhere, not only from a cache. Every
+function accepts any leading dimensions (``(B, H, T, T)``, ``(B, L, H, T, T)``, ...), computes in float64
+and returns float64.
+
+Notation: T tokens ordered ``[cls (if any), registers..., patches in raster order]``, p prefix tokens, S the
+P = T - p patches. ``Q_i(j) = A[i, j] / sum_{k in S} A[i, k]`` (j in S) is query i's attention renormalised
+over patches; ``H(q) = -sum q ln q`` in nats with ``0 ln 0 = 0``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from .layout import TokenLayout
+
+Fusion = Literal["mean", "max", "min"]
+FUSIONS = ("mean", "max", "min")
+TOP_FRACTION = 0.1
+
+# Every metric a metrics file can hold, by what one value describes: one head of one layer of one image,
+# one layer of one image, or one image.
+HEAD_METRICS = (
+    "cls_self", "cls_to_patch", "cls_to_registers", "patch_to_cls", "patch_self",
+    "cls_entropy", "cls_entropy_norm", "patch_entropy", "patch_entropy_norm",
+    "cls_top10_mass", "cls_eff_frac", "cls_gini", "attn_distance", "cls_fg_mass",
+)
+LAYER_METRICS = ("magnitude_cls", "magnitude_patch", "rollout_entropy_norm", "rollout_top10_mass", "rollout_fg_mass")
+IMAGE_METRICS = ("fg_frac",)
+
+# Metrics computable from the cls row alone (what ``--store rows`` keeps).
+CLS_ROW_METRICS = (
+    "cls_self", "cls_to_patch", "cls_to_registers", "cls_entropy", "cls_entropy_norm",
+    "cls_top10_mass", "cls_eff_frac", "cls_gini", "cls_fg_mass",
+)
+
+
+def entropy(q: torch.Tensor) -> torch.Tensor:
+    """``-sum q ln q`` over the last dimension, in nats, with ``0 ln 0 = 0``."""
+    q = q.double()
+    return -torch.special.xlogy(q, q).sum(-1)
+
+
+def top_mass(q: torch.Tensor, fraction: float = TOP_FRACTION) -> torch.Tensor:
+    """Sum of the ``ceil(fraction * P)`` largest values over the last dimension."""
+    k = math.ceil(fraction * q.shape[-1])
+    return q.double().topk(k, dim=-1).values.sum(-1)
+
+
+def gini(q: torch.Tensor) -> torch.Tensor:
+    """Gini coefficient over the last dimension: ``sum_i (2i - P - 1) s_i / (P sum s)``, s sorted ascending."""
+    s = q.double().sort(dim=-1).values
+    P = s.shape[-1]
+    weights = 2 * torch.arange(1, P + 1, dtype=s.dtype, device=s.device) - P - 1
+    return (s * weights).sum(-1) / (P * s.sum(-1))
+
+
+def _normalised_entropy(h: torch.Tensor, P: int) -> torch.Tensor:
+    return h / math.log(P) if P > 1 else torch.full_like(h, math.nan)
+
+
+def distribution_stats(q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Concentration of distributions over patches ``q`` (..., P), each summing to 1.
+
+    Returns ``entropy`` (nats), ``entropy_norm`` (entropy / ln P: 1 uniform, 0 one patch), ``top10_mass``,
+    ``eff_frac`` (exp(entropy) / P) and ``gini``, each of shape (...).
+    """
+    P = q.shape[-1]
+    h = entropy(q)
+    return {
+        "entropy": h,
+        "entropy_norm": _normalised_entropy(h, P),
+        "top10_mass": top_mass(q),
+        "eff_frac": h.exp() / P,
+        "gini": gini(q),
+    }
+
+
+def renormalise_over_patches(rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(..., T) attention rows -> (..., P) the same rows restricted to patches and renormalised (``Q_i``)."""
+    patches = rows.double()[..., layout.num_prefix_tokens:]
+    return patches / patches.sum(-1, keepdim=True)
+
+
+def patch_distances(layout: TokenLayout, device: torch.device | str | None = None) -> torch.Tensor:
+    """(P, P) Euclidean distances between patch positions ``(row * patch_h, col * patch_w)``, in pixels."""
+    gh, gw = layout.grid_size
+    ph, pw = layout.patch_size
+    rows = torch.arange(gh, dtype=torch.float64, device=device).repeat_interleave(gw) * ph
+    cols = torch.arange(gw, dtype=torch.float64, device=device).repeat(gh) * pw
+    return torch.sqrt((rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2)
+
+
+def cls_metrics(cls_rows: torch.Tensor, layout: TokenLayout, fg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Metrics of the cls token's attention row ``A[0, :]``.
+
+    Args:
+        cls_rows: (..., T) the cls query's attention, e.g. ``attn[..., 0, :]``.
+        fg: (..., P) fraction of each patch that is object, broadcastable against ``cls_rows[..., p:]``.
+    Returns (...) tensors: ``cls_self``, ``cls_to_patch``, ``cls_to_registers`` (models with registers),
+    ``cls_entropy``, ``cls_entropy_norm``, ``cls_top10_mass``, ``cls_eff_frac``, ``cls_gini`` and, with
+    ``fg``, ``cls_fg_mass``. All NaN for models without a cls token.
+    """
+    rows = cls_rows.double()
+    p = layout.num_prefix_tokens
+    out = {
+        "cls_self": rows[..., 0],
+        "cls_to_patch": rows[..., p:].sum(-1),
+    }
+    if layout.num_registers:
+        out["cls_to_registers"] = rows[..., 1:p].sum(-1)
+    q = renormalise_over_patches(rows, layout)
+    out.update({f"cls_{name}": value for name, value in distribution_stats(q).items()})
+    if fg is not None:
+        out["cls_fg_mass"] = (q * fg.double()).sum(-1)
+    if not layout.has_cls:
+        out = {name: torch.full_like(value, math.nan) for name, value in out.items()}
+    return out
+
+
+def patch_metrics(attn: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
+    """Metrics of the patch queries' rows of full maps ``attn`` (..., T, T).
+
+    Returns (...) tensors: ``patch_to_cls`` (NaN without cls), ``patch_self``, ``patch_entropy``,
+    ``patch_entropy_norm`` and ``attn_distance`` (pixels).
+    """
+    a = attn.double()
+    p = layout.num_prefix_tokens
+    patch_rows = a[..., p:, :]  # (..., P, T)
+    q = renormalise_over_patches(patch_rows, layout)  # (..., P, P)
+    h = entropy(q).mean(-1)
+    return {
+        "patch_to_cls": patch_rows[..., 0].mean(-1) if layout.has_cls else torch.full_like(h, math.nan),
+        "patch_self": torch.diagonal(a[..., p:, p:], dim1=-2, dim2=-1).mean(-1),
+        "patch_entropy": h,
+        "patch_entropy_norm": _normalised_entropy(h, layout.num_patches),
+        "attn_distance": (q * patch_distances(layout, a.device)).sum(-1).mean(-1),
+    }
+
+
+def magnitude_metrics(magnitude: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
+    """(..., T) per-token magnitude ratios -> ``magnitude_cls`` (NaN without cls) and ``magnitude_patch``."""
+    m = magnitude.double()
+    patch = m[..., layout.num_prefix_tokens:].mean(-1)
+    return {
+        "magnitude_cls": m[..., 0] if layout.has_cls else torch.full_like(patch, math.nan),
+        "magnitude_patch": patch,
+    }
+
+
+def fuse_heads(attn: torch.Tensor, fusion: Fusion = "mean") -> torch.Tensor:
+    """(..., H, T, T) -> (..., T, T) by mean, max or min over heads."""
+    if fusion == "mean":
+        return attn.mean(-3)
+    if fusion == "max":
+        return attn.amax(-3)
+    if fusion == "min":
+        return attn.amin(-3)
+    raise ValueError(f"unknown fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
+
+
+def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the lowest ``floor(ratio * T * (T - 1))`` off-diagonal entries of each (T, T) map separately."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"discard ratio must be in [0, 1), got {ratio}")
+    T = fused.shape[-1]
+    off_diagonal = ~torch.eye(T, dtype=torch.bool, device=fused.device)
+    k = math.floor(ratio * T * (T - 1) + 1e-9)
+    if k == 0:
+        return fused
+    values = fused[..., off_diagonal]  # (..., T*(T-1)), one row per map
+    lowest = values.topk(k, dim=-1, largest=False).indices
+    out = fused.clone()
+    out[..., off_diagonal] = values.scatter(-1, lowest, 0.0)
+    return out
+
+
+def rollout(
+    attn: torch.Tensor, layout: TokenLayout, fusion: Fusion = "mean", discard_ratio: float = 0.0
+) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) read out after every layer.
+
+    Args:
+        attn: (B, L, H, T, T) attention of all layers.
+    Returns:
+        (B, L, P): after layer l, the readout row of ``R_l = M_l R_{l-1}`` restricted to patches and
+        renormalised, where ``M_l`` is the head-fused map (with ``discard_ratio`` of its off-diagonal entries
+        zeroed per image) plus the identity, halved and row-normalised. The readout row is the cls token's
+        for models with one, else the mean of the patch rows (what global average pooling reads).
+    """
+    # fuse layer by layer: a float64 copy of every head of every layer would double the batch's memory
+    fused = torch.stack([fuse_heads(attn[:, layer].double(), fusion) for layer in range(attn.shape[1])], dim=1)
+    fused = discard_lowest(fused, discard_ratio)  # (B, L, T, T)
+    T = fused.shape[-1]
+    eye = torch.eye(T, dtype=fused.dtype, device=fused.device)
+    mixed = 0.5 * fused + 0.5 * eye
+    mixed = mixed / mixed.sum(-1, keepdim=True)  # rows, not columns
+    p = layout.num_prefix_tokens
+    maps = []
+    rolled = None
+    for layer in range(mixed.shape[1]):
+        rolled = mixed[:, layer] if rolled is None else mixed[:, layer] @ rolled
+        readout = rolled[:, 0] if layout.has_cls else rolled[:, p:].mean(1)
+        maps.append(renormalise_over_patches(readout, layout))
+    return torch.stack(maps, dim=1)
+
+
+def rollout_metrics(maps: torch.Tensor, fg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """(B, L, P) rollout maps -> ``rollout_entropy_norm``, ``rollout_top10_mass`` and, with fg (B, P),
+    ``rollout_fg_mass``, each (B, L)."""
+    stats = distribution_stats(maps)
+    out = {"rollout_entropy_norm": stats["entropy_norm"], "rollout_top10_mass": stats["top10_mass"]}
+    if fg is not None:
+        out["rollout_fg_mass"] = (maps.double() * fg.double()[:, None, :]).sum(-1)
+    return out
+
+
+def available_metrics(layout: TokenLayout, *, full_maps: bool, has_fg: bool) -> dict[str, str]:
+    """Name -> level (``head``, ``layer`` or ``image``) of every metric computable for this layout from full
+    maps or only from cls/register rows, with or without object masks."""
+    levels: dict[str, str] = {}
+    for name in HEAD_METRICS:
+        if (name == "cls_to_registers" and not layout.num_registers) or (name == "cls_fg_mass" and not has_fg):
+            continue
+        if full_maps or name in CLS_ROW_METRICS:
+            levels[name] = "head"
+    for name in LAYER_METRICS:
+        if (name.startswith("rollout") and not full_maps) or (name == "rollout_fg_mass" and not has_fg):
+            continue
+        levels[name] = "layer"
+    if has_fg:
+        levels["fg_frac"] = "image"
+    return levels
+
+
+def batch_metrics(
+    layout: TokenLayout,
+    magnitude: torch.Tensor,
+    *,
+    attn: torch.Tensor | None = None,
+    attn_rows: torch.Tensor | None = None,
+    fg: torch.Tensor | None = None,
+    fusion: Fusion = "mean",
+    discard_ratio: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Every available metric for a batch of images, as a metrics file stores them.
+
+    Args:
+        magnitude: (B, L, T).
+        attn: (B, L, H, T, T) full maps; or ``attn_rows`` (B, L, H, p, T), the prefix rows only.
+        fg: (B, P) fraction of each patch that is object.
+    Returns:
+        ``{name: (B, L, H) | (B, L) | (B,)}`` float64 as listed by :func:`available_metrics`, and the
+        rollout maps (B, L, P) (``None`` without full maps).
+    """
+    if (attn is None) == (attn_rows is None):
+        raise ValueError("pass exactly one of attn and attn_rows")
+    source = attn if attn is not None else attn_rows
+    fg_heads = None if fg is None else fg.double()[:, None, :]  # broadcasts against (B, H, P)
+    per_layer: list[dict[str, torch.Tensor]] = []
+    for layer in range(source.shape[1]):
+        maps = source[:, layer]  # (B, H, T or p, T)
+        values = cls_metrics(maps[..., 0, :], layout, fg_heads)
+        if attn is not None:
+            values.update(patch_metrics(maps, layout))
+        per_layer.append(values)
+    out = {name: torch.stack([values[name] for values in per_layer], dim=1) for name in per_layer[0]}
+    out.update(magnitude_metrics(magnitude, layout))
+    maps = None
+    if attn is not None:
+        maps = rollout(attn, layout, fusion, discard_ratio)
+        out.update(rollout_metrics(maps, fg))
+    if fg is not None:
+        out["fg_frac"] = fg.double().mean(-1)
+    wanted = available_metrics(layout, full_maps=attn is not None, has_fg=fg is not None)
+    return {name: out[name] for name in wanted}, maps
