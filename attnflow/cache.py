@@ -1,28 +1,33 @@
-"""The attention cache: its HDF5 schema, the incremental writer and the checked reader.
+"""attnflow's HDF5 files: the attention cache and the metrics file, their schema, writer and reader.
 
-Every name in an attnflow cache is defined here and nowhere else. Layout of a cache with ``n`` images,
-``L`` blocks, ``H`` heads, ``T`` tokens (``p`` prefix = cls + registers), ``D`` channels:
+Every name in an attnflow file is defined here and nowhere else. ``n`` images, ``L`` blocks, ``H`` heads,
+``T`` tokens (``p`` prefix = cls + registers, ``P`` patches), ``D`` channels.
 
-root attributes
-    ``schema`` (``attnflow.cache/1``), ``attnflow_version``, ``created`` (ISO 8601, UTC), the model
-    (``model``, ``label``, ``family``, ``weights``, ``checkpoint``, ``checkpoint_sha256``), the token layout
-    (``num_layers``, ``num_heads``, ``num_tokens``, ``num_prefix_tokens``, ``has_cls``, ``num_registers``,
-    ``grid_size`` [h, w], ``patch_size`` [h, w], ``img_size`` [h, w]), the storage (``store``, ``dtype``,
-    ``compression``), ``preprocessing`` (JSON of timm's resolved eval data config), ``amp``, and the
-    bookkeeping ``n_images``, ``n_inputs``, ``n_inputs_done``, ``inputs_sha256``, ``complete``.
-datasets
-    ``image_ids`` (n,) UTF-8 paths as given; ``labels`` (n,) int64 into ``class_names`` (K,) when extracted
-    with labels; ``skipped`` (m,) and ``skipped_reason`` (m,) UTF-8; ``magnitude`` (n, L, T) float32;
-    ``attn`` (n, L, H, T, T) for ``store=full``; ``attn_rows`` (n, L, H, p, T) for ``store=rows``;
-    ``tokens`` (n, T, D) float32 with ``--save-tokens``.
+Both kinds share the root attributes ``schema``, ``attnflow_version``, ``created`` (ISO 8601, UTC), the
+model (``model``, ``label``, ``family``, ``weights``, ``checkpoint``, ``checkpoint_sha256``), the token
+layout (``num_layers``, ``num_heads``, ``num_tokens``, ``num_prefix_tokens``, ``has_cls``,
+``num_registers``, ``grid_size`` [h, w], ``patch_size`` [h, w], ``img_size`` [h, w]), ``preprocessing``
+(JSON of timm's resolved eval data config), ``amp``, and the bookkeeping ``n_images``, ``n_inputs``,
+``n_inputs_done``, ``n_skipped``, ``inputs_sha256``, ``complete``; and the datasets ``image_ids`` (n,)
+UTF-8 paths as given, ``labels`` (n,) int64 into ``class_names`` (K,) when extracted with labels,
+``skipped`` (m,) and ``skipped_reason`` (m,) UTF-8.
 
-A cache is written to ``<path>.partial`` and renamed to ``<path>`` only once complete, so a finished path
-always holds a finished cache. Rows are appended a batch at a time; ``n_images`` and ``n_inputs_done``
+Attention cache (``schema = attnflow.cache/1``), also with attrs ``store``, ``dtype``, ``compression``:
+    ``magnitude`` (n, L, T) float32; ``attn`` (n, L, H, T, T) for ``store=full``; ``attn_rows``
+    (n, L, H, p, T) for ``store=rows``; ``tokens`` (n, T, D) float32 with ``--save-tokens``; ``fg`` (n, P)
+    float32 with ``--masks``.
+Metrics file (``schema = attnflow.metrics/1``), also with attrs ``fusion``, ``discard_ratio``, ``source``:
+    ``metrics/<name>`` (n, L, H), (n, L) or (n,) float32 as listed in :mod:`attnflow.metrics`;
+    ``rollout/map`` (n, L, P) float32 when full maps were available; ``fg`` (n, P) with masks.
+
+A file is written to ``<path>.partial`` and renamed to ``<path>`` only once complete, so a finished path
+always holds a finished file. Rows are appended a batch at a time; ``n_images`` and ``n_inputs_done``
 advance only after that batch's data has been flushed, which is what ``--resume`` continues from.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import itertools
 import json
 import os
@@ -30,7 +35,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -39,17 +44,21 @@ from .errors import AttnflowError
 from .layout import TokenLayout
 
 SCHEMA = "attnflow.cache/1"
-METRICS_SCHEMA_PREFIX = "attnflow.metrics/"
+METRICS_SCHEMA = "attnflow.metrics/1"
 STORE_MODES = ("full", "rows", "none")
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("gzip", "lzf", "none")
 PARTIAL_SUFFIX = ".partial"
+METRICS_GROUP = "metrics"
+ROLLOUT_MAP = "rollout/map"
 
 # Attributes that must agree between an interrupted run and the run that resumes it.
 RESUME_KEYS = (
-    "model", "checkpoint_sha256", "weights", "store", "dtype", "img_size", "num_tokens",
-    "preprocessing", "inputs_sha256", "n_inputs", "has_labels", "has_tokens",
+    "model", "checkpoint_sha256", "weights", "store", "dtype", "img_size", "num_tokens", "preprocessing",
+    "inputs_sha256", "n_inputs", "has_labels", "has_tokens", "has_masks", "fusion", "discard_ratio",
 )
+# Per-run bookkeeping a metrics file does not inherit from its cache.
+_OWN_ATTRS = ("schema", "created", "complete", "n_images", "n_inputs_done", "n_skipped", "compression")
 
 _TEXT = h5py.string_dtype("utf-8")
 
@@ -64,17 +73,51 @@ def to_text(s: str) -> str:
 
 
 def inputs_digest(paths: Sequence[str]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for p in paths:
         digest.update(to_text(p).encode("utf-8") + b"\0")
     return digest.hexdigest()
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def layout_attrs(layout: TokenLayout, num_layers: int, num_heads: int) -> dict[str, Any]:
+    return {
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_tokens": layout.num_tokens,
+        "num_prefix_tokens": layout.num_prefix_tokens,
+        "has_cls": layout.has_cls,
+        "num_registers": layout.num_registers,
+        "grid_size": list(layout.grid_size),
+        "patch_size": list(layout.patch_size),
+        "img_size": list(layout.img_size),
+    }
+
+
+def layout_from_attrs(attrs: dict[str, Any]) -> TokenLayout:
+    return TokenLayout(
+        has_cls=bool(attrs["has_cls"]),
+        num_prefix_tokens=int(attrs["num_prefix_tokens"]),
+        grid_size=tuple(attrs["grid_size"]),
+        patch_size=tuple(attrs["patch_size"]),
+    )
+
+
+class RowDataset(NamedTuple):
+    """A per-image dataset: the shape of one image's row, its dtype, its chunk shape and compression."""
+
+    row_shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    compressed: bool = True
+
+
 @dataclass
 class CacheSpec:
-    """Everything that fixes a cache's shapes and identity before the first batch is written."""
+    """Everything that fixes an attention cache's shapes and identity before the first batch is written."""
 
     layout: TokenLayout
     num_layers: int
@@ -84,60 +127,99 @@ class CacheSpec:
     compression: str = "gzip"
     token_dim: int | None = None  # set to store ``tokens``
     class_names: list[str] | None = None  # set to store ``labels``
+    has_masks: bool = False  # set to store ``fg``
     attrs: dict[str, Any] = field(default_factory=dict)  # model identity, preprocessing, inputs
 
     def __post_init__(self) -> None:
-        if self.store not in STORE_MODES:
-            raise AttnflowError(f"unknown store mode '{self.store}' (choose from {', '.join(STORE_MODES)})")
-        if self.dtype not in DTYPES:
-            raise AttnflowError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        if self.compression not in COMPRESSIONS:
-            raise AttnflowError(f"unknown compression '{self.compression}' (choose from {', '.join(COMPRESSIONS)})")
+        for value, allowed, what in ((self.store, STORE_MODES, "store mode"), (self.dtype, DTYPES, "dtype"), (self.compression, COMPRESSIONS, "compression")):
+            if value not in allowed:
+                raise AttnflowError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
         if self.store == "rows" and self.layout.num_prefix_tokens == 0:
             raise AttnflowError("--store rows keeps the cls and register rows, and this model has neither; use full or none")
 
     def root_attrs(self) -> dict[str, Any]:
         from . import __version__
 
-        lay = self.layout
         return {
             "schema": SCHEMA,
             "attnflow_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _now(),
             **self.attrs,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "num_tokens": lay.num_tokens,
-            "num_prefix_tokens": lay.num_prefix_tokens,
-            "has_cls": lay.has_cls,
-            "num_registers": lay.num_registers,
-            "grid_size": list(lay.grid_size),
-            "patch_size": list(lay.patch_size),
-            "img_size": list(lay.img_size),
+            **layout_attrs(self.layout, self.num_layers, self.num_heads),
             "store": self.store,
             "dtype": self.dtype,
             "compression": self.compression,
             "has_labels": self.class_names is not None,
             "has_tokens": self.token_dim is not None,
-            "n_images": 0,
-            "n_inputs_done": 0,
-            "complete": False,
+            "has_masks": self.has_masks,
         }
 
-    def row_datasets(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...], bool]]:
-        """Per-image datasets: name -> (shape of one row, dtype, chunk shape, compressed)."""
+    def row_datasets(self) -> dict[str, RowDataset]:
         L, H, T, p = self.num_layers, self.num_heads, self.layout.num_tokens, self.layout.num_prefix_tokens
-        rows: dict[str, tuple[tuple[int, ...], str, tuple[int, ...], bool]] = {
-            "magnitude": ((L, T), "float32", (64, L, T), True),
-        }
+        rows = {"magnitude": RowDataset((L, T), "float32", (64, L, T))}
         if self.store == "full":
             # One chunk per image and layer: reading an image or a layer never decompresses other images.
-            rows["attn"] = ((L, H, T, T), self.dtype, (1, 1, H, T, T), True)
+            rows["attn"] = RowDataset((L, H, T, T), self.dtype, (1, 1, H, T, T))
         elif self.store == "rows":
-            rows["attn_rows"] = ((L, H, p, T), self.dtype, (1, L, H, p, T), True)
+            rows["attn_rows"] = RowDataset((L, H, p, T), self.dtype, (1, L, H, p, T))
         if self.token_dim is not None:
-            rows["tokens"] = ((T, self.token_dim), "float32", (1, T, self.token_dim), True)
+            rows["tokens"] = RowDataset((T, self.token_dim), "float32", (1, T, self.token_dim))
+        if self.has_masks:
+            rows["fg"] = RowDataset((self.layout.num_patches,), "float32", (256, self.layout.num_patches))
         return rows
+
+    def writer(self, path: str | Path, *, resume: bool = False, overwrite: bool = False) -> "RowFileWriter":
+        return RowFileWriter(
+            path, self.root_attrs(), self.row_datasets(), class_names=self.class_names,
+            compression=self.compression, resume=resume, overwrite=overwrite,
+        )
+
+
+@dataclass
+class MetricsSpec:
+    """A metrics file's shapes and identity: the source's attributes plus the metric parameters."""
+
+    source_attrs: dict[str, Any]  # root attrs of the cache (or of the cache being written alongside)
+    metric_levels: dict[str, str]  # name -> "head" | "layer" | "image"
+    has_rollout: bool
+    fusion: str
+    discard_ratio: float
+    source: str  # the cache the metrics were computed from
+    class_names: list[str] | None = None
+
+    def root_attrs(self) -> dict[str, Any]:
+        from . import __version__
+
+        inherited = {k: v for k, v in self.source_attrs.items() if k not in _OWN_ATTRS}
+        return {
+            **inherited,
+            "schema": METRICS_SCHEMA,
+            "attnflow_version": __version__,
+            "created": _now(),
+            "fusion": self.fusion,
+            "discard_ratio": float(self.discard_ratio),
+            "source": self.source,
+        }
+
+    def row_datasets(self) -> dict[str, RowDataset]:
+        L, H = int(self.source_attrs["num_layers"]), int(self.source_attrs["num_heads"])
+        P = int(self.source_attrs["num_tokens"]) - int(self.source_attrs["num_prefix_tokens"])
+        shapes = {"head": (L, H), "layer": (L,), "image": ()}
+        rows = {
+            f"{METRICS_GROUP}/{name}": RowDataset(shapes[level], "float32", (1024, *shapes[level]), False)
+            for name, level in self.metric_levels.items()
+        }
+        if self.has_rollout:
+            rows[ROLLOUT_MAP] = RowDataset((L, P), "float32", (64, L, P))
+        if self.source_attrs.get("has_masks"):
+            rows["fg"] = RowDataset((P,), "float32", (256, P))
+        return rows
+
+    def writer(self, path: str | Path, *, resume: bool = False, overwrite: bool = False) -> "RowFileWriter":
+        return RowFileWriter(
+            path, self.root_attrs(), self.row_datasets(), class_names=self.class_names,
+            compression="gzip", resume=resume, overwrite=overwrite,
+        )
 
 
 GZIP_LEVEL = 1
@@ -182,19 +264,31 @@ class _ParallelGzip:
         self._pool.shutdown()
 
 
-class CacheWriter:
-    """Append batches of captured rows to ``<path>.partial``; :meth:`finish` promotes it to ``path``.
+class RowFileWriter:
+    """Append batches of per-image rows to ``<path>.partial``; :meth:`finish` promotes it to ``path``.
 
     Open with ``resume=True`` to continue an interrupted ``.partial`` (its identity attributes must match the
-    new run's), ``overwrite=True`` to replace an existing cache once the new one is complete.
+    new run's), ``overwrite=True`` to replace an existing file once the new one is complete.
     """
 
-    def __init__(self, path: str | Path, spec: CacheSpec, *, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        attrs: dict[str, Any],
+        rows: dict[str, RowDataset],
+        *,
+        class_names: list[str] | None = None,
+        compression: str = "gzip",
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        self.spec = spec
-        self._rows = spec.row_datasets()
-        self._gzip = _ParallelGzip() if spec.compression == "gzip" else None
+        self._attrs = attrs
+        self._rows = rows
+        self._class_names = class_names
+        self._compression = compression
+        self._gzip = _ParallelGzip() if compression == "gzip" else None
         if self.path.exists() and not (overwrite or resume):
             raise AttnflowError(f"{self.path} already exists; pass --overwrite to replace it")
         if self.partial.exists() and resume:
@@ -204,7 +298,7 @@ class CacheWriter:
             raise AttnflowError(f"{self.path} is already complete; nothing to resume")
         if self.partial.exists() and not overwrite:
             raise AttnflowError(
-                f"an interrupted extraction {self.partial} exists; pass --resume to continue it or --overwrite to start over"
+                f"an interrupted run left {self.partial}; pass --resume to continue it or --overwrite to start over"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self._create()
@@ -215,18 +309,19 @@ class CacheWriter:
             f = h5py.File(self.partial, "w", libver=("v110", "latest"))
         except OSError as e:
             raise AttnflowError(f"cannot create {self.partial}: {e}") from None
-        for key, value in self.spec.root_attrs().items():
+        for key, value in self._attrs.items():
             f.attrs[key] = value
-        compression = _compression_kwargs(self.spec.compression)
-        for name, (row_shape, dtype, chunks, compressed) in self._rows.items():
+        f.attrs.update({"n_images": 0, "n_inputs_done": 0, "n_skipped": 0, "complete": False})
+        compression = _compression_kwargs(self._compression)
+        for name, spec in self._rows.items():
             f.create_dataset(
-                name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, chunks=chunks,
-                **(compression if compressed else {}),
+                name, shape=(0, *spec.row_shape), maxshape=(None, *spec.row_shape), dtype=spec.dtype,
+                chunks=spec.chunks, **(compression if spec.compressed else {}),
             )
         f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=_TEXT, chunks=(1024,))
-        if self.spec.class_names is not None:
+        if self._class_names is not None:
             f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(1024,))
-            f.create_dataset("class_names", data=np.array([to_text(c) for c in self.spec.class_names], dtype=object), dtype=_TEXT)
+            f.create_dataset("class_names", data=np.array([to_text(c) for c in self._class_names], dtype=object), dtype=_TEXT)
         for name in ("skipped", "skipped_reason"):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_TEXT, chunks=(256,))
         f.flush()
@@ -237,28 +332,39 @@ class CacheWriter:
             f = h5py.File(self.partial, "r+")
         except OSError as e:
             raise AttnflowError(f"cannot resume from {self.partial}: it is not a readable HDF5 file ({e})") from None
-        wanted = self.spec.root_attrs()
-        if f.attrs.get("schema") != SCHEMA:
+        if f.attrs.get("schema") != self._attrs["schema"]:
             f.close()
-            raise AttnflowError(f"cannot resume from {self.partial}: it is not an {SCHEMA} file")
+            raise AttnflowError(f"cannot resume from {self.partial}: it is not an {self._attrs['schema']} file")
         for key in RESUME_KEYS:
-            old, new = _plain(f.attrs.get(key)), _plain(wanted.get(key))
+            old, new = _plain(f.attrs.get(key)), _plain(self._attrs.get(key))
             if old != new:
                 f.close()
                 raise AttnflowError(f"cannot resume {self.partial}: it was started with {key}={old}, this run has {new}")
+        self._file = f
         # Rows past the last committed batch may have been written before an interruption: drop them.
-        n = int(f.attrs["n_images"])
-        for name in (*self._rows, "image_ids", *(("labels",) if "labels" in f else ())):
-            f[name].resize(n, axis=0)
-        m = int(f.attrs.get("n_skipped", 0))
-        for name in ("skipped", "skipped_reason"):
-            f[name].resize(m, axis=0)
+        self.rewind(self.n_images, self.n_skipped, self.n_inputs_done)
         return f
+
+    def rewind(self, n_images: int, n_skipped: int, n_inputs_done: int) -> None:
+        """Cut the file back to an earlier commit (to realign two files written side by side)."""
+        f = self._file
+        if n_images > self.n_images or n_inputs_done > self.n_inputs_done:
+            raise ValueError("cannot rewind forward")
+        for name in (*self._rows, "image_ids", *(("labels",) if "labels" in f else ())):
+            f[name].resize(n_images, axis=0)
+        for name in ("skipped", "skipped_reason"):
+            f[name].resize(n_skipped, axis=0)
+        f.attrs.update({"n_images": n_images, "n_skipped": n_skipped, "n_inputs_done": n_inputs_done})
+        f.flush()
 
     # -- appending ------------------------------------------------------------------------------------
     @property
     def n_images(self) -> int:
         return int(self._file.attrs["n_images"])
+
+    @property
+    def n_skipped(self) -> int:
+        return int(self._file.attrs["n_skipped"])
 
     @property
     def n_inputs_done(self) -> int:
@@ -280,7 +386,7 @@ class CacheWriter:
                 if data.shape[0] != b:
                     raise ValueError(f"{name} has {data.shape[0]} rows for {b} images")
                 f[name].resize(n + b, axis=0)
-                if self._gzip is not None and f[name].chunks[0] == 1:
+                if self._gzip is not None and self._rows[name].compressed and f[name].chunks[0] == 1:
                     self._gzip.write(f[name], n, data)
                 else:
                     f[name][n:] = data
@@ -288,22 +394,20 @@ class CacheWriter:
             f["image_ids"][n:] = np.array([to_text(s) for s in image_ids], dtype=object)
             if "labels" in f:
                 if labels is None or len(labels) != b:
-                    raise ValueError("this cache stores labels; every batch needs them")
+                    raise ValueError("this file stores labels; every batch needs them")
                 f["labels"].resize(n + b, axis=0)
                 f["labels"][n:] = np.asarray(labels, dtype=np.int64)
-        m = int(f.attrs.get("n_skipped", 0))
+        m = self.n_skipped
         if skipped:
             for name, values in (("skipped", [s for s, _ in skipped]), ("skipped_reason", [r for _, r in skipped])):
                 f[name].resize(m + len(skipped), axis=0)
                 f[name][m:] = np.array([to_text(v) for v in values], dtype=object)
         f.flush()
-        f.attrs["n_images"] = n + b
-        f.attrs["n_skipped"] = m + len(skipped)
-        f.attrs["n_inputs_done"] = n_inputs_done
+        f.attrs.update({"n_images": n + b, "n_skipped": m + len(skipped), "n_inputs_done": n_inputs_done})
         f.flush()
 
     def finish(self) -> Path:
-        """Mark the cache complete and move it into place (replacing an old cache only now)."""
+        """Mark the file complete and move it into place (replacing an old one only now)."""
         self._file.attrs["complete"] = True
         self.close()
         os.replace(self.partial, self.path)
@@ -348,50 +452,50 @@ def file_attrs(f: h5py.File) -> dict[str, Any]:
     return {k: _plain(v) for k, v in f.attrs.items()}
 
 
-class Cache:
-    """A finished attention cache, read lazily.
+_KIND = {SCHEMA: "an attention cache", METRICS_SCHEMA: "a metrics file"}
 
-    ``attrs`` holds the root attributes as plain Python values; ``layout`` the token layout; datasets are
-    reached through ``cache[name]`` (h5py datasets, sliced on demand) or the helpers below.
-    """
+
+class _AttnflowFile:
+    """A finished attnflow file of one schema, read lazily; ``file[name]`` gives h5py datasets."""
+
+    schema = ""
+    hint = ""  # what to do when handed the other kind of file
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.file = open_hdf5(self.path)
         try:
             self.attrs = file_attrs(self.file)
-            self._check()
+            self._check_schema()
+            self._check_rows()
+            self.layout = layout_from_attrs(self.attrs)
         except Exception:
             self.file.close()
             raise
-        a = self.attrs
-        self.layout = TokenLayout(
-            has_cls=bool(a["has_cls"]),
-            num_prefix_tokens=int(a["num_prefix_tokens"]),
-            grid_size=tuple(a["grid_size"]),
-            patch_size=tuple(a["patch_size"]),
-        )
 
-    def _check(self) -> None:
+    def _check_schema(self) -> None:
         schema = self.attrs.get("schema")
         if schema is None:
-            raise AttnflowError(f"{self.path} is not an attnflow cache (no 'schema' attribute)")
-        if isinstance(schema, str) and schema.startswith(METRICS_SCHEMA_PREFIX):
-            raise AttnflowError(f"{self.path} is an attnflow metrics file, not an attention cache")
-        if schema != SCHEMA:
-            raise AttnflowError(f"{self.path} has schema '{schema}'; this attnflow reads '{SCHEMA}'")
+            raise AttnflowError(f"{self.path} is not an attnflow file (no 'schema' attribute)")
+        if schema != self.schema:
+            if schema in _KIND:
+                raise AttnflowError(f"{self.path} is {_KIND[schema]}, not {_KIND[self.schema]}{self.hint}")
+            raise AttnflowError(f"{self.path} has schema '{schema}'; this attnflow reads '{self.schema}'")
         if not self.attrs.get("complete", False):
-            raise AttnflowError(f"{self.path} is an unfinished extraction; continue it with --resume")
+            raise AttnflowError(f"{self.path} is unfinished; continue it with --resume")
+
+    def required(self) -> list[str]:
+        return ["image_ids"]
+
+    def _check_rows(self) -> None:
         n = int(self.attrs["n_images"])
-        store = self.attrs["store"]
-        required = ["image_ids", "magnitude"] + {"full": ["attn"], "rows": ["attn_rows"], "none": []}[store]
-        for name in required:
+        for name in self.required():
             if name not in self.file:
-                raise AttnflowError(f"{self.path} lacks dataset '{name}' required by store={store}")
+                raise AttnflowError(f"{self.path} lacks dataset '{name}'")
             if self.file[name].shape[0] != n:
                 raise AttnflowError(f"{self.path}: dataset '{name}' has {self.file[name].shape[0]} rows, n_images is {n}")
 
-    def __enter__(self) -> "Cache":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -416,13 +520,56 @@ class Cache:
         return [s.decode("utf-8") if isinstance(s, bytes) else s for s in self.file["image_ids"][:]]
 
     @property
+    def class_names(self) -> list[str] | None:
+        if "class_names" not in self.file:
+            return None
+        return [s.decode("utf-8") if isinstance(s, bytes) else s for s in self.file["class_names"][:]]
+
+
+class Cache(_AttnflowFile):
+    """A finished attention cache (``attnflow extract``)."""
+
+    schema = SCHEMA
+    hint = " (run `attnflow metrics` on a cache, `attnflow compare` on metrics files)"
+
+    def required(self) -> list[str]:
+        store = self.attrs.get("store")
+        if store not in STORE_MODES:
+            raise AttnflowError(f"{self.path} has unknown store mode '{store}'")
+        maps = {"full": ["attn"], "rows": ["attn_rows"], "none": []}[store]
+        return ["image_ids", "magnitude", *maps, *(["fg"] if self.attrs.get("has_masks") else [])]
+
+    @property
     def preprocessing(self) -> dict[str, Any]:
         return json.loads(self.attrs["preprocessing"])
+
+
+class MetricsFile(_AttnflowFile):
+    """A finished metrics file (``attnflow metrics`` or ``attnflow extract --metrics``)."""
+
+    schema = METRICS_SCHEMA
+    hint = " (compute one with `attnflow metrics CACHE -o METRICS.h5`)"
+
+    @property
+    def metric_names(self) -> list[str]:
+        group = self.file.get(METRICS_GROUP)
+        return sorted(group) if group is not None else []
+
+    def metric(self, name: str) -> h5py.Dataset:
+        key = f"{METRICS_GROUP}/{name}"
+        if key not in self.file:
+            raise AttnflowError(f"{self.path} has no metric '{name}' (it has {', '.join(self.metric_names)})")
+        return self.file[key]
 
 
 def open_cache(path: str | Path) -> Cache:
     """Open and validate an attention cache written by ``attnflow extract``."""
     return Cache(path)
+
+
+def open_metrics(path: str | Path) -> MetricsFile:
+    """Open and validate a metrics file written by ``attnflow metrics``."""
+    return MetricsFile(path)
 
 
 def describe(path: str | Path) -> dict[str, Any]:

@@ -52,6 +52,12 @@ class Family(str, Enum):
     unknown = "unknown"
 
 
+class Fusion(str, Enum):
+    mean = "mean"
+    max = "max"
+    min = "min"
+
+
 class InfoFormat(str, Enum):
     table = "table"
     json = "json"
@@ -93,6 +99,10 @@ def extract(
     dtype: DType = typer.Option(DType.float16, help="Storage type of attention maps."),
     compression: Compression = typer.Option(Compression.gzip, help="HDF5 compression of maps and tokens."),
     save_tokens: bool = typer.Option(False, "--save-tokens", help="Also store the last block's output tokens (before the final norm)."),
+    masks: Optional[Path] = typer.Option(None, help="Folder of object masks (nonzero = object) matched to images by file stem; stores each patch's object fraction."),
+    metrics: Optional[Path] = typer.Option(None, help="Also compute the metrics file in the same pass, from the float32 maps (works with --store none)."),
+    fusion: Fusion = typer.Option(Fusion.mean, help="Rollout head fusion, with --metrics."),
+    discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries per image and layer, with --metrics."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
@@ -154,7 +164,8 @@ def extract(
 
         result = run_extract(
             loaded, paths, output, store=store.value, dtype=dtype.value, compression=compression.value,
-            save_tokens=save_tokens, labels_from_dirs=labels_from_dirs, batch_size=batch_size,
+            save_tokens=save_tokens, labels_from_dirs=labels_from_dirs, masks=masks, metrics=metrics,
+            fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size,
             workers=workers, device=device, amp=amp, crop_pct=crop_pct, interpolation=interpolation,
             strict=strict, resume=resume, overwrite=overwrite, on_skip=on_skip, on_progress=on_progress,
         )
@@ -165,7 +176,51 @@ def extract(
             f"attnflow: wrote {escape(str(result.path))} ({size_mb:.1f} MB): {result.n_images} images, "
             f"{result.n_skipped} skipped, {escape(loaded.label)} ({loaded.family}), "
             f"{result.n_new} new in {result.seconds:.1f} s ({rate:.1f} img/s)"
+            + (f"; metrics in {escape(str(result.metrics_path))}" if result.metrics_path else "")
         )
+
+
+@app.command("metrics")
+def metrics_command(
+    cache: Path = typer.Argument(..., help="Attention cache written by `attnflow extract`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Metrics file to write (HDF5)."),
+    fusion: Fusion = typer.Option(Fusion.mean, help="How rollout fuses heads: mean, max or min."),
+    discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries of each image's fused map."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="Per-layer summary on stdout: table, markdown, csv, tsv or json."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (once the new one is complete)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
+) -> None:
+    """Compute cls self-attention, entropies, concentration, attention distance, rollout, magnitudes and
+    object relevance for every image, layer and head of CACHE; print the per-layer means.
+
+    The definitions are in the README's "Metrics" section.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .cache import open_metrics
+    from .measure import compute_metrics, layer_summary
+
+    console = _stderr_console()
+    progress = Progress(
+        TextColumn("metrics"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet,
+    )
+    with progress:
+        task = progress.add_task("metrics", total=None)
+        path = compute_metrics(
+            cache, output, fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size,
+            device=device, resume=resume, overwrite=overwrite,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    with open_metrics(path) as result:
+        rows, columns = layer_summary(result)
+        if not quiet:
+            console.print(f"attnflow: wrote {path}: {len(result)} images, {len(result.metric_names)} metrics "
+                          f"(mean over images and heads per layer below)", markup=False)
+    emit(rows, columns, format, title=f"{result.attrs['label']} ({result.attrs['family']})")
 
 
 @app.command()

@@ -1,7 +1,8 @@
-"""The extraction pipeline: images -> model forward with capture -> cache, one batch at a time.
+"""The extraction pipeline: images -> model forward with capture -> cache (and metrics), a batch at a time.
 
-Decoding runs in DataLoader workers, the forward pass on the chosen device, and HDF5 writes in a
-background thread, so that for large runs the forward pass is the only thing the model waits for.
+Decoding runs in DataLoader workers, the forward pass and the optional streaming metrics on the chosen
+device, and HDF5 writes in a background thread, so that for large runs the forward pass is the only thing
+the model waits for.
 """
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ import os
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .cache import CacheSpec, CacheWriter, inputs_digest
+from .cache import METRICS_GROUP, ROLLOUT_MAP, CacheSpec, MetricsSpec, RowFileWriter, inputs_digest
 from .capture import AttentionCapture
 from .errors import AttnflowError
-from .images import ImageBatch, ImageDataset, Preprocessing, collate_images, resolve_preprocessing
+from .images import ImageBatch, ImageDataset, collate_images, index_masks, resolve_preprocessing
+from .metrics import FUSIONS, available_metrics, batch_metrics
 from .models import LoadedModel
 
 
@@ -32,6 +35,7 @@ class ExtractResult:
     n_skipped: int
     n_new: int  # images processed by this run (less than n_images after --resume)
     seconds: float
+    metrics_path: Path | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,13 +54,12 @@ def default_workers() -> int:
 
 
 class BackgroundWriter:
-    """Runs ``CacheWriter.append`` in a thread; at most ``depth`` batches wait, so memory stays bounded.
-
-    An exception in the thread is re-raised in the caller at the next :meth:`put` or at :meth:`join`.
+    """Commits batches to one or more files in a thread; at most ``depth`` batches wait, so memory stays
+    bounded. An exception in the thread is re-raised in the caller at the next :meth:`put` or at :meth:`join`.
     """
 
-    def __init__(self, writer: CacheWriter, depth: int = 2):
-        self.writer = writer
+    def __init__(self, writers: dict[str, RowFileWriter], depth: int = 2):
+        self.writers = writers
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="attnflow-writer", daemon=True)
@@ -69,7 +72,9 @@ class BackgroundWriter:
                 return
             if self._error is None:
                 try:
-                    self.writer.append(**item)
+                    rows, common = item
+                    for key, writer in self.writers.items():
+                        writer.append(rows=rows[key], **common)
                 except BaseException as e:  # handed to the main thread, which decides what it means
                     self._error = e
 
@@ -77,14 +82,23 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def put(self, **item) -> None:
+    def put(self, rows: dict[str, dict[str, np.ndarray]], **common: Any) -> None:
+        """Queue one batch: ``rows[writer key]`` for each file, ``common`` (ids, labels, ...) for all."""
         self._raise_pending()
-        self._queue.put(item)
+        self._queue.put((rows, common))
 
     def join(self) -> None:
         self._queue.put(None)
         self._thread.join()
         self._raise_pending()
+
+
+def _align_for_resume(cache: RowFileWriter, metrics: RowFileWriter) -> None:
+    """Two files written side by side commit one after the other; after an interruption one may be a batch
+    ahead (or, if metrics were added on resume, many): cut it back to the other."""
+    behind, ahead = sorted((cache, metrics), key=lambda w: w.n_inputs_done)
+    if ahead.n_inputs_done != behind.n_inputs_done:
+        ahead.rewind(behind.n_images, behind.n_skipped, behind.n_inputs_done)
 
 
 def extract(
@@ -97,6 +111,10 @@ def extract(
     compression: str = "gzip",
     save_tokens: bool = False,
     labels_from_dirs: bool = False,
+    masks: str | Path | None = None,
+    metrics: str | Path | None = None,
+    fusion: str = "mean",
+    discard_ratio: float = 0.0,
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
@@ -112,26 +130,34 @@ def extract(
     """Capture attention for ``paths`` with ``loaded.model`` into the cache ``output``.
 
     Args:
+        masks: folder of object masks matched to images by file stem; stores ``fg`` (n, P).
+        metrics: also write a metrics file computed batch by batch from the float32 maps in flight (any
+            ``store`` mode, ``none`` included), with rollout ``fusion`` and ``discard_ratio``.
         on_skip: called once per undecodable file with (path, reason); with ``strict`` the first one raises.
         on_progress: called after each committed batch with (inputs done, inputs total).
-    Returns the committed counts. On any error the ``.partial`` file keeps every committed batch.
+    Returns the committed counts. On any error the ``.partial`` files keep every committed batch.
     """
     if batch_size < 1:
         raise AttnflowError(f"--batch-size must be at least 1, got {batch_size}")
     if not paths:
         raise AttnflowError("no images to process")
+    if fusion not in FUSIONS:
+        raise AttnflowError(f"unknown fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
+    if not 0 <= discard_ratio < 1:
+        raise AttnflowError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+    if metrics is not None and Path(metrics).resolve() == Path(output).resolve():
+        raise AttnflowError("the metrics file and the cache must be different files")
     model = loaded.model
     torch_device = resolve_device(device)
     use_amp = amp and torch_device.type == "cuda"
     if amp and not use_amp:
-        import warnings
-
         warnings.warn("--amp has no effect on the CPU; running in float32", stacklevel=2)
     layout = loaded.layout
     preprocessing = resolve_preprocessing(model, crop_pct=crop_pct, interpolation=interpolation)
     path_texts = [str(p) for p in paths]
     class_names = sorted({p.parent.name for p in paths}) if labels_from_dirs else None
     class_index = {c: i for i, c in enumerate(class_names or [])}
+    mask_paths = _match_masks(paths, masks) if masks is not None else None
 
     spec = CacheSpec(
         layout=layout,
@@ -142,6 +168,7 @@ def extract(
         compression=compression,
         token_dim=int(model.embed_dim) if save_tokens else None,
         class_names=class_names,
+        has_masks=mask_paths is not None,
         attrs={
             "model": loaded.name,
             "label": loaded.label,
@@ -156,13 +183,35 @@ def extract(
             "n_inputs": len(paths),
         },
     )
-    writer = CacheWriter(output, spec, resume=resume, overwrite=overwrite)
-    start = writer.n_inputs_done
-    n_before = writer.n_images
+    writers = {"cache": spec.writer(output, resume=resume, overwrite=overwrite)}
+    if metrics is not None:
+        warn_about_layout(layout, full_maps=True)
+        metrics_spec = MetricsSpec(
+            source_attrs=spec.root_attrs(),
+            metric_levels=available_metrics(layout, full_maps=True, has_fg=mask_paths is not None),
+            has_rollout=True,
+            fusion=fusion,
+            discard_ratio=discard_ratio,
+            source=str(Path(output).resolve()),
+            class_names=class_names,
+        )
+        try:
+            writers["metrics"] = metrics_spec.writer(metrics, resume=resume, overwrite=overwrite)
+        except BaseException:
+            writers["cache"].close()
+            raise
+        if resume:
+            _align_for_resume(writers["cache"], writers["metrics"])
+    cache_writer = writers["cache"]
+    start = cache_writer.n_inputs_done
+    n_before = cache_writer.n_images
     t0 = time.perf_counter()
     try:
         model.to(torch_device)
-        dataset = ImageDataset(paths[start:], preprocessing)
+        dataset = ImageDataset(
+            paths[start:], preprocessing,
+            masks=None if mask_paths is None else mask_paths[start:], patch_size=layout.patch_size,
+        )
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
@@ -171,12 +220,12 @@ def extract(
             collate_fn=collate_images,
             pin_memory=torch_device.type == "cuda",
         )
-        background = BackgroundWriter(writer)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
             if use_amp
             else contextlib.nullcontext()
         )
+        background = BackgroundWriter(writers)
         try:
             with AttentionCapture(model) as capture, torch.inference_mode():
                 for batch in loader:
@@ -186,11 +235,13 @@ def extract(
                             raise AttnflowError(f"cannot decode {path}: {reason}")
                         if on_skip:
                             on_skip(path, reason)
-                    rows = _forward(model, capture, batch, preprocessing, torch_device, autocast, spec) if batch.indices else {}
+                    rows = {key: {} for key in writers}
+                    if batch.indices:
+                        rows = _process(model, capture, batch, preprocessing, torch_device, autocast, spec, writers, fusion, discard_ratio)
                     done = start + max([*batch.indices, *(i for i, _ in batch.failures)]) + 1
                     ids = [path_texts[start + i] for i in batch.indices]
                     background.put(
-                        rows=rows,
+                        rows,
                         image_ids=ids,
                         n_inputs_done=done,
                         labels=[class_index[Path(p).parent.name] for p in ids] if class_names is not None else None,
@@ -201,30 +252,69 @@ def extract(
         finally:
             background.join()
     except BaseException:
-        writer.close()
+        for writer in writers.values():
+            writer.close()
         raise
-    n_images, n_skipped = writer.n_images, int(writer._file.attrs["n_skipped"])
-    final = writer.finish()
+    n_images, n_skipped = cache_writer.n_images, cache_writer.n_skipped
+    final = cache_writer.finish()
+    metrics_path = writers["metrics"].finish() if "metrics" in writers else None
     return ExtractResult(
         path=final, n_images=n_images, n_skipped=n_skipped, n_new=n_images - n_before,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, metrics_path=metrics_path,
     )
 
 
-def _forward(
-    model, capture: AttentionCapture, batch: ImageBatch, preprocessing: Preprocessing, device, autocast, spec: CacheSpec
-) -> dict[str, np.ndarray]:
-    """One forward pass; returns the rows the cache stores for this batch, as CPU numpy arrays."""
+def warn_about_layout(layout, *, full_maps: bool) -> None:
+    """Say once what a layout or a store mode leaves out of a metrics file."""
+    if not layout.has_cls:
+        warnings.warn("the model has no cls token: every cls_* metric is NaN", stacklevel=3)
+    if not full_maps:
+        warnings.warn(
+            "the cache keeps only cls/register rows (store=rows): patch metrics and rollout need full maps "
+            "and are left out",
+            stacklevel=3,
+        )
+
+
+def _match_masks(paths: Sequence[Path], folder: str | Path) -> list[Path | None]:
+    index = index_masks(folder)
+    matched = [index.get(p.stem) for p in paths]
+    missing = sum(m is None for m in matched)
+    if missing == len(paths):
+        raise AttnflowError(f"no mask in {folder} has the file stem of any image")
+    if missing:
+        warnings.warn(f"no mask in {folder} for {missing} of {len(paths)} images: their fg is NaN", stacklevel=3)
+    return matched
+
+
+def _process(
+    model, capture: AttentionCapture, batch: ImageBatch, preprocessing, device, autocast, spec: CacheSpec,
+    writers: dict[str, RowFileWriter], fusion: str, discard_ratio: float,
+) -> dict[str, dict[str, np.ndarray]]:
+    """One forward pass; returns, per file, the rows it stores for this batch as CPU numpy arrays."""
     pixels = preprocessing.normalize(batch.pixels.to(device, non_blocking=True))
     with autocast:
         model.forward_features(pixels)
     captured = capture.pop()
     storage = torch.float16 if spec.dtype == "float16" else torch.float32
-    rows = {"magnitude": captured.magnitude}
+    cache_rows = {"magnitude": captured.magnitude}
     if spec.store == "full":
-        rows["attn"] = captured.attn.to(storage)
+        cache_rows["attn"] = captured.attn.to(storage)
     elif spec.store == "rows":
-        rows["attn_rows"] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage)
+        cache_rows["attn_rows"] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage)
     if spec.token_dim is not None:
-        rows["tokens"] = captured.tokens.float()
-    return {k: v.cpu().numpy() for k, v in rows.items()}
+        cache_rows["tokens"] = captured.tokens.float()
+    if batch.fg is not None:
+        cache_rows["fg"] = batch.fg
+    rows = {"cache": cache_rows}
+    if "metrics" in writers:
+        fg = None if batch.fg is None else batch.fg.to(device)
+        values, maps = batch_metrics(
+            spec.layout, captured.magnitude, attn=captured.attn, fg=fg, fusion=fusion, discard_ratio=discard_ratio
+        )
+        metric_rows = {f"{METRICS_GROUP}/{name}": value.float() for name, value in values.items()}
+        metric_rows[ROLLOUT_MAP] = maps.float()
+        if batch.fg is not None:
+            metric_rows["fg"] = batch.fg
+        rows["metrics"] = metric_rows
+    return {key: {name: t.cpu().numpy() for name, t in file_rows.items()} for key, file_rows in rows.items()}

@@ -5,6 +5,7 @@ instead of a batch element, so one corrupt JPEG among 50,000 costs one line on s
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from dataclasses import dataclass
@@ -152,24 +153,83 @@ def resolve_preprocessing(
     )
 
 
+def index_masks(folder: str | Path) -> dict[str, Path]:
+    """Mask files under ``folder`` (recursively) by file stem; two masks with one stem are ambiguous."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AttnflowError(f"--masks needs a directory: {folder}")
+    masks: dict[str, Path] = {}
+    for path in _walk_images(folder):
+        if path.stem in masks:
+            raise AttnflowError(f"two masks for '{path.stem}': {masks[path.stem]} and {path}")
+        masks[path.stem] = path
+    return masks
+
+
+def decode_mask(path: Path | str) -> Image.Image:
+    """A mask file as an 'L' image: 255 where the file is nonzero (object), 0 elsewhere.
+
+    Nonzero means any nonzero palette index, grey level or colour channel (alpha is ignored).
+    """
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr[..., :3].any(-1)
+    return Image.fromarray(np.where(arr != 0, 255, 0).astype(np.uint8), mode="L")
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decode, resize and crop one image per index into a uint8 (C, H, W) tensor (normalise with
-    :meth:`Preprocessing.normalize`); failures come back as a reason instead of a tensor."""
+    :meth:`Preprocessing.normalize`); failures come back as a reason instead of a tensor.
 
-    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing):
+    With ``masks`` (one mask path or ``None`` per image) each item also carries ``fg`` (P,): the fraction
+    of each patch that is object after the mask went through the image's resize and crop (bilinear, so
+    that a patch's value is an area fraction); NaN where an image has no mask.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        preprocessing: Preprocessing,
+        masks: Sequence[Path | None] | None = None,
+        patch_size: tuple[int, int] | None = None,
+    ):
         self.paths = list(paths)
         self.channels = preprocessing.input_size[0]
         self.transform = preprocessing.transform(normalized=False)
+        self.masks = None if masks is None else list(masks)
+        if self.masks is not None:
+            if patch_size is None or len(self.masks) != len(self.paths):
+                raise ValueError("masks need a patch size and one entry per image")
+            height, width = preprocessing.input_size[1:]
+            geometry = dataclasses.replace(preprocessing, input_size=(1, height, width), interpolation="bilinear")
+            self.mask_transform = geometry.transform(normalized=False)
+            self.patch_size = patch_size
+            self.num_patches = (height // patch_size[0]) * (width // patch_size[1])
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
         try:
             image = decode_image(self.paths[index], self.channels)
-            return index, self.transform(image), None
+            fg = None if self.masks is None else self._fg(self.masks[index], image.size)
+            return index, self.transform(image), fg, None
         except Exception as e:  # every decode failure of a user's file is a skip with its reason
-            return index, None, describe_decode_error(e)
+            return index, None, None, describe_decode_error(e)
+
+    def _fg(self, mask_path: Path | None, image_size: tuple[int, int]) -> torch.Tensor:
+        if mask_path is None:
+            return torch.full((self.num_patches,), float("nan"))
+        try:
+            mask = decode_mask(mask_path)
+        except Exception as e:  # reported as the image's skip reason, naming the mask
+            raise ValueError(f"mask {mask_path}: {describe_decode_error(e)}") from None
+        if mask.size != image_size:
+            mask = mask.resize(image_size, Image.Resampling.NEAREST)
+        pixels = self.mask_transform(mask).float().div(255)  # (1, H, W) in [0, 1]
+        return torch.nn.functional.avg_pool2d(pixels[None], self.patch_size)[0, 0].flatten()
 
 
 def describe_decode_error(e: BaseException) -> str:
@@ -183,13 +243,16 @@ def describe_decode_error(e: BaseException) -> str:
 class ImageBatch:
     indices: list[int]  # positions in the input list of the decoded images, in order
     pixels: torch.Tensor | None  # (B, C, H, W) uint8, None when every image of the batch failed
+    fg: torch.Tensor | None  # (B, P) object fraction per patch, with masks
     failures: list[tuple[int, str]]  # (position, reason)
 
 
-def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageBatch:
-    good = [(i, x) for i, x, err in items if err is None]
+def collate_images(items: list[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]) -> ImageBatch:
+    good = [(i, x, fg) for i, x, fg, err in items if err is None]
+    with_fg = bool(good) and good[0][2] is not None
     return ImageBatch(
-        indices=[i for i, _ in good],
-        pixels=torch.stack([x for _, x in good]) if good else None,
-        failures=[(i, err) for i, x, err in items if err is not None],
+        indices=[i for i, _, _ in good],
+        pixels=torch.stack([x for _, x, _ in good]) if good else None,
+        fg=torch.stack([fg for _, _, fg in good]) if with_fg else None,
+        failures=[(i, err) for i, _, _, err in items if err is not None],
     )

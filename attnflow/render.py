@@ -13,6 +13,14 @@ from enum import Enum
 from typing import Any, Sequence, TextIO
 
 
+MACHINE_DIGITS = 9  # enough to round-trip a float32
+
+
+def json_value(value: Any) -> Any:
+    """NaN is not JSON: ``jq`` and strict parsers reject it, so it becomes null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 class Format(str, Enum):
     table = "table"
     markdown = "markdown"
@@ -21,9 +29,10 @@ class Format(str, Enum):
     json = "json"
 
 
-def format_cell(value: Any) -> str:
+def format_cell(value: Any, digits: int = 4) -> str:
+    """Text for one cell: ``digits`` significant digits for people, more for files and pipes."""
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
+        return "nan" if math.isnan(value) else f"{value:.{digits}g}"
     if isinstance(value, (list, tuple)):
         return "x".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else json.dumps(value)
     return str(value)
@@ -41,13 +50,13 @@ def emit(
     out = out or sys.stdout
     fmt = Format(fmt)
     if fmt is Format.json:
-        json.dump([{c: r.get(c) for c in columns} for r in rows], out, indent=2, default=str)
+        json.dump([{c: json_value(r.get(c)) for c in columns} for r in rows], out, indent=2, default=str)
         out.write("\n")
     elif fmt in (Format.csv, Format.tsv):
         writer = csv.writer(out, delimiter="," if fmt is Format.csv else "\t", lineterminator="\n")
         writer.writerow(columns)
         for r in rows:
-            writer.writerow([format_cell(r.get(c, "")) for c in columns])
+            writer.writerow([format_cell(r.get(c, ""), MACHINE_DIGITS) for c in columns])
     elif fmt is Format.markdown:
         out.write("| " + " | ".join(columns) + " |\n")
         out.write("|" + "|".join("---" for _ in columns) + "|\n")

@@ -27,7 +27,7 @@ CACHE_ATTRS = {
     "checkpoint_sha256", "num_layers", "num_heads", "num_tokens", "num_prefix_tokens", "has_cls",
     "num_registers", "grid_size", "patch_size", "img_size", "store", "dtype", "compression", "preprocessing",
     "amp", "working_dir", "n_images", "n_inputs", "n_inputs_done", "n_skipped", "inputs_sha256", "complete",
-    "has_labels", "has_tokens",
+    "has_labels", "has_tokens", "has_masks",
 }
 
 
@@ -51,8 +51,11 @@ def direct_capture(model, paths):
 
 
 def read_all(path: Path) -> dict:
+    """Every dataset of an HDF5 file, by its full name."""
+    out = {}
     with h5py.File(path, "r") as f:
-        return {name: f[name][()] for name in f}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
 
 
 def test_cache_carries_exactly_the_schema(tmp_path, image_dir, run_cli):
@@ -188,7 +191,7 @@ def test_interrupted_extraction_resumes_to_the_same_cache(tmp_path, image_dir):
         assert f.attrs["n_inputs_done"] == 6 and not f.attrs["complete"]
     with pytest.raises(AttnflowError, match="--resume"):
         open_cache(out)
-    with pytest.raises(AttnflowError, match="interrupted extraction"):
+    with pytest.raises(AttnflowError, match="interrupted run left"):
         extract(loaded, paths, out, **options)
     with pytest.raises(AttnflowError, match="started with store=full"):
         extract(loaded, paths, out, resume=True, **{**options, "store": "rows"})
@@ -248,9 +251,9 @@ def test_reader_rejects_foreign_truncated_and_unfinished_files(tmp_path, image_d
         open_cache(tmp_path / "text.h5")
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = np.zeros(3)
-    with pytest.raises(AttnflowError, match="not an attnflow cache"):
+    with pytest.raises(AttnflowError, match="not an attnflow file"):
         open_cache(tmp_path / "foreign.h5")
-    for schema, message in (("attnflow.cache/2", "this attnflow reads 'attnflow.cache/1'"), ("attnflow.metrics/1", "metrics file, not an attention cache")):
+    for schema, message in (("attnflow.cache/2", "this attnflow reads 'attnflow.cache/1'"), ("attnflow.metrics/1", "is a metrics file, not an attention cache")):
         path = tmp_path / f"{schema.replace('/', '_')}.h5"
         path.write_bytes(data)
         with h5py.File(path, "r+") as f:

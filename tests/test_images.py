@@ -106,7 +106,7 @@ def test_greyscale_model_gets_one_channel_statistics(tmp_path):
     pre = resolve_preprocessing(model)
     assert pre.input_size == (1, 32, 32) and len(pre.mean) == 1 and len(pre.std) == 1
     Image.new("RGB", (40, 40), (90, 90, 90)).save(tmp_path / "g.png")
-    index, pixels, error = ImageDataset([tmp_path / "g.png"], pre)[0]
+    index, pixels, fg, error = ImageDataset([tmp_path / "g.png"], pre)[0]
     assert error is None and pixels.shape == (1, 32, 32)
 
 
@@ -119,7 +119,7 @@ def test_bad_files_become_reasons(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0)
     names = ["empty.png", "text.png", "cut.jpg", "ok.jpg", "missing.png"]
     dataset = ImageDataset([tmp_path / n for n in names], resolve_preprocessing(model))
-    errors = {n: dataset[i][2] for i, n in enumerate(names)}
+    errors = {n: dataset[i][3] for i, n in enumerate(names)}
     assert errors["ok.jpg"] is None
     assert "UnidentifiedImageError" in errors["empty.png"] and "UnidentifiedImageError" in errors["text.png"]
     assert errors["cut.jpg"] and errors["missing.png"].startswith("FileNotFoundError")
