@@ -128,17 +128,25 @@ def patch_metrics(attn: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Te
     Returns (...) tensors: ``patch_to_cls`` (NaN without cls), ``patch_self``, ``patch_entropy``,
     ``patch_entropy_norm`` and ``attn_distance`` (pixels).
     """
-    a = attn.double()
+    # These touch all P x P entries, so they run in the input's precision (at least float32; torch sums
+    # a row pairwise, about 1e-7 relative) and go to float64 once each row is reduced to one number. Q is
+    # never materialised: with s_i = sum_{k in S} A[i, k],
+    # H(Q_i) = ln s_i - (1 / s_i) sum_j A[i, j] ln A[i, j] and sum_j Q_i(j) d_ij = (sum_j A[i, j] d_ij) / s_i.
+    a = attn if attn.dtype == torch.float64 else attn.float()
     p = layout.num_prefix_tokens
     patch_rows = a[..., p:, :]  # (..., P, T)
-    q = renormalise_over_patches(patch_rows, layout)  # (..., P, P)
-    h = entropy(q).mean(-1)
+    to_patches = patch_rows[..., p:]  # (..., P, P)
+    mass = to_patches.sum(-1).double()
+    plogp = torch.special.xlogy(to_patches, to_patches).sum(-1).double()
+    h = (mass.log() - plogp / mass).mean(-1)
+    distances = patch_distances(layout, a.device).to(a.dtype)
+    reach = (to_patches * distances).sum(-1).double() / mass
     return {
-        "patch_to_cls": patch_rows[..., 0].mean(-1) if layout.has_cls else torch.full_like(h, math.nan),
-        "patch_self": torch.diagonal(a[..., p:, p:], dim1=-2, dim2=-1).mean(-1),
+        "patch_to_cls": patch_rows[..., 0].double().mean(-1) if layout.has_cls else torch.full_like(h, math.nan),
+        "patch_self": torch.diagonal(to_patches, dim1=-2, dim2=-1).double().mean(-1),
         "patch_entropy": h,
         "patch_entropy_norm": _normalised_entropy(h, layout.num_patches),
-        "attn_distance": (q * patch_distances(layout, a.device)).sum(-1).mean(-1),
+        "attn_distance": reach.mean(-1),
     }
 
 
@@ -153,7 +161,7 @@ def magnitude_metrics(magnitude: torch.Tensor, layout: TokenLayout) -> dict[str,
 
 
 def fuse_heads(attn: torch.Tensor, fusion: Fusion = "mean") -> torch.Tensor:
-    """(..., H, T, T) -> (..., T, T) by mean, max or min over heads."""
+    """(..., H, T, T) -> (..., T, T) by mean, max or min over heads, in the input's dtype."""
     if fusion == "mean":
         return attn.mean(-3)
     if fusion == "max":
@@ -192,21 +200,26 @@ def rollout(
         zeroed per image) plus the identity, halved and row-normalised. The readout row is the cls token's
         for models with one, else the mean of the patch rows (what global average pooling reads).
     """
-    # fuse layer by layer: a float64 copy of every head of every layer would double the batch's memory
-    fused = torch.stack([fuse_heads(attn[:, layer].double(), fusion) for layer in range(attn.shape[1])], dim=1)
-    fused = discard_lowest(fused, discard_ratio)  # (B, L, T, T)
-    T = fused.shape[-1]
-    eye = torch.eye(T, dtype=fused.dtype, device=fused.device)
-    mixed = 0.5 * fused + 0.5 * eye
-    mixed = mixed / mixed.sum(-1, keepdim=True)  # rows, not columns
+    B, L, _, T, _ = attn.shape
     p = layout.num_prefix_tokens
-    maps = []
-    rolled = None
-    for layer in range(mixed.shape[1]):
-        rolled = mixed[:, layer] if rolled is None else mixed[:, layer] @ rolled
-        readout = rolled[:, 0] if layout.has_cls else rolled[:, p:].mean(1)
-        maps.append(renormalise_over_patches(readout, layout))
-    return torch.stack(maps, dim=1)
+    work = attn.dtype if attn.dtype == torch.float64 else torch.float32
+    eye = torch.eye(T, dtype=work, device=attn.device)
+    # Only the readout row of each R_l = M_l ... M_1 is needed: start from the readout vector at every
+    # layer and multiply downwards, so a layer costs one (B, L, T) x (B, T, T) product instead of a T^3
+    # matrix product, and no (B, L, T, T) stack is ever held. float32 keeps about 1e-6 relative here: the
+    # products are of row-stochastic matrices and every row sum runs pairwise.
+    start = torch.zeros(T, dtype=work, device=attn.device)
+    if layout.has_cls:
+        start[0] = 1.0
+    else:
+        start[p:] = 1.0 / (T - p)
+    readout = start.expand(B, L, T).clone()  # row l becomes start^T M_l M_{l-1} ... M_1
+    for k in reversed(range(L)):
+        fused = discard_lowest(fuse_heads(attn[:, k].to(work), fusion), discard_ratio)  # (B, T, T)
+        mixed = 0.5 * fused + 0.5 * eye
+        mixed = mixed / mixed.sum(-1, keepdim=True)  # rows, not columns
+        readout[:, k:] = readout[:, k:] @ mixed
+    return renormalise_over_patches(readout, layout)
 
 
 def rollout_metrics(maps: torch.Tensor, fg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

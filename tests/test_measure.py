@@ -10,7 +10,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache

@@ -20,7 +20,7 @@ CLS_4x4 = TokenLayout(has_cls=True, num_prefix_tokens=1, grid_size=(4, 4), patch
 
 def test_uniform_rows():
     T = CLS_4x4.num_tokens
-    attn = torch.full((1, 1, T, T), 1.0 / T)
+    attn = torch.full((1, 1, T, T), 1.0 / T, dtype=torch.float64)
     m = cls_metrics(attn[..., 0, :], CLS_4x4)
     assert m["cls_entropy_norm"].item() == pytest.approx(1.0, abs=1e-12)
     assert m["cls_eff_frac"].item() == pytest.approx(1.0, abs=1e-12)
