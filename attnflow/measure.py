@@ -77,7 +77,7 @@ def compute_metrics(
             skipped = list(zip(_texts(cache["skipped"][:]), _texts(cache["skipped_reason"][:])))
             for start in range(writer.n_inputs_done, n, batch_size):
                 stop = min(start + batch_size, n)
-                maps = torch.from_numpy(cache[maps_name][start:stop]).to(torch_device).float()
+                maps = torch.from_numpy(cache.read_rows(maps_name, start, stop)).to(torch_device).float()
                 magnitude = torch.from_numpy(cache["magnitude"][start:stop]).to(torch_device)
                 fg = torch.from_numpy(cache["fg"][start:stop]).to(torch_device) if has_fg else None
                 values, rollout_maps = batch_metrics(
