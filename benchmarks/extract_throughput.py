@@ -24,6 +24,7 @@ from PIL import Image
 import attnflow
 from attnflow.extract import extract
 from attnflow.images import list_images
+from attnflow.measure import compute_metrics
 
 
 def write_jpegs(folder: Path, n: int, size: int = 256) -> None:
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--stores", default="none,rows,full")
+    p.add_argument("--metrics", action="store_true", help="also time --metrics streaming and attnflow metrics from each cache")
     args = p.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else (args.device if args.device != "auto" else "cpu"))
@@ -108,17 +110,26 @@ def main() -> None:
         paths = list_images([str(tmp / "img")])
         print(json.dumps({"what": "wrote_jpegs", "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
         for store in args.stores.split(","):
-            out = tmp / f"{store}.h5"
-            result = extract(
-                loaded, paths, out, store=store, batch_size=args.batch_size, workers=args.workers,
-                device=str(device), amp=args.amp,
-            )
-            print(json.dumps({
-                "what": "extract", "store": store, "images": result.n_images,
-                "images_per_s": round(result.n_new / result.seconds, 1),
-                "bytes_per_image": round(out.stat().st_size / result.n_images),
-            }), flush=True)
-            out.unlink()
+            for streaming in (False, True) if args.metrics else (False,):
+                out, metrics_out = tmp / f"{store}.h5", tmp / f"{store}_metrics.h5"
+                result = extract(
+                    loaded, paths, out, store=store, batch_size=args.batch_size, workers=args.workers,
+                    device=str(device), amp=args.amp, metrics=metrics_out if streaming else None, overwrite=True,
+                )
+                print(json.dumps({
+                    "what": "extract", "store": store, "streaming_metrics": streaming, "images": result.n_images,
+                    "images_per_s": round(result.n_new / result.seconds, 1),
+                    "bytes_per_image": round(out.stat().st_size / result.n_images),
+                }), flush=True)
+                if args.metrics and not streaming and store != "none":
+                    t0 = time.perf_counter()
+                    compute_metrics(out, metrics_out, batch_size=args.batch_size, device=str(device), overwrite=True)
+                    print(json.dumps({
+                        "what": "metrics_from_cache", "store": store,
+                        "images_per_s": round(result.n_images / (time.perf_counter() - t0), 1),
+                    }), flush=True)
+                out.unlink()
+                metrics_out.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
