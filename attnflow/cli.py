@@ -223,6 +223,94 @@ def metrics_command(
     emit(rows, columns, format, title=f"{result.attrs['label']} ({result.attrs['family']})")
 
 
+class HeadReduction(str, Enum):
+    mean = "mean"
+    min = "min"
+    max = "max"
+
+
+class Depth(str, Enum):
+    absolute = "absolute"
+    relative = "relative"
+
+
+def _layers_option(value: str) -> str:
+    parts = [p.strip() for p in value.split(",")]
+    if value.strip() in ("all", "last"):
+        return value.strip()
+    try:
+        [float(p) for p in parts]
+    except ValueError:
+        raise typer.BadParameter(f"takes all, last or a comma-separated list of layers, not '{value}'") from None
+    return value
+
+
+@app.command()
+def compare(
+    files: Optional[List[Path]] = typer.Argument(None, help="Metrics files, one per model (family and label from each file)."),
+    mim: List[Path] = typer.Option([], "--mim", help="A metrics file of a MIM model (repeatable)."),
+    jea: List[Path] = typer.Option([], "--jea", help="A metrics file of a JEA model (repeatable)."),
+    label: List[str] = typer.Option([], "--label", help="Model labels in file order (positional files, then --mim, then --jea); repeatable."),
+    family: List[Family] = typer.Option([], "--family", help="Model families in the same order; repeatable."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help="Metric to compare (repeatable; default: cls_self, cls_entropy_norm, patch_to_cls, cls_top10_mass, attn_distance, rollout_entropy_norm, magnitude_cls, and cls_fg_mass when present)."),
+    heads: HeadReduction = typer.Option(HeadReduction.mean, help="How heads are reduced before images are averaged."),
+    layers: str = typer.Option("all", callback=_layers_option, help="Layers in the per-layer tables: all, last or N,M,... (0-based; negative from the end; fractions with --depth relative)."),
+    depth: Depth = typer.Option(Depth.absolute, help="relative aligns models of different depths at fractions of depth."),
+    summary_layers: str = typer.Option("last", callback=_layers_option, help="Layers of the MIM-vs-JEA summary, same syntax as --layers."),
+    bootstrap: int = typer.Option(2000, min=1, help="Bootstrap resamples for the confidence intervals."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json (csv/tsv: one row per model x metric x layer)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
+) -> None:
+    """Compare models' metrics per layer, MIM vs JEA, with bootstrap CIs, Mann-Whitney U and Cliff's delta.
+
+    Example: attnflow compare --mim mae.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
+    """
+    from .compare import ROW_COLUMNS, describe, layer_tables, load_models, plan_layers, summarize, summary_table
+    from .render import json_value
+
+    paths = [*(files or []), *mim, *jea]
+    if not paths:
+        raise typer.BadParameter("give at least one metrics file", param_hint="FILES")
+    if len(family) > len(paths):
+        raise typer.BadParameter(f"{len(family)} families for {len(paths)} files", param_hint="--family")
+    if len(label) > len(paths):
+        raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
+    implied = [None] * len(files or []) + ["mim"] * len(mim) + ["jea"] * len(jea)
+    families = [family[i].value if i < len(family) else implied[i] for i in range(len(paths))]
+    notes: list[str] = []
+    models, names = load_models(paths, labels=label, families=families, metrics=metric or None, heads=heads.value, notes=notes)
+    rows = plan_layers(models, layers, depth.value, notes)
+    records = describe(models, names, rows, n_bootstrap=bootstrap, seed=seed)
+    summary_rows = plan_layers(models, summary_layers, depth.value, [])
+    summary = summarize(models, names, summary_rows, n_bootstrap=bootstrap, seed=seed, notes=notes)
+    console = _stderr_console()
+    for note in dict.fromkeys(notes):
+        console.print(f"attnflow: note: {note}", markup=False)
+
+    def write(out) -> None:
+        if format is Format.json:
+            clean = lambda r: {k: json_value(v) for k, v in r.items() if k != "row"}  # noqa: E731
+            json.dump({"rows": [clean(r) for r in records], "summary": [clean(r) for r in summary]}, out, indent=2)
+            out.write("\n")
+        elif format in (Format.csv, Format.tsv):
+            emit(records, list(ROW_COLUMNS), format, out=out)
+        else:
+            for title, table_rows, columns in layer_tables(records, models, names, rows):
+                emit(table_rows, columns, format, title=f"{title} (mean over images, heads: {heads.value})", out=out)
+                out.write("\n")
+            if summary:
+                display, columns = summary_table(summary)
+                emit(display, columns, format, title="MIM vs JEA", out=out)
+
+    if output is None:
+        write(sys.stdout)
+    else:
+        with open(output, "w", newline="") as handle:
+            write(handle)
+        console.print(f"attnflow: wrote {output}", markup=False)
+
+
 @app.command()
 def info(
     path: Path = typer.Argument(..., help="An attnflow cache or metrics file."),

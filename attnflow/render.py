@@ -58,6 +58,8 @@ def emit(
         for r in rows:
             writer.writerow([format_cell(r.get(c, ""), MACHINE_DIGITS) for c in columns])
     elif fmt is Format.markdown:
+        if title:
+            out.write(f"**{title}**\n\n")
         out.write("| " + " | ".join(columns) + " |\n")
         out.write("|" + "|".join("---" for _ in columns) + "|\n")
         for r in rows:

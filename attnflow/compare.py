@@ -1,0 +1,386 @@
+"""Put several models' metrics side by side and test whether MIM and JEA models differ.
+
+Input is metrics files (one per model). For every model, metric and selected layer the per-image values
+(heads reduced first by ``heads``) give a mean, a standard deviation, a 95% bootstrap confidence interval of
+the mean and the number of images. With both families present, the images of all MIM models and of all JEA
+models are pooled per metric and layer, and compared with a bootstrap CI of the difference of means, a
+two-sided Mann-Whitney U test and Cliff's delta.
+
+Bootstrap streams, so that every interval can be recomputed by hand: model ``i`` (0-based, in input order)
+draws its resamples from ``numpy.random.default_rng([seed, i])``, resample after resample, each
+``integers(0, n, n)`` over its n images, shared by all its metrics and layers; summary row ``j`` draws from
+``default_rng([seed, 1000 + j])`` first all MIM resamples, then all JEA resamples. Intervals are the 2.5 and
+97.5 percentiles (numpy's default linear interpolation). Images whose value is NaN are left out of that
+metric's statistics.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from .cache import open_metrics
+from .errors import AttnflowError
+from .metrics import HEAD_METRICS, IMAGE_METRICS, LAYER_METRICS
+
+DEFAULT_METRICS = (
+    "cls_self", "cls_entropy_norm", "patch_to_cls", "cls_top10_mass", "attn_distance", "rollout_entropy_norm",
+    "magnitude_cls",
+)
+OPTIONAL_DEFAULT_METRICS = ("cls_fg_mass",)  # in the default set when some file has it
+FAMILY_ORDER = ("mim", "jea", "supervised", "unknown")
+ROW_COLUMNS = ("model", "family", "metric", "layer", "mean", "std", "ci_low", "ci_high", "n_images")
+SUMMARY_COLUMNS = (
+    "metric", "layer", "mim_mean", "jea_mean", "diff", "ci_low", "ci_high", "p_value", "cliffs_delta",
+    "n_mim", "n_jea", "mim_models", "jea_models", "verdict",
+)
+ALPHA = 0.05
+# What a positive MIM - JEA difference means, in words (a negative one swaps MIM and JEA).
+MEANING = {
+    "cls_self": "cls attends more to itself",
+    "cls_to_patch": "cls attends more to patches",
+    "cls_to_registers": "cls attends more to registers",
+    "patch_to_cls": "patches attend more to cls",
+    "patch_self": "patches attend more to themselves",
+    "cls_entropy": "cls attention more uniform",
+    "cls_entropy_norm": "cls attention more uniform",
+    "patch_entropy": "patch attention more uniform",
+    "patch_entropy_norm": "patch attention more uniform",
+    "cls_top10_mass": "cls attention more concentrated",
+    "cls_eff_frac": "cls attention spread over more patches",
+    "cls_gini": "cls attention more concentrated",
+    "attn_distance": "attention reaches farther",
+    "cls_fg_mass": "cls attention puts more mass on the object",
+    "rollout_entropy_norm": "rollout more uniform",
+    "rollout_top10_mass": "rollout more concentrated",
+    "rollout_fg_mass": "rollout puts more mass on the object",
+    "magnitude_cls": "cls attention update larger",
+    "magnitude_patch": "patch attention updates larger",
+}
+
+
+@dataclass
+class ModelMetrics:
+    """One model's per-image values, heads already reduced: ``values[metric]`` is (n, L) float64."""
+
+    label: str
+    family: str
+    path: Path
+    num_layers: int
+    img_size: tuple[int, ...]
+    has_cls: bool
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return next(iter(self.values.values())).shape[0] if self.values else 0
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One row of the per-layer tables: its name and each model's layer index there (None: no such layer)."""
+
+    name: str
+    index: tuple[int | None, ...]
+
+
+def reduce_heads(values: np.ndarray, how: str) -> np.ndarray:
+    if how == "mean":
+        return values.mean(-1)
+    if how == "max":
+        return values.max(-1)
+    if how == "min":
+        return values.min(-1)
+    raise AttnflowError(f"unknown head reduction '{how}' (choose mean, min or max)")
+
+
+def load_models(
+    paths: Sequence[str | Path],
+    *,
+    labels: Sequence[str | None] = (),
+    families: Sequence[str | None] = (),
+    metrics: Sequence[str] | None = None,
+    heads: str = "mean",
+    notes: list[str] | None = None,
+) -> tuple[list[ModelMetrics], list[str]]:
+    """Read the requested metrics of every file; returns the models and the metric names to report.
+
+    ``labels``/``families`` override the files' own, position by position (``None`` keeps the file's).
+    """
+    notes = notes if notes is not None else []
+    if not paths:
+        raise AttnflowError("no metrics files to compare")
+    if len(labels) > len(paths) or len(families) > len(paths):
+        raise AttnflowError(f"{max(len(labels), len(families))} labels/families given for {len(paths)} files")
+    known = set(HEAD_METRICS) | set(LAYER_METRICS) | set(IMAGE_METRICS)
+    for name in metrics or ():
+        if name not in known:
+            raise AttnflowError(f"unknown metric '{name}' (known: {', '.join(sorted(known))})")
+    models: list[ModelMetrics] = []
+    available: list[set[str]] = []
+    for i, path in enumerate(paths):
+        with open_metrics(path) as mf:
+            a = mf.attrs
+            family = (families[i] if i < len(families) else None) or a.get("family", "unknown")
+            if family not in FAMILY_ORDER:
+                raise AttnflowError(f"unknown family '{family}' for {path} (choose from {', '.join(FAMILY_ORDER)})")
+            model = ModelMetrics(
+                label=(labels[i] if i < len(labels) else None) or a.get("label") or Path(path).stem,
+                family=family,
+                path=Path(path),
+                num_layers=int(a["num_layers"]),
+                img_size=tuple(a.get("img_size", ())),
+                has_cls=bool(a.get("has_cls", True)),
+            )
+            names = set(mf.metric_names)
+            available.append(names)
+            wanted = metrics or [*DEFAULT_METRICS, *OPTIONAL_DEFAULT_METRICS]
+            for name in wanted:
+                if name not in names:
+                    continue
+                data = mf.metric(name)[()].astype(np.float64)
+                if name in HEAD_METRICS:
+                    data = reduce_heads(data, heads)
+                elif name in IMAGE_METRICS:  # one value per image: the same at every layer
+                    data = np.repeat(data[:, None], model.num_layers, axis=1)
+                model.values[name] = data
+            models.append(model)
+    _make_labels_unique(models, notes)
+    if metrics:
+        chosen = list(metrics)
+    else:
+        chosen = [m for m in DEFAULT_METRICS if any(m in names for names in available)]
+        chosen += [m for m in OPTIONAL_DEFAULT_METRICS if any(m in names for names in available)]
+    for name in chosen:
+        lacking = [m.label for m in models if name not in m.values]
+        if len(lacking) == len(models):
+            notes.append(f"no file has metric '{name}'")
+        elif lacking:
+            notes.append(f"metric '{name}' is missing for {', '.join(lacking)} (left blank)")
+    for m in models:
+        if not m.has_cls:
+            notes.append(f"{m.label} has no cls token: its cls_* metrics are NaN")
+    if len({m.img_size for m in models}) > 1:
+        sizes = ", ".join(f"{m.label} {'x'.join(map(str, m.img_size))}" for m in models)
+        notes.append(f"models ran at different resolutions ({sizes}): attn_distance is in each model's input pixels")
+    return models, chosen
+
+
+def _make_labels_unique(models: list[ModelMetrics], notes: list[str]) -> None:
+    seen: dict[str, int] = {}
+    for m in models:
+        if m.label in seen:
+            seen[m.label] += 1
+            new = f"{m.label}#{seen[m.label]}"
+            notes.append(f"two models are labelled '{m.label}'; {m.path} is shown as '{new}'")
+            m.label = new
+        else:
+            seen[m.label] = 1
+
+
+def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = "absolute", notes: list[str] | None = None) -> list[LayerRow]:
+    """Rows for ``--layers all|last|N,M,...`` at absolute layer indices or at relative depth.
+
+    Relative depth d in (0, 1] maps to layer ``round(d * L) - 1`` of an L-block model; ``all`` then means
+    the depths of the shallowest model's blocks, ``(k + 1) / L_min``, and explicit values are fractions.
+    Absolute indices are 0-based; negative ones count from each model's last layer.
+    """
+    notes = notes if notes is not None else []
+    depths = [m.num_layers for m in models]
+    if depth not in ("absolute", "relative"):
+        raise AttnflowError(f"--depth must be absolute or relative, not '{depth}'")
+    spec = spec.strip()
+    if spec == "last":
+        return [LayerRow("last", tuple(L - 1 for L in depths))]
+    if depth == "relative":
+        if spec == "all":
+            fractions = [(k + 1) / min(depths) for k in range(min(depths))]
+        else:
+            fractions = _parse_list(spec, float, "--layers")
+            if any(not 0 < f <= 1 for f in fractions):
+                raise AttnflowError("with --depth relative, --layers takes fractions of depth in (0, 1]")
+        return [
+            LayerRow(f"{f:.3g}", tuple(min(L - 1, max(0, round(f * L) - 1)) for L in depths)) for f in fractions
+        ]
+    if len(set(depths)) > 1:
+        notes.append(
+            "models have different depths (" + ", ".join(f"{m.label} {m.num_layers}" for m in models)
+            + "): rows are absolute layer indices; --depth relative aligns them"
+        )
+    indices = list(range(max(depths))) if spec == "all" else _parse_list(spec, int, "--layers")
+    rows = []
+    for i in indices:
+        per_model = tuple((i if i >= 0 else L + i) if -L <= i < L else None for L in depths)
+        rows.append(LayerRow(str(i), per_model))
+    return rows
+
+
+def _parse_list(spec: str, kind, option: str) -> list:
+    try:
+        return [kind(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise AttnflowError(f"{option} takes all, last or a comma-separated list, not '{spec}'") from None
+
+
+def _finite_mean_resamples(x: np.ndarray, rng: np.random.Generator, n_resamples: int) -> np.ndarray:
+    """(n, K) values -> (n_resamples, K) means over the finite values of bootstrap resamples of the rows.
+
+    Resample r is ``rng.integers(0, n, n)``; rows are counted with bincount and the means taken as one
+    matrix product per block of resamples, with all K columns sharing the resamples.
+    """
+    n, K = x.shape
+    finite = np.isfinite(x)
+    x0, f = np.where(finite, x, 0.0), finite.astype(np.float64)
+    out = np.empty((n_resamples, K))
+    block = max(1, min(n_resamples, 5_000_000 // max(n, 1)))
+    for start in range(0, n_resamples, block):
+        b = min(block, n_resamples - start)
+        idx = rng.integers(0, n, size=(b, n))
+        counts = np.bincount((idx + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + b] = (counts @ x0) / (counts @ f)
+    return out
+
+
+def _percentile_ci(means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.percentile(means, [2.5, 97.5], axis=0)
+    return low, high
+
+
+def describe(
+    models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Long-format records: one per model x metric x layer row (``ROW_COLUMNS``)."""
+    if n_bootstrap < 1:
+        raise AttnflowError(f"--bootstrap must be at least 1, got {n_bootstrap}")
+    records = []
+    for i, model in enumerate(models):
+        cells = [(name, row, idx) for name in metrics if name in model.values for row in rows
+                 if (idx := row.index[i]) is not None]
+        if not cells:
+            continue
+        x = np.stack([model.values[name][:, idx] for name, _, idx in cells], axis=1)  # (n, K)
+        finite = np.isfinite(x)
+        n_ok = finite.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(x, axis=0)
+            stds = np.nanstd(x, axis=0, ddof=1)
+        low, high = _percentile_ci(_finite_mean_resamples(x, np.random.default_rng([seed, i]), n_bootstrap))
+        for k, (name, row, idx) in enumerate(cells):
+            records.append({
+                "model": model.label, "family": model.family, "metric": name, "layer": int(idx),
+                "mean": float(means[k]), "std": float(stds[k]) if n_ok[k] > 1 else math.nan,
+                "ci_low": float(low[k]), "ci_high": float(high[k]), "n_images": int(n_ok[k]),
+                "row": row.name,
+            })
+    return records
+
+
+def cliffs_delta(u_statistic: float, n_x: int, n_y: int) -> float:
+    """Cliff's delta P(X > Y) - P(X < Y) from the Mann-Whitney U of X (ties count one half)."""
+    return 2.0 * u_statistic / (n_x * n_y) - 1.0
+
+
+def verdict(metric: str, diff: float, ci_low: float, ci_high: float, p_value: float) -> str:
+    if not all(math.isfinite(v) for v in (diff, ci_low, ci_high, p_value)):
+        return "not available"
+    if p_value >= ALPHA or ci_low <= 0 <= ci_high:
+        return "no clear difference"
+    more, less = ("MIM", "JEA") if diff > 0 else ("JEA", "MIM")
+    meaning = MEANING.get(metric)
+    return f"{more} {meaning}" if meaning else f"{more} {metric} higher than {less}"
+
+
+def summarize(
+    models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000,
+    seed: int = 0, notes: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """MIM vs JEA per metric and layer row (``SUMMARY_COLUMNS``); empty unless both families are present."""
+    notes = notes if notes is not None else []
+    groups = {fam: [i for i, m in enumerate(models) if m.family == fam] for fam in ("mim", "jea")}
+    if not groups["mim"] or not groups["jea"]:
+        return []
+    for fam, members in groups.items():
+        if len(members) > 1:
+            notes.append(f"summary pools the images of {len(members)} {fam.upper()} models: "
+                         + ", ".join(models[i].label for i in members))
+    out = []
+    for name in metrics:
+        for row in rows:
+            pools = {}
+            for fam, members in groups.items():
+                parts = [models[i].values[name][:, row.index[i]] for i in members
+                         if name in models[i].values and row.index[i] is not None]
+                values = np.concatenate(parts) if parts else np.empty(0)
+                pools[fam] = values[np.isfinite(values)]
+            j = len(out)
+            out.append(_compare_pools(name, row, pools["mim"], pools["jea"], n_bootstrap, np.random.default_rng([seed, 1000 + j]),
+                                      [models[i].label for i in groups["mim"]], [models[i].label for i in groups["jea"]]))
+    return out
+
+
+def _compare_pools(name, row, mim, jea, n_bootstrap, rng, mim_models, jea_models) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "metric": name, "layer": row.name, "n_mim": int(mim.size), "n_jea": int(jea.size),
+        "mim_models": ", ".join(mim_models), "jea_models": ", ".join(jea_models),
+    }
+    if mim.size == 0 or jea.size == 0:
+        record.update(dict.fromkeys(("mim_mean", "jea_mean", "diff", "ci_low", "ci_high", "p_value", "cliffs_delta"), math.nan))
+        record["verdict"] = "not available"
+        return record
+    mim_means = _finite_mean_resamples(mim[:, None], rng, n_bootstrap)[:, 0]
+    jea_means = _finite_mean_resamples(jea[:, None], rng, n_bootstrap)[:, 0]
+    low, high = _percentile_ci(mim_means - jea_means)
+    test = stats.mannwhitneyu(mim, jea, alternative="two-sided")
+    diff = float(mim.mean() - jea.mean())
+    record.update({
+        "mim_mean": float(mim.mean()), "jea_mean": float(jea.mean()), "diff": diff,
+        "ci_low": float(low), "ci_high": float(high), "p_value": float(test.pvalue),
+        "cliffs_delta": cliffs_delta(float(test.statistic), mim.size, jea.size),
+    })
+    record["verdict"] = verdict(name, diff, record["ci_low"], record["ci_high"], record["p_value"])
+    return record
+
+
+def layer_tables(
+    records: Sequence[dict[str, Any]], models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow]
+) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
+    """Per metric a table ``(title, rows, columns)``: a row per layer row, a column per model, grouped by
+    family (MIM first, then JEA), each cell the mean over images."""
+    order = sorted(range(len(models)), key=lambda i: FAMILY_ORDER.index(models[i].family))
+    headers = {i: f"{models[i].label} ({models[i].family})" for i in order}
+    cells = {(r["model"], r["metric"], r["row"]): r["mean"] for r in records}
+    tables = []
+    for name in metrics:
+        table_rows = []
+        for row in rows:
+            entry: dict[str, Any] = {"layer": row.name}
+            for i in order:
+                entry[headers[i]] = cells.get((models[i].label, name, row.name), "")
+            table_rows.append(entry)
+        tables.append((name, table_rows, ["layer", *(headers[i] for i in order)]))
+    return tables
+
+
+def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The MIM-vs-JEA summary as display rows."""
+    from .render import format_cell
+
+    rows = [
+        {
+            "metric": s["metric"], "layer": s["layer"], "MIM": s["mim_mean"], "JEA": s["jea_mean"], "diff": s["diff"],
+            "95% CI": f"[{format_cell(s['ci_low'])}, {format_cell(s['ci_high'])}]",
+            "p": f"{s['p_value']:.2g}" if math.isfinite(s["p_value"]) else "nan",
+            "cliff's d": s["cliffs_delta"], "n": f"{s['n_mim']}/{s['n_jea']}", "verdict": s["verdict"],
+        }
+        for s in summary
+    ]
+    return rows, ["metric", "layer", "MIM", "JEA", "diff", "95% CI", "p", "cliff's d", "n", "verdict"]
