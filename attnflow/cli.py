@@ -266,8 +266,7 @@ def compare(
 
     Example: attnflow compare --mim mae.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
     """
-    from .compare import ROW_COLUMNS, describe, layer_tables, load_models, plan_layers, summarize, summary_table
-    from .render import json_value
+    from .compare import compare_files
 
     paths = [*(files or []), *mim, *jea]
     if not paths:
@@ -278,37 +277,46 @@ def compare(
         raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
     implied = [None] * len(files or []) + ["mim"] * len(mim) + ["jea"] * len(jea)
     families = [family[i].value if i < len(family) else implied[i] for i in range(len(paths))]
-    notes: list[str] = []
-    models, names = load_models(paths, labels=label, families=families, metrics=metric or None, heads=heads.value, notes=notes)
-    rows = plan_layers(models, layers, depth.value, notes)
-    records = describe(models, names, rows, n_bootstrap=bootstrap, seed=seed)
-    summary_rows = plan_layers(models, summary_layers, depth.value, [])
-    summary = summarize(models, names, summary_rows, n_bootstrap=bootstrap, seed=seed, notes=notes)
+    comparison = compare_files(
+        paths, labels=label, families=families, metrics=metric or None, heads=heads.value, layers=layers,
+        depth=depth.value, summary_layers=summary_layers, n_bootstrap=bootstrap, seed=seed,
+    )
     console = _stderr_console()
-    for note in dict.fromkeys(notes):
+    for note in comparison.notes:
         console.print(f"attnflow: note: {note}", markup=False)
-
-    def write(out) -> None:
-        if format is Format.json:
-            clean = lambda r: {k: json_value(v) for k, v in r.items() if k != "row"}  # noqa: E731
-            json.dump({"rows": [clean(r) for r in records], "summary": [clean(r) for r in summary]}, out, indent=2)
-            out.write("\n")
-        elif format in (Format.csv, Format.tsv):
-            emit(records, list(ROW_COLUMNS), format, out=out)
-        else:
-            for title, table_rows, columns in layer_tables(records, models, names, rows):
-                emit(table_rows, columns, format, title=f"{title} (mean over images, heads: {heads.value})", out=out)
-                out.write("\n")
-            if summary:
-                display, columns = summary_table(summary)
-                emit(display, columns, format, title="MIM vs JEA", out=out)
-
     if output is None:
-        write(sys.stdout)
+        comparison.write(format, sys.stdout)
     else:
         with open(output, "w", newline="") as handle:
-            write(handle)
+            comparison.write(format, handle)
         console.print(f"attnflow: wrote {output}", markup=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("attnflow-demo"), "--out", help="Folder for the caches, metrics files and compare.csv."),
+    limit: Optional[int] = typer.Option(None, min=2, help="Use only this many of the 200 demo images (evenly over the classes)."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="How to print the comparison: table, markdown, csv, tsv or json."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
+) -> None:
+    """Run the whole MIM-vs-JEA analysis offline on the two tiny shipped models (demo:mae, demo:dino).
+
+    Extracts attention (with object masks and labels) and metrics for 200 composed Fashion-MNIST images,
+    compares the two models, prints the tables and writes everything into --out.
+    """
+    from .demo import run_demo
+
+    console = _stderr_console()
+    run = run_demo(out, limit=limit, overwrite=overwrite, device=device,
+                   on_model=lambda name: console.print(f"attnflow: demo: extracting {name}", markup=False))
+    for note in run.comparison.notes:
+        console.print(f"attnflow: note: {note}", markup=False)
+    run.comparison.write(format, sys.stdout)
+    console.print(
+        f"attnflow: demo: {run.n_images} images; caches {', '.join(map(str, run.caches))}; metrics "
+        f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}", markup=False,
+    )
 
 
 @app.command()

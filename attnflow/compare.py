@@ -15,6 +15,7 @@ metric's statistics.
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -384,3 +385,57 @@ def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any
         for s in summary
     ]
     return rows, ["metric", "layer", "MIM", "JEA", "diff", "95% CI", "p", "cliff's d", "n", "verdict"]
+
+
+@dataclass
+class Comparison:
+    """Everything ``attnflow compare`` reports: per-cell records, the MIM-vs-JEA summary and notes."""
+
+    models: list[ModelMetrics]
+    metrics: list[str]
+    rows: list[LayerRow]
+    records: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    notes: list[str]
+    heads: str
+
+    def write(self, fmt, out) -> None:
+        """Write in ``fmt`` (a :class:`attnflow.render.Format`): tables, long-format csv/tsv or json."""
+        from .render import Format, emit, json_value
+
+        fmt = Format(fmt)
+        if fmt is Format.json:
+            clean = lambda r: {k: json_value(v) for k, v in r.items() if k != "row"}  # noqa: E731
+            json.dump({"rows": [clean(r) for r in self.records], "summary": [clean(r) for r in self.summary]}, out, indent=2)
+            out.write("\n")
+        elif fmt in (Format.csv, Format.tsv):
+            emit(self.records, list(ROW_COLUMNS), fmt, out=out)
+        else:
+            for title, table_rows, columns in layer_tables(self.records, self.models, self.metrics, self.rows):
+                emit(table_rows, columns, fmt, title=f"{title} (mean over images, heads: {self.heads})", out=out)
+                out.write("\n")
+            if self.summary:
+                display, columns = summary_table(self.summary)
+                emit(display, columns, fmt, title="MIM vs JEA", out=out)
+
+
+def compare_files(
+    paths: Sequence[str | Path],
+    *,
+    labels: Sequence[str | None] = (),
+    families: Sequence[str | None] = (),
+    metrics: Sequence[str] | None = None,
+    heads: str = "mean",
+    layers: str = "all",
+    depth: str = "absolute",
+    summary_layers: str = "last",
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> Comparison:
+    """Load metrics files and compute every table ``attnflow compare`` prints."""
+    notes: list[str] = []
+    models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads, notes=notes)
+    rows = plan_layers(models, layers, depth, notes)
+    records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
+    summary = summarize(models, names, plan_layers(models, summary_layers, depth, []), n_bootstrap=n_bootstrap, seed=seed, notes=notes)
+    return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads)

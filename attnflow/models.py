@@ -109,8 +109,17 @@ def build_model(
     label: str | None = None,
 ) -> LoadedModel:
     """Create ``name`` with timm and load its weights, see :func:`load_model`."""
+    from .demo import DEMO_MODELS, demo_data_dir
+
+    demo = DEMO_MODELS.get(name)
+    if demo is not None and not random_init:
+        family = family or demo.family
+        if checkpoint is None:
+            checkpoint = demo_data_dir() / demo.checkpoint
+            if not checkpoint.is_file():
+                raise AttnflowError(f"the demo checkpoint {checkpoint} is missing from this installation")
     arch, tag = split_model_name(name)
-    if not timm.is_model(arch):
+    if demo is None and not timm.is_model(arch):
         raise AttnflowError(f"unknown timm model '{name}' (see `attnflow models` for supported pretrained ViTs)")
     if family is not None and family not in FAMILIES:
         raise AttnflowError(f"unknown family '{family}' (choose from {', '.join(FAMILIES)})")
@@ -126,7 +135,7 @@ def build_model(
     if img_size is not None:
         kwargs["img_size"] = img_size
     pretrained = checkpoint is None and not random_init
-    model = _create(name, pretrained=pretrained, **kwargs)
+    model = _create(name, pretrained=pretrained, **kwargs) if demo is None else _create_demo(**kwargs)
 
     ckpt_path, sha = "", ""
     if checkpoint is not None:
@@ -145,7 +154,7 @@ def build_model(
         weights="checkpoint" if checkpoint is not None else ("random" if random_init else "pretrained"),
         # random weights were never pre-trained, whatever family the architecture's name suggests
         family=family or ("unknown" if random_init else infer_family(name)),
-        label=label or default_label(name, checkpoint),
+        label=label or (name if demo is not None else default_label(name, checkpoint)),
     )
 
 
@@ -195,6 +204,15 @@ def _create(name: str, *, pretrained: bool, **kwargs) -> nn.Module:
             f"'{name}' is a {type(model).__name__}; attnflow captures timm VisionTransformer and Eva models"
         )
     return model
+
+
+def _create_demo(num_classes: int = 0, **kwargs) -> nn.Module:
+    from .demo import create_demo_vit
+
+    try:
+        return create_demo_vit(**kwargs)  # always headless
+    except Exception as e:  # an impossible --img-size, for instance
+        raise AttnflowError(f"cannot build the demo model: {_short(e)}") from None
 
 
 def _short(e: BaseException, limit: int = 200) -> str:

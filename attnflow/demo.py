@@ -1,0 +1,223 @@
+"""The embedded demo: a tiny MAE-trained and a tiny DINO-trained ViT, and the data they were trained on.
+
+Plain Fashion-MNIST puts one object on an empty background, where there is nothing to select. The demo
+recipe (:func:`compose`) places the item at a random position on a larger canvas over low-contrast
+clutter: a smooth texture and fragments of other items. The same recipe makes the training batches
+(``examples/train_mae.py``, ``examples/train_dino.py``) and the shipped demo images, whose item masks
+are kept for object relevance.
+
+``demo:mae`` and ``demo:dino`` are accepted wherever attnflow takes a model name.
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+CLASS_NAMES = (
+    "tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+)
+CANVAS = 48
+ITEM = 28
+CLUTTER_FRAGMENTS = 3
+FRAGMENT = 14
+CLUTTER_CONTRAST = 0.3
+TEXTURE_CONTRAST = 0.15
+MASK_THRESHOLD = 0.1
+
+# The one architecture both demo models share: a timm VisionTransformer with a cls token, 64 patches.
+DEMO_ARCH = "vit_tiny_patch16_224"
+DEMO_KWARGS = dict(
+    img_size=CANVAS, patch_size=6, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0,
+    # what the demo images need: no resize, no crop, one grey channel around 0.5
+    pretrained_cfg_overlay=dict(
+        input_size=(1, CANVAS, CANVAS), crop_pct=1.0, interpolation="bilinear", mean=(0.5,), std=(0.5,),
+    ),
+)
+NORMALIZE_MEAN, NORMALIZE_STD = 0.5, 0.5
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    checkpoint: str  # file name inside attnflow/demo_data
+    family: str
+
+
+DEMO_MODELS = {
+    "demo:mae": DemoModel("mae.pth", "mim"),
+    "demo:dino": DemoModel("dino.pth", "jea"),
+}
+
+
+def demo_data_dir() -> Path:
+    return Path(str(resources.files("attnflow") / "demo_data"))
+
+
+def create_demo_vit(**overrides) -> torch.nn.Module:
+    """The demo encoder, randomly initialised (training scripts pass ``dynamic_img_size`` for local crops)."""
+    return timm.create_model(DEMO_ARCH, pretrained=False, num_classes=0, **{**DEMO_KWARGS, **overrides})
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format), gzip-compressed or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str, root: str | Path = FASHION_MNIST) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (N, 28, 28) uint8, labels (N,) uint8)`` of the ``train`` or ``test`` split."""
+    prefix, root = {"train": "train", "test": "t10k"}[split], Path(root)
+    image_file = root / f"{prefix}-images-idx3-ubyte.gz"
+    if not image_file.exists():
+        raise FileNotFoundError(f"{image_file} not found: apt-get install dataset-fashion-mnist")
+    return read_idx(image_file), read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+
+
+def _paste(canvas: torch.Tensor, patch: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """Max-blend (B, h, w) patches into (B, H, W) canvases at per-sample offsets."""
+    B, h, w = patch.shape
+    rows = (top[:, None] + torch.arange(h, device=canvas.device))[:, :, None]
+    cols = (left[:, None] + torch.arange(w, device=canvas.device))[:, None, :]
+    batch = torch.arange(B, device=canvas.device)[:, None, None]
+    canvas = canvas.clone()
+    canvas[batch, rows, cols] = torch.maximum(canvas[batch, rows, cols], patch)
+    return canvas
+
+
+def compose(items: torch.Tensor, clutter: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place each item on a cluttered canvas.
+
+    Args:
+        items: (B, 28, 28) float in [0, 1], the objects.
+        clutter: (M, 28, 28) float in [0, 1], a pool of other items to cut fragments from.
+        generator: seeds every random choice (on the items' device).
+    Returns:
+        images (B, 48, 48) float in [0, 1] and masks (B, 48, 48) bool, True on the item's own pixels.
+    """
+    B, device = items.shape[0], items.device
+
+    def randint(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(0, high, shape, generator=generator, device=device)
+
+    texture = torch.rand(B, 1, 6, 6, generator=generator, device=device)
+    canvas = TEXTURE_CONTRAST * F.interpolate(texture, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False)[:, 0]
+    for _ in range(CLUTTER_FRAGMENTS):
+        source = clutter[randint(clutter.shape[0], B)]
+        r, c = randint(ITEM - FRAGMENT + 1, B), randint(ITEM - FRAGMENT + 1, B)
+        rows = (r[:, None] + torch.arange(FRAGMENT, device=device))[:, :, None]
+        cols = (c[:, None] + torch.arange(FRAGMENT, device=device))[:, None, :]
+        fragment = source[torch.arange(B, device=device)[:, None, None], rows, cols]
+        canvas = _paste(canvas, CLUTTER_CONTRAST * fragment, randint(CANVAS - FRAGMENT + 1, B), randint(CANVAS - FRAGMENT + 1, B))
+    top, left = randint(CANVAS - ITEM + 1, B), randint(CANVAS - ITEM + 1, B)
+    images = _paste(canvas, items, top, left)
+    masks = _paste(torch.zeros_like(canvas), (items > MASK_THRESHOLD).to(canvas.dtype), top, left) > 0
+    return images, masks
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """(B, 48, 48) in [0, 1] -> (B, 1, 48, 48) as the demo models see them (the shipped preprocessing)."""
+    return ((images - NORMALIZE_MEAN) / NORMALIZE_STD)[:, None]
+
+
+class TrainingStream:
+    """Endless seeded batches of composed training images on one device (the demo recipe over the
+    Fashion-MNIST training split)."""
+
+    def __init__(self, device: torch.device | str, seed: int, root: Path = FASHION_MNIST):
+        images, _ = load_fashion_mnist("train", root)
+        self.items = torch.from_numpy(images.copy()).to(device).float().div(255)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def batch(self, size: int) -> torch.Tensor:
+        """(size, 48, 48) images in [0, 1]."""
+        index = torch.randint(0, self.items.shape[0], (size,), generator=self.generator, device=self.items.device)
+        images, _ = compose(self.items[index], self.items, self.generator)
+        return images
+
+
+def cosine_schedule(step: int, total: int, peak: float, final: float = 0.0, warmup: int = 0) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``final`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final + 0.5 * (peak - final) * (1 + np.cos(np.pi * min(1.0, progress)))
+
+
+CALIBRATION_STEPS = (20, 60)  # time the steps between these, past start-up, to fit a time budget
+
+
+def steps_within(planned: int, step: int, rate: float, seconds_left: float | None) -> int:
+    """The number of steps to train: ``planned``, or fewer if at ``rate`` steps/s the rest would not fit
+    in ``seconds_left``."""
+    if seconds_left is None:
+        return planned
+    return max(step, min(planned, step + int(rate * seconds_left)))
+
+
+@dataclass
+class DemoRun:
+    out: Path
+    caches: list[Path]
+    metrics: list[Path]
+    compare_csv: Path
+    comparison: object  # attnflow.compare.Comparison
+    n_images: int
+
+
+def demo_images(limit: int | None = None) -> list[Path]:
+    """The shipped demo images in sorted order; ``limit`` takes evenly spaced ones, so every class stays."""
+    from .images import list_images
+
+    paths = list_images([str(demo_data_dir() / "images")])
+    if limit is not None and limit < len(paths):
+        paths = [paths[round(i * len(paths) / limit)] for i in range(limit)]
+    return paths
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    limit: int | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    workers: int | None = 0,
+    n_bootstrap: int = 2000,
+    on_model: Callable[[str], None] | None = None,
+) -> DemoRun:
+    """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models."""
+    from .compare import compare_files
+    from .extract import extract
+    from .models import build_model
+    from .render import Format
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = demo_images(limit)
+    caches, metrics = [], []
+    for name in DEMO_MODELS:
+        if on_model:
+            on_model(name)
+        short = name.split(":", 1)[1]
+        result = extract(
+            build_model(name), paths, out / f"{short}.h5", masks=demo_data_dir() / "masks", labels_from_dirs=True,
+            metrics=out / f"{short}_metrics.h5", batch_size=50, workers=workers, device=device, overwrite=overwrite,
+        )
+        caches.append(result.path)
+        metrics.append(result.metrics_path)
+    comparison = compare_files(metrics, n_bootstrap=n_bootstrap)
+    compare_csv = out / "compare.csv"
+    with open(compare_csv, "w", newline="") as handle:
+        comparison.write(Format.csv, handle)
+    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths))
