@@ -315,8 +315,53 @@ def demo(
     run.comparison.write(format, sys.stdout)
     console.print(
         f"attnflow: demo: {run.n_images} images; caches {', '.join(map(str, run.caches))}; metrics "
-        f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}", markup=False,
+        f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}"
+        + (f"; figures {', '.join(map(str, run.figures))}" if run.figures else ""),
+        markup=False,
     )
+
+
+plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("curves")
+def plot_curves_command(
+    files: List[Path] = typer.Argument(..., help="Metrics files, one per model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help="Metric to draw (repeatable; default: compare's default set)."),
+    heads: HeadReduction = typer.Option(HeadReduction.mean, help="How heads are reduced before images are averaged."),
+    bootstrap: int = typer.Option(2000, min=1, help="Bootstrap resamples for the 95% bands."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+) -> None:
+    """One panel per metric: x = block (relative depth when depths differ), y = mean over images with its
+    95% bootstrap band, a line per model, MIM and JEA told apart by colour and line style."""
+    from .plot import plot_curves
+
+    path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed)
+    console = _stderr_console()
+    for note in notes:
+        console.print(f"attnflow: note: {note}", markup=False)
+    console.print(f"attnflow: wrote {path}", markup=False)
+
+
+@plot_app.command("maps")
+def plot_maps_command(
+    caches: List[Path] = typer.Argument(..., help="Attention caches, one row each."),
+    image: str = typer.Option(..., "--image", help="The image: an index, its path as stored, a file name or a stem."),
+    output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
+    layer: int = typer.Option(-1, help="Block whose attention is drawn (0-based; negative from the end)."),
+    heads: bool = typer.Option(False, "--heads", help="Also draw each head's map."),
+) -> None:
+    """For one image, per model: the image, the head-mean cls attention (or, without cls, the mean patch
+    row) of --layer, the rollout map, and with --heads each head; the object mask outlined when known."""
+    from .plot import plot_maps
+
+    path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads)
+    console = _stderr_console()
+    for note in notes:
+        console.print(f"attnflow: note: {note}", markup=False)
+    console.print(f"attnflow: wrote {path}", markup=False)
 
 
 @app.command()

@@ -11,6 +11,7 @@ are kept for object relevance.
 from __future__ import annotations
 
 import gzip
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+
+from .errors import AttnflowError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 CLASS_NAMES = (
@@ -174,6 +177,7 @@ class DemoRun:
     compare_csv: Path
     comparison: object  # attnflow.compare.Comparison
     n_images: int
+    figures: list[Path]
 
 
 def demo_images(limit: int | None = None) -> list[Path]:
@@ -220,4 +224,14 @@ def run_demo(
     compare_csv = out / "compare.csv"
     with open(compare_csv, "w", newline="") as handle:
         comparison.write(Format.csv, handle)
-    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths))
+    figures = []
+    try:
+        from .plot import plot_curves, plot_maps, pyplot
+
+        pyplot()
+    except AttnflowError as e:  # matplotlib is optional: the demo still runs, and says what it skipped
+        warnings.warn(f"no figures: {e}", stacklevel=2)
+    else:
+        figures.append(plot_curves(metrics, out / "curves.png", n_bootstrap=n_bootstrap)[0])
+        figures.append(plot_maps(caches, 0, out / "maps.png", heads=True)[0])
+    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures)

@@ -55,7 +55,7 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", out, "--limit", 20, "--format", "csv")
     assert result.exit_code == 0, result.stderr
-    for name in ("mae.h5", "dino.h5", "mae_metrics.h5", "dino_metrics.h5", "compare.csv"):
+    for name in ("mae.h5", "dino.h5", "mae_metrics.h5", "dino_metrics.h5", "compare.csv", "curves.png", "maps.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert rows == list(csv.DictReader(io.StringIO((out / "compare.csv").read_text())))
