@@ -20,9 +20,9 @@ Metrics file (``schema = attnflow.metrics/1``), also with attrs ``fusion``, ``di
     ``metrics/<name>`` (n, L, H), (n, L) or (n,) float32 as listed in :mod:`attnflow.metrics`;
     ``rollout/map`` (n, L, P) float32 when full maps were available; ``fg`` (n, P) with masks.
 
-A file is written to ``<path>.partial`` and renamed to ``<path>`` only once complete, so a finished path
-always holds a finished file. Rows are appended a batch at a time; ``n_images`` and ``n_inputs_done``
-advance only after that batch's data has been flushed, which is what ``--resume`` continues from.
+A run writes into the folder ``<path>.partial/``, one atomically committed segment file per batch, and
+``<path>`` appears only once complete (see :class:`RowFileWriter`), so a finished path always holds a
+finished file and a killed run loses at most the batch in flight.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -294,11 +295,20 @@ class _ParallelGzip:
 
 
 class RowFileWriter:
-    """Append batches of per-image rows to ``<path>.partial``; :meth:`finish` promotes it to ``path``.
+    """Append batches of per-image rows; :meth:`finish` assembles them into one file at ``path``.
 
-    Open with ``resume=True`` to continue an interrupted ``.partial`` (its identity attributes must match the
-    new run's), ``overwrite=True`` to replace an existing file once the new one is complete.
+    Crash safety: HDF5 files are not journalled, and a process killed while HDF5 updates a file's metadata
+    can leave it unreadable. So nothing is ever appended to a file in place. The run lives in the folder
+    ``<path>.partial/``: ``manifest.json`` (the file's identity, written once, atomically) and one small
+    HDF5 file per committed batch, ``seg-NNNNNNNN.h5``, written as ``*.tmp``, flushed to disk and then
+    renamed, so a segment either exists complete or not at all. ``--resume`` continues after the last
+    segment (a leftover ``*.tmp`` is the batch that was cut off and is discarded). :meth:`finish` copies the
+    segments into ``<path>.tmp`` (compressed chunks byte for byte, without recompressing), renames it to
+    ``path`` and removes the folder. Open with ``resume=True`` to continue (the identity attributes must
+    match), ``overwrite=True`` to replace an existing file once the new one is complete.
     """
+
+    MANIFEST = "manifest.json"
 
     def __init__(
         self,
@@ -313,15 +323,16 @@ class RowFileWriter:
     ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        self._attrs = attrs
+        self._attrs = {k: _plain(v) for k, v in attrs.items()}
         self._rows = rows
         self._class_names = class_names
         self._compression = compression
         self._gzip = _ParallelGzip() if compression == "gzip" else None
+        self._segments: list[tuple[Path, int, int, int]] = []  # (file, images, skipped, n_inputs_done)
         if self.path.exists() and not (overwrite or resume):
             raise AttnflowError(f"{self.path} already exists; pass --overwrite to replace it")
         if self.partial.exists() and resume:
-            self._file = self._open_for_resume()
+            self._resume()
             return
         if resume and self.path.exists():
             raise AttnflowError(f"{self.path} is already complete; nothing to resume")
@@ -329,75 +340,63 @@ class RowFileWriter:
             raise AttnflowError(
                 f"an interrupted run left {self.partial}; pass --resume to continue it or --overwrite to start over"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self._create()
+        self._start()
 
-    # -- creation and resumption ------------------------------------------------------------------------
-    def _create(self) -> h5py.File:
+    # -- the run folder -------------------------------------------------------------------------------
+    def _start(self) -> None:
         try:
-            f = h5py.File(self.partial, "w", libver=("v110", "latest"))
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+            manifest = {"attrs": self._attrs, "class_names": self._class_names}
+            _write_atomically(self.partial / self.MANIFEST, json.dumps(manifest, indent=1).encode())
         except OSError as e:
             raise AttnflowError(f"cannot create {self.partial}: {e}") from None
-        for key, value in self._attrs.items():
-            f.attrs[key] = value
-        f.attrs.update({"n_images": 0, "n_inputs_done": 0, "n_skipped": 0, "complete": False})
-        compression = _compression_kwargs(self._compression)
-        for name, spec in self._rows.items():
-            f.create_dataset(
-                name, shape=(0, *spec.row_shape), maxshape=(None, *spec.row_shape), dtype=spec.dtype,
-                chunks=spec.chunks, **(compression if spec.compressed else {}),
-            )
-        f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=_TEXT, chunks=(1024,))
-        if self._class_names is not None:
-            f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(1024,))
-            f.create_dataset("class_names", data=np.array([to_text(c) for c in self._class_names], dtype=object), dtype=_TEXT)
-        for name in ("skipped", "skipped_reason"):
-            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_TEXT, chunks=(256,))
-        f.flush()
-        return f
 
-    def _open_for_resume(self) -> h5py.File:
+    def _resume(self) -> None:
         try:
-            f = h5py.File(self.partial, "r+")
-        except OSError as e:
-            raise AttnflowError(f"cannot resume from {self.partial}: it is not a readable HDF5 file ({e})") from None
-        if f.attrs.get("schema") != self._attrs["schema"]:
-            f.close()
-            raise AttnflowError(f"cannot resume from {self.partial}: it is not an {self._attrs['schema']} file")
+            manifest = json.loads((self.partial / self.MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise AttnflowError(f"cannot resume from {self.partial}: its manifest is unreadable ({e})") from None
+        old_attrs = manifest.get("attrs", {})
+        if old_attrs.get("schema") != self._attrs["schema"]:
+            raise AttnflowError(f"cannot resume from {self.partial}: it is not an {self._attrs['schema']} run")
         for key in RESUME_KEYS:
-            old, new = _plain(f.attrs.get(key)), _plain(self._attrs.get(key))
+            old, new = old_attrs.get(key), self._attrs.get(key)
             if old != new:
-                f.close()
                 raise AttnflowError(f"cannot resume {self.partial}: it was started with {key}={old}, this run has {new}")
-        self._file = f
-        # Rows past the last committed batch may have been written before an interruption: drop them.
-        self.rewind(self.n_images, self.n_skipped, self.n_inputs_done)
-        return f
+        self._attrs = old_attrs  # keep the first run's creation time
+        for leftover in self.partial.glob("*.tmp"):
+            leftover.unlink()  # a batch cut off before its commit
+        for segment in sorted(self.partial.glob("seg-*.h5")):
+            try:
+                with h5py.File(segment, "r") as f:
+                    self._segments.append(
+                        (segment, int(f["image_ids"].shape[0]), int(f["skipped"].shape[0]), int(f.attrs["n_inputs_done"]))
+                    )
+            except (OSError, KeyError) as e:
+                raise AttnflowError(f"cannot resume from {self.partial}: segment {segment.name} is unreadable ({e})") from None
 
     def rewind(self, n_images: int, n_skipped: int, n_inputs_done: int) -> None:
-        """Cut the file back to an earlier commit (to realign two files written side by side)."""
-        f = self._file
-        if n_images > self.n_images or n_inputs_done > self.n_inputs_done:
-            raise ValueError("cannot rewind forward")
-        for name in (*self._rows, "image_ids", *(("labels",) if "labels" in f else ())):
-            f[name].resize(n_images, axis=0)
-        for name in ("skipped", "skipped_reason"):
-            f[name].resize(n_skipped, axis=0)
-        f.attrs.update({"n_images": n_images, "n_skipped": n_skipped, "n_inputs_done": n_inputs_done})
-        f.flush()
+        """Drop the segments after the commit that reached ``n_inputs_done`` (to realign two files written
+        side by side)."""
+        while self._segments and self._segments[-1][3] > n_inputs_done:
+            self._segments.pop()[0].unlink()
+        if (self.n_images, self.n_skipped, self.n_inputs_done) != (n_images, n_skipped, n_inputs_done):
+            raise AttnflowError(f"cannot realign {self.partial} with its companion file: their batches differ")
 
     # -- appending ------------------------------------------------------------------------------------
     @property
     def n_images(self) -> int:
-        return int(self._file.attrs["n_images"])
+        return sum(s[1] for s in self._segments)
 
     @property
     def n_skipped(self) -> int:
-        return int(self._file.attrs["n_skipped"])
+        return sum(s[2] for s in self._segments)
 
     @property
     def n_inputs_done(self) -> int:
-        return int(self._file.attrs["n_inputs_done"])
+        return self._segments[-1][3] if self._segments else 0
 
     def append(
         self,
@@ -407,47 +406,116 @@ class RowFileWriter:
         labels: Sequence[int] | None = None,
         skipped: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """Write one batch and commit it: data first, flushed, then the counters that make it count."""
-        f, n, b = self._file, self.n_images, len(image_ids)
+        """Write one batch as a segment and commit it by renaming it into place."""
+        b = len(image_ids)
+        final = self.partial / f"seg-{len(self._segments):08d}.h5"
+        tmp = final.with_name(final.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            self._write_rows(f, rows, image_ids, labels, skipped)
+            f.attrs["n_inputs_done"] = n_inputs_done
+        _fsync(tmp)
+        os.replace(tmp, final)
+        _fsync(self.partial)
+        self._segments.append((final, b, len(skipped), n_inputs_done))
+
+    def _create_datasets(self, f: h5py.File, n: int, m: int) -> None:
+        compression = _compression_kwargs(self._compression)
+        for name, spec in self._rows.items():
+            chunks = (max(1, min(spec.chunks[0], n)), *spec.chunks[1:])
+            f.create_dataset(
+                name, shape=(n, *spec.row_shape), maxshape=(None, *spec.row_shape), dtype=spec.dtype,
+                chunks=chunks, **(compression if spec.compressed else {}),
+            )
+        f.create_dataset("image_ids", shape=(n,), maxshape=(None,), dtype=_TEXT, chunks=(1024,))
+        if self._class_names is not None:
+            f.create_dataset("labels", shape=(n,), maxshape=(None,), dtype="int64", chunks=(1024,))
+            f.create_dataset("class_names", data=np.array([to_text(c) for c in self._class_names], dtype=object), dtype=_TEXT)
+        for name in ("skipped", "skipped_reason"):
+            f.create_dataset(name, shape=(m,), maxshape=(None,), dtype=_TEXT, chunks=(256,))
+
+    def _write_rows(self, f, rows, image_ids, labels, skipped) -> None:
+        b = len(image_ids)
+        self._create_datasets(f, b, len(skipped))
+        for name in self._rows if b else ():  # a batch of only undecodable files has no rows
+            data = rows[name]
+            if data.shape[0] != b:
+                raise ValueError(f"{name} has {data.shape[0]} rows for {b} images")
+            if self._gzip is not None and self._rows[name].compressed and f[name].chunks[0] == 1:
+                self._gzip.write(f[name], 0, data)
+            else:
+                f[name][:] = data
         if b:
-            for name in self._rows:
-                data = rows[name]
-                if data.shape[0] != b:
-                    raise ValueError(f"{name} has {data.shape[0]} rows for {b} images")
-                f[name].resize(n + b, axis=0)
-                if self._gzip is not None and self._rows[name].compressed and f[name].chunks[0] == 1:
-                    self._gzip.write(f[name], n, data)
-                else:
-                    f[name][n:] = data
-            f["image_ids"].resize(n + b, axis=0)
-            f["image_ids"][n:] = np.array([to_text(s) for s in image_ids], dtype=object)
-            if "labels" in f:
-                if labels is None or len(labels) != b:
-                    raise ValueError("this file stores labels; every batch needs them")
-                f["labels"].resize(n + b, axis=0)
-                f["labels"][n:] = np.asarray(labels, dtype=np.int64)
-        m = self.n_skipped
+            f["image_ids"][:] = np.array([to_text(s) for s in image_ids], dtype=object)
+        if "labels" in f:
+            if labels is None or len(labels) != b:
+                raise ValueError("this file stores labels; every batch needs them")
+            if b:
+                f["labels"][:] = np.asarray(labels, dtype=np.int64)
         if skipped:
-            for name, values in (("skipped", [s for s, _ in skipped]), ("skipped_reason", [r for _, r in skipped])):
-                f[name].resize(m + len(skipped), axis=0)
-                f[name][m:] = np.array([to_text(v) for v in values], dtype=object)
-        f.flush()
-        f.attrs.update({"n_images": n + b, "n_skipped": m + len(skipped), "n_inputs_done": n_inputs_done})
-        f.flush()
+            f["skipped"][:] = np.array([to_text(s) for s, _ in skipped], dtype=object)
+            f["skipped_reason"][:] = np.array([to_text(r) for _, r in skipped], dtype=object)
 
     def finish(self) -> Path:
-        """Mark the file complete and move it into place (replacing an old one only now)."""
-        self._file.attrs["complete"] = True
+        """Assemble the segments into ``path`` (replacing an old file only now) and remove the run folder."""
+        n, m = self.n_images, self.n_skipped
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as out:
+            for key, value in self._attrs.items():
+                out.attrs[key] = value
+            out.attrs.update({"n_images": n, "n_skipped": m, "n_inputs_done": self.n_inputs_done, "complete": True})
+            self._create_datasets(out, n, m)
+            row, skip = 0, 0
+            for segment, b, k, _ in self._segments:
+                with h5py.File(segment, "r") as seg:
+                    for name in [*self._rows, "image_ids", *(("labels",) if "labels" in out else ())]:
+                        if b:
+                            _copy_rows(seg[name], out[name], row)
+                    for name in ("skipped", "skipped_reason"):
+                        if k:
+                            out[name][skip:skip + k] = seg[name][()]
+                row, skip = row + b, skip + k
+        _fsync(tmp)
+        os.replace(tmp, self.path)
+        _fsync(self.path.parent)
         self.close()
-        os.replace(self.partial, self.path)
+        shutil.rmtree(self.partial, ignore_errors=True)
         return self.path
 
     def close(self) -> None:
-        """Close without promoting (after an error): the ``.partial`` stays for ``--resume``."""
+        """Stop writing (after an error, the committed segments stay for ``--resume``)."""
         if self._gzip is not None:
             self._gzip.close()
-        if self._file.id.valid:
-            self._file.close()
+
+
+def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, start: int) -> None:
+    """Rows of a segment into the assembled file; one-row compressed chunks are copied as stored bytes."""
+    n = source.shape[0]
+    same_filters = source.compression == target.compression and source.shuffle == target.shuffle
+    if source.chunks and target.chunks and source.chunks[0] == target.chunks[0] == 1 and source.chunks == target.chunks and same_filters and source.compression:
+        grid = [range(n)] + [range(0, d, c) for c, d in zip(source.chunks[1:], source.shape[1:])]
+        for offset in itertools.product(*grid):
+            mask, payload = source.id.read_direct_chunk(offset)
+            target.id.write_direct_chunk((start + offset[0], *offset[1:]), payload, filter_mask=mask)
+    else:
+        target[start:start + n] = source[()]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data to disk, so that a rename after it never exposes a torn file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _plain(value: Any) -> Any:

@@ -186,9 +186,11 @@ def test_interrupted_extraction_resumes_to_the_same_cache(tmp_path, image_dir):
     with pytest.raises(Interrupt):
         extract(loaded, paths, out, on_progress=stop_after_two, **options)
     partial = Path(str(out) + ".partial")
-    assert partial.exists() and not out.exists()
-    with h5py.File(partial, "r") as f:
-        assert f.attrs["n_inputs_done"] == 6 and not f.attrs["complete"]
+    assert partial.is_dir() and not out.exists()
+    segments = sorted(partial.glob("seg-*.h5"))
+    assert len(segments) == 2  # both queued batches were committed before the error surfaced
+    with h5py.File(segments[-1], "r") as f:
+        assert f.attrs["n_inputs_done"] == 6
     with pytest.raises(AttnflowError, match="--resume"):
         open_cache(out)
     with pytest.raises(AttnflowError, match="interrupted run left"):
@@ -206,8 +208,8 @@ def test_interrupted_extraction_resumes_to_the_same_cache(tmp_path, image_dir):
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
 
 
-def test_rows_written_past_the_last_commit_are_dropped_on_resume(tmp_path, image_dir):
-    """A batch whose data reached the file but whose counters did not must not appear twice."""
+def test_a_batch_cut_off_mid_write_is_discarded_on_resume(tmp_path, image_dir):
+    """A segment that was being written when the process died never counts, however much of it exists."""
     paths = list_images([str(image_dir)])
     loaded = tiny("plain")
     extract(loaded, paths, tmp_path / "whole.h5", batch_size=4, workers=0)
@@ -218,11 +220,12 @@ def test_rows_written_past_the_last_commit_are_dropped_on_resume(tmp_path, image
     out = tmp_path / "c.h5"
     with pytest.raises(Interrupt):
         extract(loaded, paths, out, batch_size=4, workers=0, on_progress=stop)
-    with h5py.File(str(out) + ".partial", "r+") as f:  # simulate rows written, counters not yet advanced
-        committed = f.attrs["n_images"]
-        for name in ("attn", "magnitude", "image_ids"):
-            f[name].resize(committed + 2, axis=0)
+    partial = Path(str(out) + ".partial")
+    first = sorted(partial.glob("seg-*.h5"))[0]
+    torn = first.read_bytes()
+    (partial / "seg-00000001.h5.tmp").write_bytes(torn[: len(torn) // 2])  # the next batch, half written
     extract(loaded, paths, out, batch_size=4, workers=0, resume=True)
+    assert not partial.exists()
     whole, resumed = read_all(tmp_path / "whole.h5"), read_all(out)
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
