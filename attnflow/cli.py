@@ -143,7 +143,8 @@ def extract(
     progress = Progress(
         TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=quiet, transient=False,
+        # transient: the bar lives while work runs; what remains is the one summary line (or one error line)
+        console=console, disable=quiet or not console.is_terminal, transient=True,
     )
     with progress:
         task = progress.add_task("extract", total=len(paths), rate="")
@@ -206,7 +207,7 @@ def metrics_command(
     console = _stderr_console()
     progress = Progress(
         TextColumn("metrics"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=quiet,
+        console=console, disable=quiet or not console.is_terminal, transient=True,
     )
     with progress:
         task = progress.add_task("metrics", total=None)
