@@ -146,6 +146,16 @@ def extract(
         # transient: the bar lives while work runs; what remains is the one summary line (or one error line)
         console=console, disable=quiet or not console.is_terminal, transient=True,
     )
+    from .distributed import launched_rank
+
+    rank = launched_rank()
+    if rank is not None:
+        _extract_sharded(rank, loaded, paths, output, metrics, overwrite=overwrite, resume=resume, device=device,
+                         labels_from_dirs=labels_from_dirs, quiet=quiet, console=console, options=dict(
+                             store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
+                             masks=masks, fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size,
+                             workers=workers, amp=amp, crop_pct=crop_pct, interpolation=interpolation, strict=strict))
+        return
     with progress:
         task = progress.add_task("extract", total=len(paths), rate="")
         started: list[float] = []
@@ -179,6 +189,53 @@ def extract(
             f"{result.n_new} new in {result.seconds:.1f} s ({rate:.1f} img/s)"
             + (f"; metrics in {escape(str(result.metrics_path))}" if result.metrics_path else "")
         )
+
+
+def _extract_sharded(rank, loaded, paths, output: Path, metrics: Optional[Path], *, overwrite: bool, resume: bool,
+                     device: str, labels_from_dirs: bool, quiet: bool, console, options: dict) -> None:
+    """One rank of a torchrun launch: extract this rank's block into its shard, then rank 0 assembles."""
+    from rich.markup import escape
+
+    from . import distributed
+    from .extract import extract as run_extract
+
+    for target in (output, metrics):
+        if target is not None and target.exists() and not overwrite:
+            raise AttnflowError(f"{target} already exists; pass --overwrite to replace it")
+    rank_device = distributed.init(rank, device)
+    try:
+        start, stop = distributed.shard(paths, rank)
+        shard_out = distributed.shard_path(output, rank)
+        shard_metrics = distributed.shard_path(metrics, rank) if metrics is not None else None
+        done = resume and shard_out.exists() and (shard_metrics is None or shard_metrics.exists())
+        if not done:
+            for finished in (shard_out, shard_metrics):  # half of a pair cannot be resumed alone: redo both
+                if resume and finished is not None and finished.exists():
+                    finished.unlink()
+            shard_out.parent.mkdir(parents=True, exist_ok=True)
+            if shard_metrics is not None:
+                shard_metrics.parent.mkdir(parents=True, exist_ok=True)
+            run_extract(
+                loaded, paths[start:stop], shard_out, metrics=shard_metrics, device=rank_device, resume=resume,
+                overwrite=overwrite, labels_from_dirs=labels_from_dirs,
+                class_names=sorted({p.parent.name for p in paths}) if labels_from_dirs else None,
+                on_skip=lambda path, reason: console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}"),
+                **options,
+            )
+        distributed.barrier()
+        if rank.leader:
+            all_paths = [str(p) for p in paths]
+            shards = [distributed.shard_path(output, rank, i) for i in range(rank.world)]
+            distributed.assemble(output, shards, all_paths=all_paths, overwrite=overwrite)
+            if metrics is not None:
+                distributed.assemble(metrics, [distributed.shard_path(metrics, rank, i) for i in range(rank.world)],
+                                     all_paths=all_paths, overwrite=overwrite)
+            if not quiet:
+                console.print(f"attnflow: wrote {escape(str(output))} over {rank.world} shards ({len(paths)} inputs)"
+                              + (f"; metrics in {escape(str(metrics))}" if metrics is not None else ""))
+        distributed.barrier()
+    finally:
+        distributed.finish()
 
 
 @app.command("metrics")

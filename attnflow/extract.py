@@ -111,6 +111,7 @@ def extract(
     compression: str = "gzip",
     save_tokens: bool = False,
     labels_from_dirs: bool = False,
+    class_names: Sequence[str] | None = None,
     masks: str | Path | None = None,
     metrics: str | Path | None = None,
     fusion: str = "mean",
@@ -131,6 +132,7 @@ def extract(
 
     Args:
         masks: folder of object masks matched to images by file stem; stores ``fg`` (n, P).
+        class_names: with ``labels_from_dirs``, the full list of classes (default: the folders of ``paths``).
         metrics: also write a metrics file computed batch by batch from the float32 maps in flight (any
             ``store`` mode, ``none`` included), with rollout ``fusion`` and ``discard_ratio``.
         on_skip: called once per undecodable file with (path, reason); with ``strict`` the first one raises.
@@ -155,7 +157,11 @@ def extract(
     layout = loaded.layout
     preprocessing = resolve_preprocessing(model, crop_pct=crop_pct, interpolation=interpolation)
     path_texts = [str(p) for p in paths]
-    class_names = sorted({p.parent.name for p in paths}) if labels_from_dirs else None
+    if labels_from_dirs:
+        # a shard of a distributed run gets the classes of the whole input list, so indices agree
+        class_names = list(class_names) if class_names is not None else sorted({p.parent.name for p in paths})
+    else:
+        class_names = None
     class_index = {c: i for i, c in enumerate(class_names or [])}
     mask_paths = _match_masks(paths, masks) if masks is not None else None
 

@@ -90,3 +90,12 @@ def run_cli(capsys, monkeypatch):
         return CliResult(code, out.out, out.err)
 
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """Runs in separate processes use one thread; in-process runs compared bit for bit must compute alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

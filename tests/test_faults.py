@@ -38,15 +38,6 @@ def extract_args(base: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture
-def one_thread():
-    """The killed runs are separate processes with one thread; the in-process runs must compute alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sigkill_at_several_moments_then_resume(setup, run_cli, one_thread):
     base = setup
     reference = base / "reference.h5"

@@ -1,0 +1,127 @@
+"""Extraction over several processes and machines, as launched by ``torchrun``.
+
+Each rank extracts one contiguous block of the image list into its own shard (``OUT.shards/rank-R-of-W.h5``
+and, with ``--metrics``, ``METRICS.shards/...``), with everything a single-process run has: kill-safe
+segments and ``--resume`` per shard. Rank 0 then writes ``OUT`` as one file the readers see as a whole: the
+large per-image datasets are HDF5 virtual datasets over the shards (paths relative to ``OUT``'s folder, so
+the two move together), the small ones are copied. Blocks are concatenated in rank order, so image order and
+contents equal a single-process run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch.distributed as dist
+
+from .cache import file_attrs, inputs_digest
+from .errors import AttnflowError
+
+# Row datasets that stay in the shards (virtual), the rest is copied: every row of these is at least 2-D.
+SMALL_ROW_DATASETS = ("image_ids", "labels", "fg")
+SKIP_DATASETS = ("skipped", "skipped_reason")
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def launched_rank() -> Rank | None:
+    """The rank torchrun (or any env:// launcher) gave this process, or None for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return Rank(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(rank: Rank, device: str) -> str:
+    """Join the process group (NCCL for CUDA, gloo for the CPU); returns this rank's device."""
+    cuda = device.startswith("cuda") or (device == "auto" and _cuda_available())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return f"cuda:{rank.local_rank}" if cuda else "cpu"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def shard(items: Sequence[Any], rank: Rank) -> tuple[int, int]:
+    """The contiguous block ``[start, stop)`` of ``items`` that ``rank`` processes."""
+    n = len(items)
+    return n * rank.rank // rank.world, n * (rank.rank + 1) // rank.world
+
+
+def shard_path(output: Path, rank: Rank, index: int | None = None) -> Path:
+    r = rank.rank if index is None else index
+    return output.with_name(output.name + ".shards") / f"rank-{r:03d}-of-{rank.world:03d}.h5"
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def assemble(output: Path, shards: list[Path], *, all_paths: Sequence[str], overwrite: bool) -> Path:
+    """Write ``output`` over finished shard files: virtual datasets for the large rows, copies of the rest."""
+    if output.exists() and not overwrite:
+        raise AttnflowError(f"{output} already exists; pass --overwrite to replace it")
+    handles = [h5py.File(p, "r") for p in shards]
+    try:
+        attrs = file_attrs(handles[0])
+        counts = [int(h.attrs["n_images"]) for h in handles]
+        n = sum(counts)
+        tmp = output.with_name(output.name + ".tmp")
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as out:
+            out.attrs.update(attrs)
+            out.attrs.update({
+                "n_images": n,
+                "n_inputs": len(all_paths),
+                "n_inputs_done": len(all_paths),
+                "inputs_sha256": inputs_digest(list(all_paths)),
+                "n_skipped": sum(int(h.attrs["n_skipped"]) for h in handles),
+                "shards": [os.path.relpath(p, output.parent) for p in shards],
+            })
+            names: list[str] = []
+            handles[0].visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            for name in names:
+                first = handles[0][name]
+                if name == "class_names":
+                    out.create_dataset(name, data=first[()], dtype=first.dtype)
+                elif name in SKIP_DATASETS:
+                    out.create_dataset(name, data=np.concatenate([h[name][()] for h in handles]), dtype=first.dtype)
+                elif name in SMALL_ROW_DATASETS or first.ndim < 3:
+                    out.create_dataset(name, data=np.concatenate([h[name][()] for h in handles]), dtype=first.dtype,
+                                       chunks=True, maxshape=(None, *first.shape[1:]))
+                else:
+                    layout = h5py.VirtualLayout(shape=(n, *first.shape[1:]), dtype=first.dtype)
+                    start = 0
+                    for path, h, count in zip(shards, handles, counts):
+                        if count:
+                            source = h5py.VirtualSource(os.path.relpath(path, output.parent), name, shape=h[name].shape)
+                            layout[start:start + count] = source
+                        start += count
+                    out.create_virtual_dataset(name, layout)
+    finally:
+        for h in handles:
+            h.close()
+    os.replace(tmp, output)
+    return output
+
