@@ -1,0 +1,170 @@
+"""The benchmark suite: attnflow's overhead over the forward pass, against what a user would write instead,
+peak memory in streaming mode, metrics throughput and cache size per image.
+
+    python benchmarks/suite.py --model vit_small_patch16_224 --n 200 --batch-size 16
+
+Prints JSON lines. Weights are random (throughput and memory do not depend on them; compressed sizes do).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+import attnflow
+from attnflow.extract import extract
+from attnflow.images import ImageDataset, collate_images, list_images, resolve_preprocessing
+from attnflow.measure import compute_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jpegs(folder: Path, n: int, size: int = 256) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (size * 2, size * 2, 3), dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        y, x = rng.integers(0, size, 2)
+        Image.fromarray(base[y:y + size, x:x + size]).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def loader(paths, model, batch_size, workers):
+    return torch.utils.data.DataLoader(
+        ImageDataset(paths, resolve_preprocessing(model)), batch_size=batch_size, num_workers=workers,
+        collate_fn=collate_images,
+    )
+
+
+def bare_forward(model, paths, batch_size, workers) -> float:
+    """Decode, preprocess and run forward_features with fused attention off: the loop with nothing added."""
+    pre = resolve_preprocessing(model)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader(paths, model, batch_size, workers):
+            model.forward_features(pre.normalize(batch.pixels))
+    for block in model.blocks:
+        block.attn.fused_attn = True
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def numpy_metrics(attn: np.ndarray, p: int, distances: np.ndarray) -> dict:
+    """What a user would write per image: the cls and patch metrics and mean-fused rollout in numpy."""
+    L, H, T, _ = attn.shape
+    out = {}
+    q = attn[:, :, :, p:] / attn[:, :, :, p:].sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logq = np.where(q > 0, np.log(q), 0.0)
+    out["cls_self"] = attn[:, :, 0, 0]
+    out["cls_entropy"] = -(q[:, :, 0] * logq[:, :, 0]).sum(-1)
+    out["patch_entropy"] = -(q[:, :, p:] * logq[:, :, p:]).sum(-1).mean(-1)
+    k = math.ceil(0.1 * (T - p))
+    out["cls_top10_mass"] = np.sort(q[:, :, 0], -1)[..., -k:].sum(-1)
+    out["attn_distance"] = (q[:, :, p:] * distances).sum(-1).mean(-1)
+    rolled = np.eye(T)
+    maps = []
+    for layer in range(L):
+        m = 0.5 * attn[layer].mean(0) + 0.5 * np.eye(T)
+        m = m / m.sum(-1, keepdims=True)
+        rolled = m @ rolled
+        maps.append(rolled[0, p:] / rolled[0, p:].sum())
+    out["rollout"] = np.stack(maps)
+    return out
+
+
+def attention_extract_loop(model, paths, batch_size, workers) -> float:
+    """timm's AttentionExtract (fused attention must be switched off by hand, or it returns nothing) plus
+    a per-image numpy loop for the metrics."""
+    from timm.utils import AttentionExtract
+
+    pre = resolve_preprocessing(model)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    extractor = AttentionExtract(model, method="hook")
+    layout = attnflow.TokenLayout.from_model(model)
+    distances = attnflow.metrics.patch_distances(layout).numpy()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader(paths, model, batch_size, workers):
+            maps = extractor(pre.normalize(batch.pixels))
+            stacked = torch.stack(list(maps.values()), dim=1).float().numpy().astype(np.float64)  # (B, L, H, T, T)
+            for image in stacked:
+                numpy_metrics(image, layout.num_prefix_tokens, distances)
+    for block in model.blocks:
+        block.attn.fused_attn = True
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def peak_memory(images: Path, n: int, out: Path, model: str, batch_size: int, workers: int) -> float:
+    """Peak resident memory (MiB) of a separate streaming run over the first n images."""
+    code = (
+        "import resource, sys, attnflow\n"
+        "from attnflow.extract import extract\nfrom attnflow.images import list_images\n"
+        f"paths = list_images([{str(images)!r}])[:{n}]\n"
+        f"extract(attnflow.build_model({model!r}, random_init=True), paths, {str(out)!r}, store='none', "
+        f"metrics={str(out) + '.m.h5'!r}, batch_size={batch_size}, workers={workers}, overwrite=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_small_patch16_224")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--memory-n", default="100,1000")
+    args = p.parse_args()
+    print(json.dumps({
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "timm": timm.__version__, "model": args.model, "n": args.n, "batch_size": args.batch_size,
+    }), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_jpegs(tmp / "img", max(args.n, *map(int, args.memory_n.split(","))))
+        paths = list_images([str(tmp / "img")])[: args.n]
+        loaded = attnflow.build_model(args.model, random_init=True)
+        floor = bare_forward(loaded.model, paths, args.batch_size, args.workers)
+        print(json.dumps({"what": "bare forward, fused attention off (floor)", "images_per_s": round(floor, 2)}), flush=True)
+        for store, dtype, metrics in (("none", "float16", True), ("rows", "float16", False), ("full", "float16", False), ("full", "float32", False)):
+            out = tmp / f"{store}_{dtype}.h5"
+            result = extract(loaded, paths, out, store=store, dtype=dtype, batch_size=args.batch_size, workers=args.workers,
+                             metrics=tmp / "m.h5" if metrics else None, overwrite=True)
+            rate = result.n_new / result.seconds
+            print(json.dumps({
+                "what": f"extract --store {store} --dtype {dtype}" + (" --metrics" if metrics else ""),
+                "images_per_s": round(rate, 2), "ratio_to_floor": round(floor / rate, 3),
+                "cache_bytes_per_image": round(out.stat().st_size / result.n_images),
+            }), flush=True)
+        t0 = time.perf_counter()
+        compute_metrics(tmp / "full_float16.h5", tmp / "from_cache.h5", batch_size=args.batch_size, overwrite=True)
+        print(json.dumps({"what": "attnflow metrics from the float16 full cache",
+                          "images_per_s": round(args.n / (time.perf_counter() - t0), 2)}), flush=True)
+        rate = attention_extract_loop(loaded.model, paths, args.batch_size, args.workers)
+        print(json.dumps({"what": "timm AttentionExtract + per-image numpy metrics and rollout",
+                          "images_per_s": round(rate, 2), "ratio_to_floor": round(floor / rate, 3)}), flush=True)
+        for n in map(int, args.memory_n.split(",")):
+            mib = peak_memory(tmp / "img", n, tmp / f"mem{n}.h5", args.model, args.batch_size, args.workers)
+            print(json.dumps({"what": f"peak RSS, extract --store none --metrics, {n} images", "MiB": round(mib)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
