@@ -14,8 +14,9 @@ UTF-8 paths as given, ``labels`` (n,) int64 into ``class_names`` (K,) when extra
 
 Attention cache (``schema = attnflow.cache/1``), also with attrs ``store``, ``dtype``, ``compression``:
     ``magnitude`` (n, L, T) float32; ``attn`` (n, L, H, T, T) for ``store=full``; ``attn_rows``
-    (n, L, H, p, T) for ``store=rows``; ``tokens`` (n, T, D) float32 with ``--save-tokens``; ``fg`` (n, P)
-    float32 with ``--masks``.
+    (n, L, H, p, T) for ``store=rows``; ``tokens`` (n, T, D) float32 with ``--save-tokens``, with the model's
+    final LayerNorm as ``final_norm_weight`` (D,), ``final_norm_bias`` (D,) and attr ``final_norm_eps``;
+    ``fg`` (n, P) float32 with ``--masks``.
 Metrics file (``schema = attnflow.metrics/1``), also with attrs ``fusion``, ``discard_ratio``, ``source``:
     ``metrics/<name>`` (n, L, H), (n, L) or (n,) float32 as listed in :mod:`attnflow.metrics`;
     ``rollout/map`` (n, L, P) float32 when full maps were available; ``fg`` (n, P) with masks.
@@ -51,6 +52,9 @@ DTYPES = ("float16", "float32")
 COMPRESSIONS = ("gzip", "lzf", "none")
 PARTIAL_SUFFIX = ".partial"
 METRICS_GROUP = "metrics"
+# Per-file (not per-image) datasets: the class names and the final LayerNorm that turns stored tokens into
+# the features users read (``--save-tokens``).
+STATIC_DATASETS = ("class_names", "final_norm_weight", "final_norm_bias")
 ROLLOUT_MAP = "rollout/map"
 
 # Attributes that must agree between an interrupted run and the run that resumes it.
@@ -129,6 +133,7 @@ class CacheSpec:
     token_dim: int | None = None  # set to store ``tokens``
     class_names: list[str] | None = None  # set to store ``labels``
     has_masks: bool = False  # set to store ``fg``
+    final_norm: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm (weight, bias, eps), with tokens
     attrs: dict[str, Any] = field(default_factory=dict)  # model identity, preprocessing, inputs
 
     def __post_init__(self) -> None:
@@ -170,8 +175,14 @@ class CacheSpec:
         return rows
 
     def writer(self, path: str | Path, *, resume: bool = False, overwrite: bool = False) -> "RowFileWriter":
+        static = {}
+        attrs = self.root_attrs()
+        if self.final_norm is not None:
+            weight, bias, eps = self.final_norm
+            static = {"final_norm_weight": np.asarray(weight, np.float32), "final_norm_bias": np.asarray(bias, np.float32)}
+            attrs["final_norm_eps"] = float(eps)
         return RowFileWriter(
-            path, self.root_attrs(), self.row_datasets(), class_names=self.class_names,
+            path, attrs, self.row_datasets(), class_names=self.class_names, static=static,
             compression=self.compression, resume=resume, overwrite=overwrite,
         )
 
@@ -317,11 +328,13 @@ class RowFileWriter:
         rows: dict[str, RowDataset],
         *,
         class_names: list[str] | None = None,
+        static: dict[str, np.ndarray] | None = None,
         compression: str = "gzip",
         resume: bool = False,
         overwrite: bool = False,
     ):
         self.path = Path(path)
+        self._static = static or {}
         self.partial = partial_path(self.path)
         self._attrs = {k: _plain(v) for k, v in attrs.items()}
         self._rows = rows
@@ -464,6 +477,8 @@ class RowFileWriter:
                 out.attrs[key] = value
             out.attrs.update({"n_images": n, "n_skipped": m, "n_inputs_done": self.n_inputs_done, "complete": True})
             self._create_datasets(out, n, m)
+            for name, data in self._static.items():
+                out.create_dataset(name, data=data)
             row, skip = 0, 0
             for segment, b, k, _ in self._segments:
                 with h5py.File(segment, "r") as seg:

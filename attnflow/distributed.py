@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch.distributed as dist
 
-from .cache import file_attrs, inputs_digest
+from .cache import STATIC_DATASETS, file_attrs, inputs_digest
 from .errors import AttnflowError
 
 # Row datasets that stay in the shards (virtual), the rest is copied: every row of these is at least 2-D.
@@ -103,7 +103,7 @@ def assemble(output: Path, shards: list[Path], *, all_paths: Sequence[str], over
             handles[0].visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
             for name in names:
                 first = handles[0][name]
-                if name == "class_names":
+                if name in STATIC_DATASETS:
                     out.create_dataset(name, data=first[()], dtype=first.dtype)
                 elif name in SKIP_DATASETS:
                     out.create_dataset(name, data=np.concatenate([h[name][()] for h in handles]), dtype=first.dtype)

@@ -175,6 +175,7 @@ def extract(
         token_dim=int(model.embed_dim) if save_tokens else None,
         class_names=class_names,
         has_masks=mask_paths is not None,
+        final_norm=_final_layer_norm(model) if save_tokens else None,
         attrs={
             "model": loaded.name,
             "label": loaded.label,
@@ -268,6 +269,14 @@ def extract(
         path=final, n_images=n_images, n_skipped=n_skipped, n_new=n_images - n_before,
         seconds=time.perf_counter() - t0, metrics_path=metrics_path,
     )
+
+
+def _final_layer_norm(model) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The model's final LayerNorm, which turns the stored tokens into what users read (None otherwise)."""
+    norm = getattr(model, "norm", None)
+    if isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine:
+        return norm.weight.detach().float().cpu().numpy(), norm.bias.detach().float().cpu().numpy(), norm.eps
+    return None
 
 
 def warn_about_layout(layout, *, full_maps: bool) -> None:

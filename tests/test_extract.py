@@ -67,8 +67,10 @@ def test_cache_carries_exactly_the_schema(tmp_path, image_dir, run_cli):
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
     with h5py.File(out, "r") as f:
-        assert set(f.attrs) == CACHE_ATTRS
-        assert set(f) == {"attn", "magnitude", "image_ids", "labels", "class_names", "skipped", "skipped_reason", "tokens"}
+        assert set(f.attrs) == CACHE_ATTRS | {"final_norm_eps"}  # --save-tokens records the final norm
+        assert set(f) == {"attn", "magnitude", "image_ids", "labels", "class_names", "skipped", "skipped_reason", "tokens",
+                          "final_norm_weight", "final_norm_bias"}
+        assert f["final_norm_weight"].shape == f["final_norm_bias"].shape == (192,) and f.attrs["final_norm_eps"] == 1e-6
         a = f.attrs
         assert a["schema"] == SCHEMA and a["complete"] and a["n_images"] == 10 and a["n_inputs"] == 10
         assert (a["num_layers"], a["num_heads"], a["num_tokens"], a["num_prefix_tokens"]) == (12, 3, 5, 1)

@@ -1,0 +1,249 @@
+"""Selective aggregation: how much a representation gains when patch tokens are pooled selectively instead
+of read from [cls] (the second half of "Beyond [cls]").
+
+Input is caches extracted with ``--save-tokens --labels-from-dirs``: the last block's tokens (before the
+final norm, which the cache also records and this module applies) and the labels. Aggregations of one image's
+tokens (T, D) into one vector:
+
+- ``cls``: the cls token after the final norm, as users read it;
+- ``mean``: the mean of the patch tokens;
+- ``cls-attn``: patch tokens weighted by the last block's head-mean cls attention, renormalised over patches;
+- ``min-entropy-head``: weights from the last block's head whose cls attention has the lowest entropy;
+- ``rollout``: weights from the attention-rollout readout after the last block;
+- ``abmilp``: attention-based MIL pooling trained with the classifier: a linear layer (or, with ``relu``,
+  a hidden ReLU layer) scores each patch token, a softmax over patches weighs them.
+
+Evaluators: DINO's weighted k-NN (cosine, k = 20, temperature 0.07) and a linear probe (batch norm without
+affine parameters, then a linear layer; AdamW, cosine schedule, seeded, the best epoch chosen on a held-out
+10% of the training images). Accuracy comes with a 95% bootstrap CI over test images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import open_cache
+from .errors import AttnflowError
+from .layout import TokenLayout
+
+POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp")
+EVALUATORS = ("knn", "linear")
+ATTENTION_POOLS = ("cls-attn", "min-entropy-head", "rollout")
+CLS_POOLS = ("cls", "cls-attn", "min-entropy-head")
+PROBE_COLUMNS = ("model", "family", "pool", "evaluator", "accuracy", "ci_low", "ci_high", "n_train", "n_test")
+KNN_K, KNN_TEMPERATURE = 20, 0.07
+
+
+@dataclass
+class ProbeSet:
+    """One model's images for probing: normed tokens (n, T, D), labels (n,) and attention-based weights."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    layout: TokenLayout
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # pool -> (n, P), rows sum to 1
+    cls_entropy_norm: float = math.nan  # last block, mean over images and heads
+
+    def subset(self, index: torch.Tensor) -> "ProbeSet":
+        return ProbeSet(self.tokens[index], self.labels[index], self.layout, {k: v[index] for k, v in self.weights.items()},
+                        self.cls_entropy_norm)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str]) -> tuple[ProbeSet, dict[str, Any], list[str]]:
+    """Read tokens, labels and what the attention pools need from a cache; returns the set, its attributes
+    and its class names."""
+    from .metrics import cls_metrics, rollout
+
+    with open_cache(path) as cache:
+        missing = [flag for flag, name in (("--save-tokens", "tokens"), ("--labels-from-dirs", "labels")) if name not in cache]
+        if missing:
+            raise AttnflowError(f"{cache.path} has no {' or '.join(m[2:].replace('-', ' ') for m in missing)}; "
+                                f"extract it with {' '.join(missing)}")
+        layout, attrs = cache.layout, cache.attrs
+        tokens = torch.from_numpy(cache["tokens"][()]).float()
+        if "final_norm_weight" in cache:
+            tokens = F.layer_norm(tokens, tokens.shape[-1:], torch.from_numpy(cache["final_norm_weight"][()]).float(),
+                                  torch.from_numpy(cache["final_norm_bias"][()]).float(), float(attrs["final_norm_eps"]))
+        else:
+            notes.append(f"{attrs['label']}: the cache records no final LayerNorm; tokens are used as stored")
+        data = ProbeSet(tokens, torch.from_numpy(cache["labels"][()]).long(), layout)
+        rows = None
+        if "attn" in cache:
+            last = torch.from_numpy(cache["attn"][:, -1].astype(np.float32))  # (n, H, T, T)
+            rows = last[:, :, 0, :]
+        elif "attn_rows" in cache:
+            rows = torch.from_numpy(cache["attn_rows"][:, -1, :, 0, :].astype(np.float32))
+        if rows is not None and layout.has_cls:
+            per_head = cls_metrics(rows, layout)
+            q = rows[..., layout.num_prefix_tokens:].double()
+            q = q / q.sum(-1, keepdim=True)
+            data.weights["cls-attn"] = q.mean(1).float()
+            best = per_head["cls_entropy"].argmin(1)
+            data.weights["min-entropy-head"] = q[torch.arange(len(q)), best].float()
+            data.cls_entropy_norm = float(per_head["cls_entropy_norm"].mean())
+        if "rollout" in pools:
+            if "attn" in cache:
+                maps = []
+                for start in range(0, len(cache), 64):
+                    maps.append(rollout(torch.from_numpy(cache.read_rows("attn", start, min(start + 64, len(cache)))), layout)[:, -1])
+                data.weights["rollout"] = torch.cat(maps).float()
+            else:
+                notes.append(f"{attrs['label']}: rollout pooling needs full maps (--store full); skipped")
+        for pool in ATTENTION_POOLS:
+            if pool in pools and pool not in data.weights and pool != "rollout":
+                notes.append(f"{attrs['label']}: {pool} pooling needs the cls attention (a cls token and --store rows or full); skipped")
+        return data, attrs, cache.class_names or []
+
+
+def pooled(data: ProbeSet, pool: str) -> torch.Tensor:
+    """(n, D) features of a fixed (untrained) aggregation."""
+    p = data.layout.num_prefix_tokens
+    if pool == "cls":
+        return data.tokens[:, 0]
+    if pool == "mean":
+        return data.tokens[:, p:].mean(1)
+    return (data.weights[pool][:, :, None] * data.tokens[:, p:]).sum(1)
+
+
+def knn_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor,
+                 k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+    """Per test image, whether DINO's weighted k-NN is right: cosine similarity, the k most similar training
+    images vote with weight exp(similarity / temperature). Returns a (n_test,) bool tensor."""
+    train, test = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(train))
+    right = []
+    for start in range(0, len(test), 1024):
+        sims, idx = (test[start:start + 1024] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
+        right.append(votes.argmax(1) == test_y[start:start + 1024])
+    return torch.cat(right)
+
+
+class AbMILP(nn.Module):
+    """Attention-based MIL pooling over patch tokens: score, softmax over patches, weighted sum."""
+
+    def __init__(self, dim: int, relu: bool = False):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Linear(dim // 2, 1)) if relu else nn.Linear(dim, 1)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> (B, D)
+        weights = self.score(patches).squeeze(-1).softmax(-1)
+        return (weights[..., None] * patches).sum(1)
+
+
+class LinearHead(nn.Module):
+    def __init__(self, dim: int, classes: int, pool: nn.Module | None = None):
+        super().__init__()
+        self.pool = pool
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.linear = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(self.pool(x) if self.pool is not None else x))
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(first, rest)``: ``fraction`` of every class in ``first``, chosen by a seeded permutation."""
+    generator = torch.Generator().manual_seed(seed)
+    first, rest = [], []
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = int(round(fraction * len(members)))
+        first.append(members[:cut])
+        rest.append(members[cut:])
+    return torch.cat(first).sort().values, torch.cat(rest).sort().values
+
+
+def train_linear(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *, classes: int, pool: nn.Module | None = None,
+    epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """Train a (pooling +) batch-norm + linear head on frozen inputs; returns test predictions (n_test,).
+
+    The epoch whose held-out 10% of the training images scores best is kept (early stopping)."""
+    torch.manual_seed(seed)
+    fit, held = stratified_split(train_y, 0.9, seed)
+    if len(held) == 0:
+        fit, held = torch.arange(len(train_y)), torch.arange(len(train_y))
+    dim = train_x.shape[-1]
+    head = LinearHead(dim, classes, pool).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(fit) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    x, y = train_x.to(device), train_y.to(device)
+    best, best_state = -1.0, None
+    for _ in range(epochs):
+        head.train()
+        order = fit[torch.randperm(len(fit), generator=generator)]
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size].to(device)
+            if len(batch) < 2:
+                continue  # batch norm needs two samples
+            loss = F.cross_entropy(head(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        head.eval()
+        with torch.no_grad():
+            score = (head(x[held.to(device)]).argmax(1) == y[held.to(device)]).float().mean().item()
+        if score > best:
+            best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    head.eval()
+    with torch.no_grad():
+        return torch.cat([head(test_x[i:i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(test_x), 1024)])
+
+
+def bootstrap_accuracy(right: torch.Tensor, n_bootstrap: int, seed: int) -> tuple[float, float, float]:
+    """Accuracy and its 95% percentile bootstrap CI over test images."""
+    r = right.numpy().astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([r[rng.integers(0, len(r), len(r))].mean() for _ in range(n_bootstrap)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(r.mean()), float(low), float(high)
+
+
+def probe(
+    train: ProbeSet, test: ProbeSet, *, pools: Sequence[str] = POOLS, evaluators: Sequence[str] = EVALUATORS,
+    classes: int, epochs: int = 100, relu: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Accuracy of every available pool x evaluator (``abmilp`` only with the linear evaluator)."""
+    results = []
+    for pool in pools:
+        if pool in ATTENTION_POOLS and (pool not in train.weights or pool not in test.weights):
+            continue
+        if pool in ("cls",) and not train.layout.has_cls:
+            continue
+        for evaluator in evaluators:
+            if pool == "abmilp":
+                if evaluator != "linear":
+                    continue
+                p = train.layout.num_prefix_tokens
+                predictions = train_linear(train.tokens[:, p:], train.labels, test.tokens[:, p:], classes=classes,
+                                           pool=AbMILP(train.tokens.shape[-1], relu), epochs=epochs, seed=seed, device=device)
+                right = predictions == test.labels
+            elif evaluator == "knn":
+                right = knn_accuracy(pooled(train, pool), train.labels, pooled(test, pool), test.labels)
+            else:
+                predictions = train_linear(pooled(train, pool), train.labels, pooled(test, pool), classes=classes,
+                                           epochs=epochs, seed=seed, device=device)
+                right = predictions == test.labels
+            accuracy, low, high = bootstrap_accuracy(right, n_bootstrap, seed)
+            results.append({"pool": pool, "evaluator": evaluator, "accuracy": accuracy, "ci_low": low, "ci_high": high,
+                            "n_train": len(train), "n_test": len(test)})
+    return results
