@@ -379,6 +379,70 @@ def demo(
     )
 
 
+class Pool(str, Enum):
+    cls = "cls"
+    mean = "mean"
+    cls_attn = "cls-attn"
+    min_entropy_head = "min-entropy-head"
+    rollout = "rollout"
+    abmilp = "abmilp"
+
+
+class Evaluator(str, Enum):
+    knn = "knn"
+    linear = "linear"
+
+
+@app.command("probe")
+def probe_command(
+    caches: Optional[List[Path]] = typer.Argument(None, help="Caches to divide into training and test images with --split (one model each)."),
+    train: List[Path] = typer.Option([], "--train", help="Training cache of a model (repeatable, paired in order with --test)."),
+    test: List[Path] = typer.Option([], "--test", help="Test cache of the same model."),
+    split: Optional[float] = typer.Option(None, min=0.05, max=0.95, help="Fraction of each class for training when a cache is divided (stratified, seeded)."),
+    pool: List[Pool] = typer.Option([], "--pool", help="Aggregation (repeatable; default all): cls, mean, cls-attn, min-entropy-head, rollout, abmilp."),
+    evaluator: List[Evaluator] = typer.Option([], "--evaluator", help="knn and/or linear (default both)."),
+    abmilp_relu: bool = typer.Option(False, "--abmilp-relu", help="Score patches with a hidden ReLU layer instead of one linear layer."),
+    epochs: int = typer.Option(100, min=1, help="Linear-probe epochs (the best on a held-out 10% of training images is kept)."),
+    bootstrap: int = typer.Option(1000, min=1, help="Bootstrap resamples for the accuracy CIs."),
+    seed: int = typer.Option(0, help="Seed of the split, the probes and the bootstrap."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N for the probes."),
+    with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's last-block cls_entropy_norm (csv/tsv column too)."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
+) -> None:
+    """Measure how much selective pooling of patch tokens beats the [cls] token, per model, with k-NN and
+    linear probes on cached tokens (extract with --save-tokens --labels-from-dirs).
+
+    Example: attnflow probe mae.h5 dino.h5 --split 0.8 --with-attention
+    """
+    from .probe import POOLS, PROBE_COLUMNS, probe_caches
+
+    if len(train) != len(test):
+        raise typer.BadParameter(f"{len(train)} --train caches for {len(test)} --test caches", param_hint="--train/--test")
+    if caches and split is None:
+        raise typer.BadParameter("caches given without --train/--test need --split", param_hint="--split")
+    pairs = [(c, None) for c in caches or []] + list(zip(train, test))
+    if not pairs:
+        raise typer.BadParameter("give caches with --split, or --train/--test pairs", param_hint="CACHES")
+    records, notes = probe_caches(
+        pairs, split=split, pools=[p.value for p in pool] or list(POOLS), evaluators=[e.value for e in evaluator] or ["knn", "linear"],
+        epochs=epochs, relu=abmilp_relu, seed=seed, n_bootstrap=bootstrap, device=device,
+    )
+    console = _stderr_console()
+    for note in notes:
+        console.print(f"attnflow: note: {note}", markup=False)
+    columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
+    if format not in (Format.csv, Format.tsv):
+        columns.insert(columns.index("n_train"), "gain_over_cls")
+    handle = open(output, "w", newline="") if output else sys.stdout
+    try:
+        emit(records, columns, format, title="linear and k-NN probes (accuracy, 95% bootstrap CI over test images)", out=handle)
+    finally:
+        if output:
+            handle.close()
+            console.print(f"attnflow: wrote {output}", markup=False)
+
+
 plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)
 app.add_typer(plot_app, name="plot")
 

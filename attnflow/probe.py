@@ -247,3 +247,41 @@ def probe(
             results.append({"pool": pool, "evaluator": evaluator, "accuracy": accuracy, "ci_low": low, "ci_high": high,
                             "n_train": len(train), "n_test": len(test)})
     return results
+
+
+def probe_caches(
+    pairs: Sequence[tuple[Path, Path | None]], *, split: float | None = None, pools: Sequence[str] = POOLS,
+    evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, seed: int = 0,
+    n_bootstrap: int = 1000, device: str = "cpu",
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Probe every model: ``(train cache, test cache)`` pairs, or ``(cache, None)`` split by ``split``.
+
+    Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the last block's
+    ``cls_entropy_norm``) and notes."""
+    notes: list[str] = []
+    records: list[dict[str, Any]] = []
+    for train_path, test_path in pairs:
+        train, attrs, names = load_probe_set(train_path, pools, notes)
+        if test_path is None:
+            if split is None:
+                raise AttnflowError("give --split to divide one cache into training and test images")
+            first, rest = stratified_split(train.labels, split, seed)
+            train, test = train.subset(first), train.subset(rest)
+        else:
+            test, test_attrs, test_names = load_probe_set(test_path, pools, notes)
+            if test_names != names:
+                raise AttnflowError(f"{train_path} and {test_path} have different classes")
+            if test_attrs.get("model") != attrs.get("model") or test_attrs.get("checkpoint_sha256") != attrs.get("checkpoint_sha256"):
+                notes.append(f"{train_path} and {test_path} come from different models")
+        if len(train) < 2 or len(test) < 1:
+            raise AttnflowError(f"{train_path}: too few images to probe ({len(train)} for training, {len(test)} for testing)")
+        rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
+                     epochs=epochs, relu=relu, seed=seed, n_bootstrap=n_bootstrap, device=device)
+        base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
+        for r in rows:
+            records.append({
+                "model": attrs.get("label", str(train_path)), "family": attrs.get("family", "unknown"), **r,
+                "gain_over_cls": r["accuracy"] - base[r["evaluator"]] if r["evaluator"] in base else math.nan,
+                "cls_entropy_norm": train.cls_entropy_norm,
+            })
+    return records, list(dict.fromkeys(notes))
