@@ -357,6 +357,7 @@ def demo(
     format: Format = typer.Option(Format.table, "--format", "-f", help="How to print the comparison: table, markdown, csv, tsv or json."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on 2,000 held-out images."),
 ) -> None:
     """Run the whole MIM-vs-JEA analysis offline on the two tiny shipped models (demo:mae, demo:dino).
 
@@ -366,15 +367,23 @@ def demo(
     from .demo import run_demo
 
     console = _stderr_console()
-    run = run_demo(out, limit=limit, overwrite=overwrite, device=device,
+    run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe,
                    on_model=lambda name: console.print(f"attnflow: demo: extracting {name}", markup=False))
     for note in run.comparison.notes:
         console.print(f"attnflow: note: {note}", markup=False)
     run.comparison.write(format, sys.stdout)
+    if run.probe_records:
+        from .probe import PROBE_COLUMNS
+
+        columns = [*PROBE_COLUMNS, "gain_over_cls", "cls_entropy_norm"]
+        if format not in (Format.csv, Format.tsv, Format.json):
+            sys.stdout.write("\n")
+        emit(run.probe_records, columns, format, title="probes: cls vs selective pooling (80/20 split of 2,000 probe images)")
     console.print(
         f"attnflow: demo: {run.n_images} images; caches {', '.join(map(str, run.caches))}; metrics "
         f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}"
-        + (f"; figures {', '.join(map(str, run.figures))}" if run.figures else ""),
+        + (f"; figures {', '.join(map(str, run.figures))}" if run.figures else "")
+        + (f"; probes {run.probe_csv}" if run.probe_csv else ""),
         markup=False,
     )
 

@@ -178,6 +178,8 @@ class DemoRun:
     comparison: object  # attnflow.compare.Comparison
     n_images: int
     figures: list[Path]
+    probe_csv: Path | None = None
+    probe_records: list = None  # attnflow.probe records
 
 
 def demo_images(limit: int | None = None) -> list[Path]:
@@ -198,9 +200,11 @@ def run_demo(
     device: str = "auto",
     workers: int | None = 0,
     n_bootstrap: int = 2000,
+    probe: bool = True,
     on_model: Callable[[str], None] | None = None,
 ) -> DemoRun:
-    """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models."""
+    """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models; then, with
+    ``probe``, extract tokens of the 2,000 probe images and compare cls with selective pooling."""
     from .compare import compare_files
     from .extract import extract
     from .models import build_model
@@ -224,6 +228,9 @@ def run_demo(
     compare_csv = out / "compare.csv"
     with open(compare_csv, "w", newline="") as handle:
         comparison.write(Format.csv, handle)
+    probe_csv, probe_records = None, None
+    if probe:
+        probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, on_model=on_model)
     figures = []
     try:
         from .plot import plot_curves, plot_maps, pyplot
@@ -234,4 +241,49 @@ def run_demo(
     else:
         figures.append(plot_curves(metrics, out / "curves.png", n_bootstrap=n_bootstrap)[0])
         figures.append(plot_maps(caches, 0, out / "maps.png", heads=True)[0])
-    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures)
+    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records)
+
+
+PROBE_EPOCHS = 50
+
+
+def write_probe_images(folder: Path) -> list[Path]:
+    """The shipped probe images (``probe_images.npz``) as PNG files in class folders."""
+    from PIL import Image
+
+    with np.load(demo_data_dir() / "probe_images.npz") as data:
+        images, labels, names = data["images"], data["labels"], [str(n) for n in data["class_names"]]
+    paths = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        path = folder / names[label] / f"probe_{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, on_model) -> tuple[Path, list]:
+    from .extract import extract
+    from .models import build_model
+    from .probe import probe_caches
+    from .render import Format, emit
+
+    paths = write_probe_images(out / "probe_images")
+    caches = []
+    for name in DEMO_MODELS:
+        if on_model:
+            on_model(f"{name} (probe images)")
+        short = name.split(":", 1)[1]
+        caches.append(extract(
+            build_model(name), paths, out / f"{short}_probe.h5", store="rows", save_tokens=True, labels_from_dirs=True,
+            batch_size=100, workers=workers, device=device, overwrite=overwrite,
+        ).path)
+    records, notes = probe_caches([(c, None) for c in caches], split=0.8, epochs=PROBE_EPOCHS, seed=0)
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    probe_csv = out / "probe.csv"
+    from .probe import PROBE_COLUMNS
+
+    with open(probe_csv, "w", newline="") as handle:
+        emit(records, [*PROBE_COLUMNS, "gain_over_cls", "cls_entropy_norm"], Format.csv, out=handle)
+    return probe_csv, records

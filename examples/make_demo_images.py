@@ -18,6 +18,7 @@ from attnflow.demo import CLASS_NAMES, FASHION_MNIST, compose, load_fashion_mnis
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--probe-per-class", type=int, default=200)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--data-root", default=str(FASHION_MNIST))
     p.add_argument("--out", default="attnflow/demo_data")
@@ -36,6 +37,14 @@ def main() -> None:
         (out / "masks").mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L").save(out / "masks" / name)
     print(f"wrote {len(chosen)} images and masks under {out}")
+
+    # the probe set: more held-out test items (none of the above), composed the same way, as one array file
+    rest = np.setdiff1d(np.arange(len(labels)), chosen)
+    probe = np.concatenate([rng.choice(rest[labels[rest] == c], args.probe_per_class, replace=False) for c in range(len(CLASS_NAMES))])
+    composed, _ = compose(items[torch.from_numpy(probe)], items, torch.Generator().manual_seed(args.seed + 1))
+    np.savez_compressed(out / "probe_images.npz", images=(composed.numpy() * 255).round().astype(np.uint8),
+                        labels=labels[probe].astype(np.uint8), class_names=np.array(CLASS_NAMES))
+    print(f"wrote {len(probe)} probe images to {out / 'probe_images.npz'}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ def test_demo_data_is_complete_and_balanced():
     assert all((data / "masks" / p.name).is_file() for p in images)
     for name in DEMO_MODELS:
         assert (data / DEMO_MODELS[name].checkpoint).stat().st_size <= 4_000_000
+    with np.load(data / "probe_images.npz") as probe:
+        assert probe["images"].shape == (2000, 48, 48) and probe["images"].dtype == np.uint8
+        assert np.bincount(probe["labels"]).tolist() == [200] * 10
+        assert [str(n) for n in probe["class_names"]] == list(CLASS_NAMES)
     picked = demo_images(20)
     assert len(picked) == 20 and len({p.parent.name for p in picked}) == 10
 
@@ -55,10 +59,16 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", out, "--limit", 20, "--format", "csv")
     assert result.exit_code == 0, result.stderr
-    for name in ("mae.h5", "dino.h5", "mae_metrics.h5", "dino_metrics.h5", "compare.csv", "curves.png", "maps.png"):
+    for name in ("mae.h5", "dino.h5", "mae_metrics.h5", "dino_metrics.h5", "compare.csv", "curves.png", "maps.png",
+                 "mae_probe.h5", "dino_probe.h5", "probe.csv"):
         assert (out / name).is_file(), name
-    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    compare_part, probe_part = result.stdout.split("\nmodel,family,pool,", 1)
+    rows = list(csv.DictReader(io.StringIO(compare_part + "\n")))
     assert rows == list(csv.DictReader(io.StringIO((out / "compare.csv").read_text())))
+    probes = list(csv.DictReader(io.StringIO("model,family,pool," + probe_part)))
+    assert probes == list(csv.DictReader(io.StringIO((out / "probe.csv").read_text())))
+    assert {(p["model"], p["pool"]) for p in probes} >= {("demo:mae", "abmilp"), ("demo:dino", "cls-attn")}
+    assert all(p["n_train"] == "1600" and p["n_test"] == "400" for p in probes)
     assert {r["model"] for r in rows} == {"demo:mae", "demo:dino"} and {r["family"] for r in rows} == {"mim", "jea"}
     assert "cls_fg_mass" in {r["metric"] for r in rows} and all(r["n_images"] == "20" for r in rows)
     with open_cache(out / "mae.h5") as cache:
@@ -66,9 +76,9 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
         assert a["model"] == "demo:mae" and a["has_masks"] and a["has_labels"] and len(cache) == 20
         rebuilt = load_model(a["model"], a["checkpoint"] or None, img_size=a["img_size"][0])
     assert isinstance(rebuilt, torch.nn.Module)
-    again = run_cli("demo", "--out", out, "--limit", 20)
+    again = run_cli("demo", "--out", out, "--limit", 20, "--no-probe")
     assert again.exit_code == 1 and "--overwrite" in again.stderr
-    table = run_cli("demo", "--out", out, "--limit", 20, "--overwrite")
+    table = run_cli("demo", "--out", out, "--limit", 20, "--overwrite", "--no-probe")
     assert table.exit_code == 0 and "MIM vs JEA" in table.stdout and "compare.csv" in table.stderr
 
 
