@@ -52,7 +52,9 @@ class Family(str, Enum):
     unknown = "unknown"
 
 
-class Fusion(str, Enum):
+class Reduction(str, Enum):
+    """How heads are combined: rollout's --fusion and compare's --heads."""
+
     mean = "mean"
     max = "max"
     min = "min"
@@ -101,7 +103,7 @@ def extract(
     save_tokens: bool = typer.Option(False, "--save-tokens", help="Also store the last block's output tokens (before the final norm)."),
     masks: Optional[Path] = typer.Option(None, help="Folder of object masks (nonzero = object) matched to images by file stem; stores each patch's object fraction."),
     metrics: Optional[Path] = typer.Option(None, help="Also compute the metrics file in the same pass, from the float32 maps (works with --store none)."),
-    fusion: Fusion = typer.Option(Fusion.mean, help="Rollout head fusion, with --metrics."),
+    fusion: Reduction = typer.Option(Reduction.mean, help="Rollout head fusion, with --metrics."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries per image and layer, with --metrics."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
@@ -242,7 +244,7 @@ def _extract_sharded(rank, loaded, paths, output: Path, metrics: Optional[Path],
 def metrics_command(
     cache: Path = typer.Argument(..., help="Attention cache written by `attnflow extract`."),
     output: Path = typer.Option(..., "-o", "--output", help="Metrics file to write (HDF5)."),
-    fusion: Fusion = typer.Option(Fusion.mean, help="How rollout fuses heads: mean, max or min."),
+    fusion: Reduction = typer.Option(Reduction.mean, help="How rollout fuses heads: mean, max or min."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries of each image's fused map."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -281,12 +283,6 @@ def metrics_command(
     emit(rows, columns, format, title=f"{result.attrs['label']} ({result.attrs['family']})")
 
 
-class HeadReduction(str, Enum):
-    mean = "mean"
-    min = "min"
-    max = "max"
-
-
 class Depth(str, Enum):
     absolute = "absolute"
     relative = "relative"
@@ -311,7 +307,7 @@ def compare(
     label: List[str] = typer.Option([], "--label", help="Model labels in file order (positional files, then --mim, then --jea); repeatable."),
     family: List[Family] = typer.Option([], "--family", help="Model families in the same order; repeatable."),
     metric: List[str] = typer.Option([], "--metric", "-m", help="Metric to compare (repeatable; default: cls_self, cls_entropy_norm, patch_to_cls, cls_top10_mass, attn_distance, rollout_entropy_norm, magnitude_cls, and cls_fg_mass when present)."),
-    heads: HeadReduction = typer.Option(HeadReduction.mean, help="How heads are reduced before images are averaged."),
+    heads: Reduction = typer.Option(Reduction.mean, help="How heads are reduced before images are averaged."),
     layers: str = typer.Option("all", callback=_layers_option, help="Layers in the per-layer tables: all, last or N,M,... (0-based; negative from the end; fractions with --depth relative)."),
     depth: Depth = typer.Option(Depth.absolute, help="relative aligns models of different depths at fractions of depth."),
     summary_layers: str = typer.Option("last", callback=_layers_option, help="Layers of the MIM-vs-JEA summary, same syntax as --layers."),
@@ -461,7 +457,7 @@ def plot_curves_command(
     files: List[Path] = typer.Argument(..., help="Metrics files, one per model."),
     output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
     metric: List[str] = typer.Option([], "--metric", "-m", help="Metric to draw (repeatable; default: compare's default set)."),
-    heads: HeadReduction = typer.Option(HeadReduction.mean, help="How heads are reduced before images are averaged."),
+    heads: Reduction = typer.Option(Reduction.mean, help="How heads are reduced before images are averaged."),
     bootstrap: int = typer.Option(2000, min=1, help="Bootstrap resamples for the 95% bands."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
 ) -> None:

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from scipy import stats
 
 from .cache import open_metrics
 from .errors import AttnflowError
-from .metrics import HEAD_METRICS, IMAGE_METRICS, LAYER_METRICS
+from .metrics import FUSIONS, HEAD_METRICS, IMAGE_METRICS, LAYER_METRICS, reduce_heads
 
 DEFAULT_METRICS = (
     "cls_self", "cls_entropy_norm", "patch_to_cls", "cls_top10_mass", "attn_distance", "rollout_entropy_norm",
@@ -90,16 +91,6 @@ class LayerRow:
     index: tuple[int | None, ...]
 
 
-def reduce_heads(values: np.ndarray, how: str) -> np.ndarray:
-    if how == "mean":
-        return values.mean(-1)
-    if how == "max":
-        return values.max(-1)
-    if how == "min":
-        return values.min(-1)
-    raise AttnflowError(f"unknown head reduction '{how}' (choose mean, min or max)")
-
-
 def load_models(
     paths: Sequence[str | Path],
     *,
@@ -116,6 +107,8 @@ def load_models(
     notes = notes if notes is not None else []
     if not paths:
         raise AttnflowError("no metrics files to compare")
+    if heads not in FUSIONS:
+        raise AttnflowError(f"unknown head reduction '{heads}' (choose from {', '.join(FUSIONS)})")
     if len(labels) > len(paths) or len(families) > len(paths):
         raise AttnflowError(f"{max(len(labels), len(families))} labels/families given for {len(paths)} files")
     known = set(HEAD_METRICS) | set(LAYER_METRICS) | set(IMAGE_METRICS)
@@ -146,7 +139,7 @@ def load_models(
                     continue
                 data = mf.metric(name)[()].astype(np.float64)
                 if name in HEAD_METRICS:
-                    data = reduce_heads(data, heads)
+                    data = reduce_heads(torch.from_numpy(data), heads, dim=-1).numpy()
                 elif name in IMAGE_METRICS:  # one value per image: the same at every layer
                     data = np.repeat(data[:, None], model.num_layers, axis=1)
                 model.values[name] = data

@@ -11,6 +11,7 @@ are kept for object relevance.
 from __future__ import annotations
 
 import gzip
+import time
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -158,15 +159,32 @@ def cosine_schedule(step: int, total: int, peak: float, final: float = 0.0, warm
     return final + 0.5 * (peak - final) * (1 + np.cos(np.pi * min(1.0, progress)))
 
 
-CALIBRATION_STEPS = (20, 60)  # time the steps between these, past start-up, to fit a time budget
+class TrainingClock:
+    """The number of training steps, shortened to fit ``max_seconds`` once steps 20 to 60 have been timed
+    (past start-up and compilation); the schedules follow the shortened plan."""
 
+    CALIBRATION = (20, 60)
 
-def steps_within(planned: int, step: int, rate: float, seconds_left: float | None) -> int:
-    """The number of steps to train: ``planned``, or fewer if at ``rate`` steps/s the rest would not fit
-    in ``seconds_left``."""
-    if seconds_left is None:
-        return planned
-    return max(step, min(planned, step + int(rate * seconds_left)))
+    def __init__(self, steps: int, max_seconds: float | None):
+        self.steps = steps
+        self.max_seconds = max_seconds
+        self.start = time.perf_counter()
+        self._calibration_start = 0.0
+
+    def tick(self, step: int) -> int:
+        """Call at the start of every step; returns the (possibly shortened) number of steps."""
+        first, last = self.CALIBRATION
+        if step == first:
+            self._calibration_start = time.perf_counter()
+        if step == last and self.max_seconds:
+            rate = (last - first) / (time.perf_counter() - self._calibration_start)
+            left = self.max_seconds - (time.perf_counter() - self.start)
+            self.steps = max(step, min(self.steps, step + int(rate * left)))
+        return self.steps
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
 
 
 @dataclass

@@ -160,15 +160,20 @@ def magnitude_metrics(magnitude: torch.Tensor, layout: TokenLayout) -> dict[str,
     }
 
 
+def reduce_heads(values: torch.Tensor, how: Fusion = "mean", dim: int = -1) -> torch.Tensor:
+    """Mean, max or min over the head dimension ``dim``, in the input's dtype."""
+    if how == "mean":
+        return values.mean(dim)
+    if how == "max":
+        return values.amax(dim)
+    if how == "min":
+        return values.amin(dim)
+    raise ValueError(f"unknown head reduction '{how}' (choose from {', '.join(FUSIONS)})")
+
+
 def fuse_heads(attn: torch.Tensor, fusion: Fusion = "mean") -> torch.Tensor:
     """(..., H, T, T) -> (..., T, T) by mean, max or min over heads, in the input's dtype."""
-    if fusion == "mean":
-        return attn.mean(-3)
-    if fusion == "max":
-        return attn.amax(-3)
-    if fusion == "min":
-        return attn.amin(-3)
-    raise ValueError(f"unknown fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
+    return reduce_heads(attn, fusion, dim=-3)
 
 
 def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import attnflow
 from attnflow.demo import FASHION_MNIST, compose, load_fashion_mnist, normalize
+from attnflow.probe import knn_accuracy  # DINO's weighted k-NN, as attnflow probe uses it
 
 
 def composed_split(split: str, n: int, seed: int, root) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,18 +36,6 @@ def features(model, images: torch.Tensor, batch: int = 500) -> dict[str, torch.T
         cls.append(tokens[:, 0])
         mean.append(tokens[:, model.num_prefix_tokens:].mean(1))
     return {"cls": torch.cat(cls), "mean": torch.cat(mean)}
-
-
-def knn_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
-    """DINO's weighted k-NN: cosine similarity, votes weighted by exp(similarity / temperature)."""
-    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
-    classes = int(train_y.max()) + 1
-    correct = 0
-    for start in range(0, len(test), 1000):
-        sims, idx = (test[start:start + 1000] @ train.T).topk(k, dim=1)
-        votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start:start + 1000]).sum().item()
-    return correct / len(test)
 
 
 def linear_probe_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor, seed: int = 0) -> float:
@@ -91,7 +80,7 @@ def main() -> None:
         tr, te = features(model, train_x), features(model, test_x)
         result = {"model": name if checkpoint is None else f"{name}={checkpoint}", "train": args.train, "test": args.test}
         for kind in ("cls", "mean"):
-            result[f"knn_{kind}"] = round(knn_accuracy(tr[kind], train_y, te[kind], test_y), 4)
+            result[f"knn_{kind}"] = round(knn_accuracy(tr[kind], train_y, te[kind], test_y).float().mean().item(), 4)
             result[f"linear_{kind}"] = round(linear_probe_accuracy(tr[kind], train_y, te[kind], test_y), 4)
         print(json.dumps(result), flush=True)
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attnflow.demo import CALIBRATION_STEPS, FASHION_MNIST, TrainingStream, cosine_schedule, create_demo_vit, normalize, steps_within
+from attnflow.demo import FASHION_MNIST, TrainingClock, TrainingStream, cosine_schedule, create_demo_vit, normalize
 
 
 class DINOHead(nn.Module):
@@ -104,14 +103,10 @@ def main() -> None:
     optimizer = torch.optim.AdamW(student.parameters(), lr=peak, weight_decay=0.04)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_crops = 2 + args.local_crops
-    t0, losses = time.perf_counter(), []
-    step = 0
+    losses = []
+    clock, step = TrainingClock(steps, args.max_seconds), 0
     while step < steps:
-        if step == CALIBRATION_STEPS[0]:
-            t_calibration = time.perf_counter()
-        if step == CALIBRATION_STEPS[1] and args.max_seconds:
-            rate = (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]) / (time.perf_counter() - t_calibration)
-            steps = steps_within(steps, step, rate, args.max_seconds - (time.perf_counter() - t0))
+        steps = clock.tick(step)
         for group in optimizer.param_groups:
             group["lr"] = cosine_schedule(step, steps, peak, final=1e-6, warmup=max(1, steps // 10))
         momentum = cosine_schedule(step, steps, args.teacher_momentum, final=1.0)
@@ -134,14 +129,14 @@ def main() -> None:
             center.mul_(0.9).add_(teacher_out.mean(0, keepdim=True), alpha=0.1)
         losses.append(loss.item())
         if step % max(1, steps // 20) == 0 or step == steps - 1:
-            print(json.dumps({"step": step, "loss": round(losses[-1], 4), "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+            print(json.dumps({"step": step, "loss": round(losses[-1], 4), "seconds": round(clock.seconds, 1)}), flush=True)
         step += 1
     record = {
         "recipe": f"DINO, 2x48px global + {args.local_crops}x24px local crops, head 192-192-64-512, student temp 0.1, teacher temp 0.04, "
                   "centre momentum 0.9, "
                   f"EMA {args.teacher_momentum}->1, AdamW wd 0.04, cosine",
         "images_seen": steps * args.batch_size, "batch_size": args.batch_size, "steps": steps, "seed": args.seed,
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1),
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(clock.seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     half = lambda net, prefix: {prefix + k: v.detach().half().cpu() for k, v in net.state_dict().items()}  # noqa: E731

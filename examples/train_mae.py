@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn as nn
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from attnflow.demo import CALIBRATION_STEPS, FASHION_MNIST, TrainingStream, cosine_schedule, create_demo_vit, normalize, steps_within
+from attnflow.demo import FASHION_MNIST, TrainingClock, TrainingStream, cosine_schedule, create_demo_vit, normalize
 
 
 class MaskedAutoencoder(nn.Module):
@@ -99,14 +98,10 @@ def main() -> None:
     peak = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.05)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t0, losses = time.perf_counter(), []
-    step = 0
+    losses = []
+    clock, step = TrainingClock(steps, args.max_seconds), 0
     while step < steps:
-        if step == CALIBRATION_STEPS[0]:
-            t_calibration = time.perf_counter()
-        if step == CALIBRATION_STEPS[1] and args.max_seconds:
-            rate = (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]) / (time.perf_counter() - t_calibration)
-            steps = steps_within(steps, step, rate, args.max_seconds - (time.perf_counter() - t0))
+        steps = clock.tick(step)
         for group in optimizer.param_groups:
             group["lr"] = cosine_schedule(step, steps, peak, warmup=max(1, steps // 20))
         with amp:
@@ -116,12 +111,12 @@ def main() -> None:
         optimizer.step()
         losses.append(loss.item())
         if step % max(1, steps // 20) == 0 or step == steps - 1:
-            print(json.dumps({"step": step, "loss": round(losses[-1], 4), "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+            print(json.dumps({"step": step, "loss": round(losses[-1], 4), "seconds": round(clock.seconds, 1)}), flush=True)
         step += 1
     record = {
         "recipe": "MAE, mask ratio 0.75, decoder 2x64, normalised-pixel loss, AdamW (0.9, 0.95) wd 0.05, cosine",
         "images_seen": steps * args.batch_size, "batch_size": args.batch_size, "steps": steps, "seed": args.seed,
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1),
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(clock.seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     torch.save({"model": model.checkpoint_state(), "training": record}, args.out)

@@ -6,7 +6,6 @@ import io
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from attnflow.layout import TokenLayout
