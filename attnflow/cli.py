@@ -142,22 +142,24 @@ def extract(
     if loaded.weights == "random" and not quiet:
         console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
 
+    options = dict(
+        store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens, masks=masks,
+        fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, workers=workers, amp=amp,
+        crop_pct=crop_pct, interpolation=interpolation, strict=strict, labels_from_dirs=labels_from_dirs,
+        resume=resume, overwrite=overwrite,
+    )
+    from .distributed import launched_rank
+
+    rank = launched_rank()
+    if rank is not None:
+        _extract_sharded(rank, loaded, paths, output, metrics, device=device, quiet=quiet, console=console, options=options)
+        return
     progress = Progress(
         TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         # transient: the bar lives while work runs; what remains is the one summary line (or one error line)
         console=console, disable=quiet or not console.is_terminal, transient=True,
     )
-    from .distributed import launched_rank
-
-    rank = launched_rank()
-    if rank is not None:
-        _extract_sharded(rank, loaded, paths, output, metrics, overwrite=overwrite, resume=resume, device=device,
-                         labels_from_dirs=labels_from_dirs, quiet=quiet, console=console, options=dict(
-                             store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
-                             masks=masks, fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size,
-                             workers=workers, amp=amp, crop_pct=crop_pct, interpolation=interpolation, strict=strict))
-        return
     with progress:
         task = progress.add_task("extract", total=len(paths), rate="")
         started: list[float] = []
@@ -176,11 +178,7 @@ def extract(
             console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")
 
         result = run_extract(
-            loaded, paths, output, store=store.value, dtype=dtype.value, compression=compression.value,
-            save_tokens=save_tokens, labels_from_dirs=labels_from_dirs, masks=masks, metrics=metrics,
-            fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size,
-            workers=workers, device=device, amp=amp, crop_pct=crop_pct, interpolation=interpolation,
-            strict=strict, resume=resume, overwrite=overwrite, on_skip=on_skip, on_progress=on_progress,
+            loaded, paths, output, metrics=metrics, device=device, on_skip=on_skip, on_progress=on_progress, **options
         )
     if not quiet:
         rate = result.n_new / result.seconds if result.seconds > 0 else float("nan")
@@ -193,13 +191,15 @@ def extract(
         )
 
 
-def _extract_sharded(rank, loaded, paths, output: Path, metrics: Optional[Path], *, overwrite: bool, resume: bool,
-                     device: str, labels_from_dirs: bool, quiet: bool, console, options: dict) -> None:
+def _extract_sharded(rank, loaded, paths, output: Path, metrics: Optional[Path], *, device: str, quiet: bool, console,
+                     options: dict) -> None:
     """One rank of a torchrun launch: extract this rank's block into its shard, then rank 0 assembles."""
     from rich.markup import escape
 
     from . import distributed
     from .extract import extract as run_extract
+
+    overwrite, resume = options["overwrite"], options["resume"]
 
     for target in (output, metrics):
         if target is not None and target.exists() and not overwrite:
@@ -218,9 +218,8 @@ def _extract_sharded(rank, loaded, paths, output: Path, metrics: Optional[Path],
             if shard_metrics is not None:
                 shard_metrics.parent.mkdir(parents=True, exist_ok=True)
             run_extract(
-                loaded, paths[start:stop], shard_out, metrics=shard_metrics, device=rank_device, resume=resume,
-                overwrite=overwrite, labels_from_dirs=labels_from_dirs,
-                class_names=sorted({p.parent.name for p in paths}) if labels_from_dirs else None,
+                loaded, paths[start:stop], shard_out, metrics=shard_metrics, device=rank_device,
+                class_names=sorted({p.parent.name for p in paths}) if options["labels_from_dirs"] else None,
                 on_skip=lambda path, reason: console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}"),
                 **options,
             )
