@@ -252,8 +252,10 @@ def metrics_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (once the new one is complete)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
 ) -> None:
-    """Compute cls self-attention, entropies, concentration, attention distance, rollout, magnitudes and
-    object relevance for every image, layer and head of CACHE; print the per-layer means.
+    """Compute every attention metric per image, layer and head of CACHE; print the per-layer means.
+
+    cls self-attention, entropies, concentration, attention distance, rollout, magnitudes and, with masks,
+    object relevance.
 
     The definitions are in the README's "Metrics" section.
     """
@@ -414,8 +416,9 @@ def probe_command(
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
-    """Measure how much selective pooling of patch tokens beats the [cls] token, per model, with k-NN and
-    linear probes on cached tokens (extract with --save-tokens --labels-from-dirs).
+    """Measure how much selective pooling of patch tokens beats the cls token, with k-NN and linear probes.
+
+    Reads cached tokens and labels (extract with --save-tokens --labels-from-dirs).
 
     Example: attnflow probe mae.h5 dino.h5 --split 0.8 --with-attention
     """
@@ -460,8 +463,11 @@ def plot_curves_command(
     bootstrap: int = typer.Option(2000, min=1, help="Bootstrap resamples for the 95% bands."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
 ) -> None:
-    """One panel per metric: x = block (relative depth when depths differ), y = mean over images with its
-    95% bootstrap band, a line per model, MIM and JEA told apart by colour and line style."""
+    """Per-layer curves: a panel per metric, a line per model with its 95% bootstrap band.
+
+    x = block (relative depth when depths differ), y = mean over images; MIM and JEA are told apart by
+    colour and line style.
+    """
     from .plot import plot_curves
 
     path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed)
@@ -479,8 +485,11 @@ def plot_maps_command(
     layer: int = typer.Option(-1, help="Block whose attention is drawn (0-based; negative from the end)."),
     heads: bool = typer.Option(False, "--heads", help="Also draw each head's map."),
 ) -> None:
-    """For one image, per model: the image, the head-mean cls attention (or, without cls, the mean patch
-    row) of --layer, the rollout map, and with --heads each head; the object mask outlined when known."""
+    """Attention maps over one image: a row per model.
+
+    The image, the head-mean cls attention (or, without cls, the mean patch row) of --layer, the rollout
+    map, and with --heads each head; the object mask outlined when the cache has one.
+    """
     from .plot import plot_maps
 
     path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads)
