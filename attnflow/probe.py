@@ -65,10 +65,10 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str]) -> 
     from .metrics import cls_metrics, rollout
 
     with open_cache(path) as cache:
-        missing = [flag for flag, name in (("--save-tokens", "tokens"), ("--labels-from-dirs", "labels")) if name not in cache]
+        missing = [(flag, name) for flag, name in (("--save-tokens", "tokens"), ("--labels-from-dirs", "labels")) if name not in cache]
         if missing:
-            raise AttnflowError(f"{cache.path} has no {' or '.join(m[2:].replace('-', ' ') for m in missing)}; "
-                                f"extract it with {' '.join(missing)}")
+            raise AttnflowError(f"{cache.path} has no {' or '.join(name for _, name in missing)}; "
+                                f"extract it with {' '.join(flag for flag, _ in missing)}")
         layout, attrs = cache.layout, cache.attrs
         tokens = torch.from_numpy(cache["tokens"][()]).float()
         if "final_norm_weight" in cache:
