@@ -26,6 +26,40 @@ from .errors import AttnflowError
 ROW_SUM_TOLERANCE = 1e-3
 
 
+def attention_problem(attn: torch.Tensor, tolerance: float = ROW_SUM_TOLERANCE) -> tuple[str, tuple[int, ...]] | None:
+    """What keeps ``attn`` (..., T) from being post-softmax attention, and where: ``None`` when every row is
+    finite, non-negative and sums to 1 within ``tolerance``, else ``(what is wrong, index of the worst row)``.
+
+    The one check of "is this a real attention map", shared by capture (float32 maps in flight) and every
+    reader of a cache (stored maps, with a tolerance widened by the storage dtype's rounding). Row sums are
+    taken in float32 at least; two passes over the data when all is well.
+    """
+    if attn.numel() == 0:
+        return None
+    sums = attn.sum(dim=-1, dtype=torch.float64 if attn.dtype == torch.float64 else torch.float32)
+    deviation = (sums - 1).abs()
+    worst = deviation.max().item()
+    if not worst <= tolerance:  # also NaN and inf, which make their row's sum non-finite
+        finite = torch.isfinite(sums)
+        if not bool(finite.all()):
+            flat = int((~finite).flatten().nonzero()[0])
+            return "holds NaN or infinite values", _unravel(flat, sums.shape)
+        return f"rows do not sum to 1 (max deviation {worst:.3g})", _unravel(int(deviation.flatten().argmax()), sums.shape)
+    lowest = attn.amin().item()
+    if lowest < 0:
+        flat = int(attn.flatten().argmin())
+        return f"holds negative values (min {lowest:.3g})", _unravel(flat, attn.shape)[:-1]
+    return None
+
+
+def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return tuple(reversed(index))
+
+
 @dataclass
 class Captured:
     attn: torch.Tensor  # (B, L, H, T, T) float32
@@ -155,12 +189,9 @@ class AttentionCapture:
             attn = torch.stack([x[0] for x in self._attn], dim=1)
             if attn.ndim != 5 or attn.shape[-1] != attn.shape[-2]:
                 raise AttnflowError(f"captured attention has shape {tuple(attn.shape)}, expected (B, L, H, T, T)")
-            deviation = (attn.sum(dim=-1) - 1).abs().max().item()
-            if not deviation <= ROW_SUM_TOLERANCE:  # also catches NaN
-                raise AttnflowError(
-                    f"captured attention rows do not sum to 1 (max deviation {deviation:.3g}): "
-                    "the hooked tensor is not a post-softmax map"
-                )
+            problem = attention_problem(attn)
+            if problem is not None:
+                raise AttnflowError(f"captured attention {problem[0]}: the hooked tensor is not a post-softmax map")
             residual = torch.stack([x[0] for x in self._residual_norm], dim=1)
             update = torch.stack([x[0] for x in self._update_norm], dim=1)
             return Captured(attn=attn, magnitude=update / residual, tokens=self._tokens[-1])

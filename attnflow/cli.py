@@ -6,6 +6,9 @@ line on stderr), 2 a usage error.
 from __future__ import annotations
 
 import json
+import math
+import re
+import signal
 import sys
 import warnings
 from enum import Enum
@@ -65,6 +68,112 @@ class InfoFormat(str, Enum):
     json = "json"
 
 
+class Interpolation(str, Enum):
+    """The resize interpolations timm's eval transform accepts (``attnflow.images.INTERPOLATIONS``)."""
+
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    box = "box"
+    hamming = "hamming"
+    lanczos = "lanczos"
+
+
+MAX_BOOTSTRAP = 100_000  # plenty for percentile CIs; more only exhausts memory (compare) or time (probe)
+MAX_SEED = 2**64 - 1  # torch generators take seeds up to here; numpy's take any non-negative integer
+
+
+def _device_option(value: str) -> str:
+    """--device must name a device attnflow knows; whether this machine has it is checked later (exit 1)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
+        raise typer.BadParameter(f"takes auto, cpu, cuda or cuda:N, not '{value}'")
+    return value
+
+
+def _available_device(device: str) -> str:
+    """``device`` with ``auto`` resolved; a CUDA device this machine lacks is a one-line error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if count == 0:
+            raise AttnflowError(f"--device {device} was asked for, but no CUDA device is available")
+        if index >= count:
+            raise AttnflowError(f"--device {device} was asked for, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def _crop_pct_option(value: Optional[float]) -> Optional[float]:
+    from .images import CROP_PCT_MIN
+
+    if value is not None and not CROP_PCT_MIN <= value <= 1:
+        raise typer.BadParameter(f"must be in [{CROP_PCT_MIN}, 1], not {value}")
+    return value
+
+
+def _check_img_size(img_size: int, patch_size: tuple[int, int]) -> None:
+    """--img-size must tile into whole patches, at least 2 x 2 of them.
+
+    timm's patch embedding silently drops the pixels beyond the last whole patch (only a model built with
+    ``dynamic_img_pad`` pads instead, and its grid then differs from the one the layout records; attnflow
+    builds none). With one patch every attention-over-patches metric is trivial or undefined (0 / ln 1).
+    """
+    step = math.lcm(*patch_size)
+    smallest = step * math.ceil(2 * max(patch_size) / step)
+    patches = "x".join(map(str, patch_size))
+    if img_size < smallest:
+        raise typer.BadParameter(
+            f"{img_size} is smaller than 2 x 2 patches of {patches} px; use at least {smallest}", param_hint="'--img-size'"
+        )
+    if img_size % step:
+        below, above = img_size // step * step, (img_size // step + 1) * step
+        nearest = f"{below} or {above}" if below >= smallest else str(above)
+        raise typer.BadParameter(
+            f"{img_size} is not a multiple of the patch size {patches}: the model would drop the last "
+            f"{img_size - below} pixels of every row and column; use {nearest}", param_hint="'--img-size'",
+        )
+
+
+def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
+    """The patch size of timm model ``model`` (or a demo model), from a weightless build on the meta device;
+    None when it cannot be built (build_model then says why)."""
+    import timm
+    import torch
+
+    from .demo import DEMO_MODELS, create_demo_vit
+    from .models import split_model_name
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = create_demo_vit() if model in DEMO_MODELS else timm.create_model(
+                split_model_name(model)[0], pretrained=False, num_classes=0)
+        return tuple(int(p) for p in built.patch_embed.patch_size)
+    except Exception:  # an unknown or unsupported name: reported by build_model with its own message
+        return None
+
+
+def _check_output(output: Optional[Path]) -> None:
+    """Fail before the work, not after it, when -o cannot be a file: a missing folder, or a folder."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise AttnflowError(f"{output} is a directory; the output must be a file path")
+    if not output.absolute().parent.is_dir():
+        raise AttnflowError(f"cannot write {output}: no such directory {output.absolute().parent}")
+
+
+def _open_output(output: Path):
+    """``output`` opened for writing text, or a one-line error saying why it cannot be."""
+    try:
+        return open(output, "w", newline="")
+    except OSError as e:
+        raise AttnflowError(f"cannot write {output}: {e.strerror or e}") from None
+
+
 def _stderr_console():
     from rich.console import Console
 
@@ -94,7 +203,7 @@ def extract(
     checkpoint_key: Optional[str] = typer.Option(None, help="Container inside the checkpoint, e.g. 'student' for a DINO student (default: teacher, target_encoder, model or state_dict)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint pickle that runs code when loaded. Only for files you trust."),
     random_init: bool = typer.Option(False, "--random-init", help="Analyse random weights on purpose (for untagged names without a checkpoint)."),
-    img_size: Optional[int] = typer.Option(None, help="Build the model at this input resolution; position embeddings are resampled."),
+    img_size: Optional[int] = typer.Option(None, help="Build the model at this input resolution; position embeddings are resampled. A multiple of the patch size, at least 2 patches."),
     family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: inferred from the pretrained tag)."),
     label: Optional[str] = typer.Option(None, help="Name of the model in later tables (default: model name, plus checkpoint stem)."),
     store: Store = typer.Option(Store.full, help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
@@ -108,10 +217,10 @@ def extract(
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on the GPU; attention is still captured in float32."),
-    crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction."),
-    interpolation: Optional[str] = typer.Option(None, help="Override the resize interpolation (bicubic, bilinear, ...)."),
+    crop_pct: Optional[float] = typer.Option(None, callback=_crop_pct_option, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
+    interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
     limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted extraction of the same inputs into the same output."),
@@ -130,7 +239,16 @@ def extract(
     from .models import build_model
 
     console = _stderr_console()
-    paths = list_images(images)
+    if img_size is not None:
+        patch_size = _patch_size_of(model)
+        if patch_size is not None:  # else build_model reports the name; the built model is checked below
+            _check_img_size(img_size, patch_size)
+    if checkpoint_key is not None and checkpoint is None:
+        raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
+    _available_device(device)
+    paths = list_images(
+        images, on_duplicates=lambda n: console.print(f"attnflow: note: {n} duplicate input path{'s' if n > 1 else ''} dropped", markup=False)
+    )
     if limit is not None:
         paths = paths[:limit]
     if not paths:
@@ -139,13 +257,15 @@ def extract(
         model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key, random_init=random_init,
         trust_checkpoint=trust_checkpoint, family=family.value if family else None, label=label,
     )
+    if img_size is not None:
+        _check_img_size(img_size, tuple(int(p) for p in loaded.model.patch_embed.patch_size))
     if loaded.weights == "random" and not quiet:
         console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
 
     options = dict(
         store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens, masks=masks,
         fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, workers=workers, amp=amp,
-        crop_pct=crop_pct, interpolation=interpolation, strict=strict, labels_from_dirs=labels_from_dirs,
+        crop_pct=crop_pct, interpolation=interpolation.value if interpolation else None, strict=strict, labels_from_dirs=labels_from_dirs,
         resume=resume, overwrite=overwrite,
     )
     from .distributed import launched_rank
@@ -186,7 +306,7 @@ def extract(
         console.print(
             f"attnflow: wrote {escape(str(result.path))} ({size_mb:.1f} MB): {result.n_images} images, "
             f"{result.n_skipped} skipped, {escape(loaded.label)} ({loaded.family}), "
-            f"{result.n_new} new in {result.seconds:.1f} s ({rate:.1f} img/s)"
+            + (f"{result.n_new} new in {result.seconds:.1f} s ({rate:.1f} img/s)" if not result.already_complete else "already complete, nothing to do")
             + (f"; metrics in {escape(str(result.metrics_path))}" if result.metrics_path else "")
         )
 
@@ -199,38 +319,38 @@ def _extract_sharded(rank, loaded, paths, output: Path, metrics: Optional[Path],
     from . import distributed
     from .extract import extract as run_extract
 
-    overwrite, resume = options["overwrite"], options["resume"]
+    overwrite = options["overwrite"]
 
     for target in (output, metrics):
-        if target is not None and target.exists() and not overwrite:
+        if target is not None and target.exists() and not (overwrite or options["resume"]):
             raise AttnflowError(f"{target} already exists; pass --overwrite to replace it")
+    if len(paths) < rank.world:
+        raise AttnflowError(f"{len(paths)} images for {rank.world} processes: launch at most {len(paths)}")
     rank_device = distributed.init(rank, device)
     try:
         start, stop = distributed.shard(paths, rank)
         shard_out = distributed.shard_path(output, rank)
         shard_metrics = distributed.shard_path(metrics, rank) if metrics is not None else None
-        done = resume and shard_out.exists() and (shard_metrics is None or shard_metrics.exists())
-        if not done:
-            for finished in (shard_out, shard_metrics):  # half of a pair cannot be resumed alone: redo both
-                if resume and finished is not None and finished.exists():
-                    finished.unlink()
-            shard_out.parent.mkdir(parents=True, exist_ok=True)
-            if shard_metrics is not None:
-                shard_metrics.parent.mkdir(parents=True, exist_ok=True)
-            run_extract(
-                loaded, paths[start:stop], shard_out, metrics=shard_metrics, device=rank_device,
-                class_names=sorted({p.parent.name for p in paths}) if options["labels_from_dirs"] else None,
-                on_skip=lambda path, reason: console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}"),
-                **options,
-            )
+        for shard in (shard_out, shard_metrics):
+            if shard is not None:
+                shard.parent.mkdir(parents=True, exist_ok=True)
+        # with --resume, a shard that finished is checked to be this run's (inputs, model, options) and kept
+        run_extract(
+            loaded, paths[start:stop], shard_out, metrics=shard_metrics, device=rank_device,
+            class_names=sorted({p.parent.name for p in paths}) if options["labels_from_dirs"] else None,
+            on_skip=lambda path, reason: console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}"),
+            **options,
+        )
         distributed.barrier()
         if rank.leader:
             all_paths = [str(p) for p in paths]
             shards = [distributed.shard_path(output, rank, i) for i in range(rank.world)]
-            distributed.assemble(output, shards, all_paths=all_paths, overwrite=overwrite)
+            # a resumed run whose shards are all checked to be its own assembles again over an earlier output
+            replace = overwrite or options["resume"]
+            distributed.assemble(output, shards, all_paths=all_paths, overwrite=replace)
             if metrics is not None:
                 distributed.assemble(metrics, [distributed.shard_path(metrics, rank, i) for i in range(rank.world)],
-                                     all_paths=all_paths, overwrite=overwrite)
+                                     all_paths=all_paths, overwrite=replace)
             if not quiet:
                 console.print(f"attnflow: wrote {escape(str(output))} over {rank.world} shards ({len(paths)} inputs)"
                               + (f"; metrics in {escape(str(metrics))}" if metrics is not None else ""))
@@ -246,7 +366,7 @@ def metrics_command(
     fusion: Reduction = typer.Option(Reduction.mean, help="How rollout fuses heads: mean, max or min."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries of each image's fused map."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Per-layer summary on stdout: table, markdown, csv, tsv or json."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (once the new one is complete)."),
@@ -265,6 +385,7 @@ def metrics_command(
     from .measure import compute_metrics, layer_summary
 
     console = _stderr_console()
+    _available_device(device)
     progress = Progress(
         TextColumn("metrics"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, disable=quiet or not console.is_terminal, transient=True,
@@ -276,11 +397,12 @@ def metrics_command(
             device=device, resume=resume, overwrite=overwrite,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
+    if quiet:  # --quiet: no summary table either, stdout stays empty
+        return
     with open_metrics(path) as result:
         rows, columns = layer_summary(result)
-        if not quiet:
-            console.print(f"attnflow: wrote {path}: {len(result)} images, {len(result.metric_names)} metrics "
-                          f"(mean over images and heads per layer below)", markup=False)
+        console.print(f"attnflow: wrote {path}: {len(result)} images, {len(result.metric_names)} metrics "
+                      f"(mean over images and heads per layer below)", markup=False)
     emit(rows, columns, format, title=f"{result.attrs['label']} ({result.attrs['family']})")
 
 
@@ -300,6 +422,21 @@ def _layers_option(value: str) -> str:
     return value
 
 
+def _check_layers(value: str, depth: "Depth", option: str) -> None:
+    """--layers/--summary-layers against --depth: whole layer indices, or fractions of depth in (0, 1]."""
+    if value in ("all", "last"):
+        return
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if depth is Depth.absolute:
+        bad = [p for p in parts if re.fullmatch(r"[+-]?\d+", p) is None]
+        if bad:
+            raise typer.BadParameter(f"takes 0-based layer indices (fractions need --depth relative), not '{bad[0]}'", param_hint=f"'{option}'")
+    else:
+        bad = [p for p in parts if not 0 < float(p) <= 1]
+        if bad:
+            raise typer.BadParameter(f"with --depth relative takes fractions of depth in (0, 1], not '{bad[0]}'", param_hint=f"'{option}'")
+
+
 @app.command()
 def compare(
     files: Optional[List[Path]] = typer.Argument(None, help="Metrics files, one per model (family and label from each file)."),
@@ -312,8 +449,8 @@ def compare(
     layers: str = typer.Option("all", callback=_layers_option, help="Layers in the per-layer tables: all, last or N,M,... (0-based; negative from the end; fractions with --depth relative)."),
     depth: Depth = typer.Option(Depth.absolute, help="relative aligns models of different depths at fractions of depth."),
     summary_layers: str = typer.Option("last", callback=_layers_option, help="Layers of the MIM-vs-JEA summary, same syntax as --layers."),
-    bootstrap: int = typer.Option(2000, min=1, help="Bootstrap resamples for the confidence intervals."),
-    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the confidence intervals."),
+    seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json (csv/tsv: one row per model x metric x layer)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
@@ -330,6 +467,9 @@ def compare(
         raise typer.BadParameter(f"{len(family)} families for {len(paths)} files", param_hint="--family")
     if len(label) > len(paths):
         raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
+    _check_layers(layers, depth, "--layers")
+    _check_layers(summary_layers, depth, "--summary-layers")
+    _check_output(output)
     implied = [None] * len(files or []) + ["mim"] * len(mim) + ["jea"] * len(jea)
     families = [family[i].value if i < len(family) else implied[i] for i in range(len(paths))]
     comparison = compare_files(
@@ -342,7 +482,7 @@ def compare(
     if output is None:
         comparison.write(format, sys.stdout)
     else:
-        with open(output, "w", newline="") as handle:
+        with _open_output(output) as handle:
             comparison.write(format, handle)
         console.print(f"attnflow: wrote {output}", markup=False)
 
@@ -352,7 +492,7 @@ def demo(
     out: Path = typer.Option(Path("attnflow-demo"), "--out", help="Folder for the caches, metrics files and compare.csv."),
     limit: Optional[int] = typer.Option(None, min=2, help="Use only this many of the 200 demo images (evenly over the classes)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="How to print the comparison: table, markdown, csv, tsv or json."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on 2,000 held-out images."),
 ) -> None:
@@ -364,6 +504,9 @@ def demo(
     from .demo import run_demo
 
     console = _stderr_console()
+    _available_device(device)
+    if out.exists() and not out.is_dir():
+        raise AttnflowError(f"--out {out} is a file; the demo writes into a folder")
     run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe,
                    on_model=lambda name: console.print(f"attnflow: demo: extracting {name}", markup=False))
     for note in run.comparison.notes:
@@ -409,9 +552,9 @@ def probe_command(
     evaluator: List[Evaluator] = typer.Option([], "--evaluator", help="knn and/or linear (default both)."),
     abmilp_relu: bool = typer.Option(False, "--abmilp-relu", help="Score patches with a hidden ReLU layer instead of one linear layer."),
     epochs: int = typer.Option(100, min=1, help="Linear-probe epochs (the best on a held-out 10% of training images is kept)."),
-    bootstrap: int = typer.Option(1000, min=1, help="Bootstrap resamples for the accuracy CIs."),
-    seed: int = typer.Option(0, help="Seed of the split, the probes and the bootstrap."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N for the probes."),
+    bootstrap: int = typer.Option(1000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the accuracy CIs."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the split, the probes and the bootstrap (a non-negative integer)."),
+    device: str = typer.Option("cpu", callback=_device_option, help="auto, cpu, cuda or cuda:N for the probes."),
     with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's last-block cls_entropy_norm (csv/tsv column too)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
@@ -428,11 +571,16 @@ def probe_command(
         raise typer.BadParameter(f"{len(train)} --train caches for {len(test)} --test caches", param_hint="--train/--test")
     if caches and split is None:
         raise typer.BadParameter("caches given without --train/--test need --split", param_hint="--split")
+    if split is not None and not caches:
+        raise typer.BadParameter("divides caches given as arguments; --train/--test pairs are used as they are", param_hint="--split")
+    device = _available_device(device)
+    _check_output(output)
     pairs = [(c, None) for c in caches or []] + list(zip(train, test))
     if not pairs:
         raise typer.BadParameter("give caches with --split, or --train/--test pairs", param_hint="CACHES")
     records, notes = probe_caches(
-        pairs, split=split, pools=[p.value for p in pool] or list(POOLS), evaluators=[e.value for e in evaluator] or ["knn", "linear"],
+        pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
+        evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
         epochs=epochs, relu=abmilp_relu, seed=seed, n_bootstrap=bootstrap, device=device,
     )
     console = _stderr_console()
@@ -441,7 +589,7 @@ def probe_command(
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
     if format not in (Format.csv, Format.tsv):
         columns.insert(columns.index("n_train"), "gain_over_cls")
-    handle = open(output, "w", newline="") if output else sys.stdout
+    handle = _open_output(output) if output else sys.stdout
     try:
         emit(records, columns, format, title="linear and k-NN probes (accuracy, 95% bootstrap CI over test images)", out=handle)
     finally:
@@ -460,8 +608,8 @@ def plot_curves_command(
     output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
     metric: List[str] = typer.Option([], "--metric", "-m", help="Metric to draw (repeatable; default: compare's default set)."),
     heads: Reduction = typer.Option(Reduction.mean, help="How heads are reduced before images are averaged."),
-    bootstrap: int = typer.Option(2000, min=1, help="Bootstrap resamples for the 95% bands."),
-    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% bands."),
+    seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
 ) -> None:
     """Per-layer curves: a panel per metric, a line per model with its 95% bootstrap band.
 
@@ -533,11 +681,33 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"attnflow: warning: {message}", file=sys.stderr)
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Not a KeyboardInterrupt, which typer turns into a silent exit: a stopped run
+    unwinds like any error (its committed batches stay resumable) and says so in one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    raise _Interrupted(signum)
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 1."""
+    """Console entry point: user errors become one line on stderr and exit code 1; Ctrl-C and SIGTERM one
+    line and the shell's codes 130 and 143."""
     warnings.showwarning = _show_warning
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
     except AttnflowError as e:
         print(f"attnflow: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except _Interrupted as e:
+        what = "interrupted" if e.signum == signal.SIGINT else "stopped (SIGTERM)"
+        print(f"attnflow: {what}; an interrupted extract or metrics run continues with --resume", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,12 +178,14 @@ def _make_labels_unique(models: list[ModelMetrics], notes: list[str]) -> None:
             seen[m.label] = 1
 
 
-def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = "absolute", notes: list[str] | None = None) -> list[LayerRow]:
+def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = "absolute", notes: list[str] | None = None,
+                option: str = "--layers") -> list[LayerRow]:
     """Rows for ``--layers all|last|N,M,...`` at absolute layer indices or at relative depth.
 
     Relative depth d in (0, 1] maps to layer ``round(d * L) - 1`` of an L-block model; ``all`` then means
     the depths of the shallowest model's blocks, ``(k + 1) / L_min``, and explicit values are fractions.
-    Absolute indices are 0-based; negative ones count from each model's last layer.
+    Absolute indices are 0-based; negative ones count from each model's last layer. An explicit index no
+    model has is an error; one that only some models lack is a note (``option`` names the flag in both).
     """
     notes = notes if notes is not None else []
     depths = [m.num_layers for m in models]
@@ -195,7 +198,7 @@ def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = 
         if spec == "all":
             fractions = [(k + 1) / min(depths) for k in range(min(depths))]
         else:
-            fractions = _parse_list(spec, float, "--layers")
+            fractions = list(dict.fromkeys(_parse_list(spec, float, "--layers")))
             if any(not 0 < f <= 1 for f in fractions):
                 raise AttnflowError("with --depth relative, --layers takes fractions of depth in (0, 1]")
         return [
@@ -206,10 +209,19 @@ def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = 
             "models have different depths (" + ", ".join(f"{m.label} {m.num_layers}" for m in models)
             + "): rows are absolute layer indices; --depth relative aligns them"
         )
-    indices = list(range(max(depths))) if spec == "all" else _parse_list(spec, int, "--layers")
+    indices = list(range(max(depths))) if spec == "all" else list(dict.fromkeys(_parse_list(spec, int, "--layers")))
     rows = []
     for i in indices:
         per_model = tuple((i if i >= 0 else L + i) if -L <= i < L else None for L in depths)
+        lacking = [m for m, index in zip(models, per_model) if index is None]
+        if spec != "all" and len(lacking) == len(models):
+            raise AttnflowError(
+                f"{option} {i}: no model has layer {i} (" + ", ".join(f"{m.label} has {m.num_layers} blocks" for m in models)
+                + "; layers are 0-based, negative from the end)"
+            )
+        if spec != "all" and lacking:
+            notes.append(f"{option} {i}: " + ", ".join(f"{m.label} has only {m.num_layers} blocks" for m in lacking)
+                         + (" (left blank)" if option == "--layers" else " (left out of the summary)"))
         rows.append(LayerRow(str(i), per_model))
     return rows
 
@@ -427,8 +439,24 @@ def compare_files(
 ) -> Comparison:
     """Load metrics files and compute every table ``attnflow compare`` prints."""
     notes: list[str] = []
+    metrics = list(dict.fromkeys(metrics)) if metrics else metrics  # a metric asked for twice: one table
     models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads, notes=notes)
+    both = {"mim", "jea"} <= {m.family for m in models}
+    _note_repeated_files(models, both, notes)
     rows = plan_layers(models, layers, depth, notes)
     records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
-    summary = summarize(models, names, plan_layers(models, summary_layers, depth, []), n_bootstrap=n_bootstrap, seed=seed, notes=notes)
+    summary_rows = plan_layers(models, summary_layers, depth, notes if both else [], option="--summary-layers")
+    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes)
     return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads)
+
+
+def _note_repeated_files(models: Sequence[ModelMetrics], summarized: bool, notes: list[str]) -> None:
+    """One file given twice is one model shown twice; in the summary its images would count once per copy."""
+    copies: dict[str, list[ModelMetrics]] = {}
+    for m in models:
+        copies.setdefault(os.path.realpath(m.path), []).append(m)
+    for same in copies.values():
+        if len(same) > 1:
+            pooled = summarized and any(sum(m.family == fam for m in same) > 1 for fam in ("mim", "jea"))
+            notes.append(f"{same[0].path} is given {len(same)} times (as {', '.join(m.label for m in same)})"
+                         + ("; the MIM-vs-JEA summary counts its images once per copy" if pooled else ""))

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch.distributed as dist
 
-from .cache import STATIC_DATASETS, file_attrs, inputs_digest
+from .cache import STATIC_DATASETS, file_attrs, file_system_errors, in_memory_hdf5, inputs_digest, write_atomically
 from .errors import AttnflowError
 
 # Row datasets that stay in the shards (virtual), the rest is copied: every row of these is at least 2-D.
@@ -83,13 +83,21 @@ def assemble(output: Path, shards: list[Path], *, all_paths: Sequence[str], over
     """Write ``output`` over finished shard files: virtual datasets for the large rows, copies of the rest."""
     if output.exists() and not overwrite:
         raise AttnflowError(f"{output} already exists; pass --overwrite to replace it")
+    tmp = output.with_name(output.name + ".tmp")
+    image = _assemble(output, shards, all_paths)
+    with file_system_errors(tmp, resumable=True, remove=tmp):
+        write_atomically(output, image)
+    return output
+
+
+def _assemble(output: Path, shards: list[Path], all_paths: Sequence[str]) -> bytes:
+    """The assembled file's bytes: small (the shards hold the large rows), so it is built in memory."""
     handles = [h5py.File(p, "r") for p in shards]
     try:
         attrs = file_attrs(handles[0])
         counts = [int(h.attrs["n_images"]) for h in handles]
         n = sum(counts)
-        tmp = output.with_name(output.name + ".tmp")
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as out:
+        with in_memory_hdf5(libver=("v110", "latest")) as out:
             out.attrs.update(attrs)
             out.attrs.update({
                 "n_images": n,
@@ -122,6 +130,5 @@ def assemble(output: Path, shards: list[Path], *, all_paths: Sequence[str], over
     finally:
         for h in handles:
             h.close()
-    os.replace(tmp, output)
-    return output
+    return out.image
 

@@ -36,6 +36,7 @@ class ExtractResult:
     n_new: int  # images processed by this run (less than n_images after --resume)
     seconds: float
     metrics_path: Path | None = None
+    already_complete: bool = False  # --resume of a run that had finished: nothing was computed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -190,7 +191,7 @@ def extract(
             "n_inputs": len(paths),
         },
     )
-    writers = {"cache": spec.writer(output, resume=resume, overwrite=overwrite)}
+    files = {"cache": (spec, output, metrics)}
     if metrics is not None:
         warn_about_layout(layout, full_maps=True)
         metrics_spec = MetricsSpec(
@@ -202,13 +203,13 @@ def extract(
             source=str(Path(output).resolve()),
             class_names=class_names,
         )
-        try:
-            writers["metrics"] = metrics_spec.writer(metrics, resume=resume, overwrite=overwrite)
-        except BaseException:
-            writers["cache"].close()
-            raise
-        if resume:
-            _align_for_resume(writers["cache"], writers["metrics"])
+        files["metrics"] = (metrics_spec, metrics, output)
+    writers = _open_writers(files, len(paths), resume=resume, overwrite=overwrite)
+    finished = _finished_run(writers, output, metrics)
+    if finished is not None:
+        return finished
+    if "metrics" in writers and resume:
+        _align_for_resume(writers["cache"], writers["metrics"])
     cache_writer = writers["cache"]
     start = cache_writer.n_inputs_done
     n_before = cache_writer.n_images
@@ -262,12 +263,67 @@ def extract(
         for writer in writers.values():
             writer.close()
         raise
+    _assemble(writers)
     n_images, n_skipped = cache_writer.n_images, cache_writer.n_skipped
-    final = cache_writer.finish()
-    metrics_path = writers["metrics"].finish() if "metrics" in writers else None
     return ExtractResult(
-        path=final, n_images=n_images, n_skipped=n_skipped, n_new=n_images - n_before,
-        seconds=time.perf_counter() - t0, metrics_path=metrics_path,
+        path=cache_writer.path, n_images=n_images, n_skipped=n_skipped, n_new=n_images - n_before,
+        seconds=time.perf_counter() - t0, metrics_path=writers["metrics"].path if "metrics" in writers else None,
+    )
+
+
+def _assemble(writers: dict[str, RowFileWriter]) -> None:
+    """Put every file not yet complete in place, and only then remove the run folders: a kill in between
+    leaves each file resumable."""
+    try:
+        for writer in writers.values():
+            if writer.complete_attrs is None:
+                writer.assemble()
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        raise
+    for writer in writers.values():
+        writer.cleanup()
+
+
+def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resume: bool, overwrite: bool) -> dict[str, RowFileWriter]:
+    """A writer per file (``key -> (spec, path, companion)``). With ``--resume``, a file that is complete
+    while its companion must still be computed is computed again beside it: the two always hold the same
+    batches."""
+    writers: dict[str, RowFileWriter] = {}
+    try:
+        for key, (spec, path, companion) in files.items():
+            writers[key] = spec.writer(path, companion=companion, resume=resume, overwrite=overwrite)
+        complete = [key for key, w in writers.items() if w.complete_attrs is not None]
+        behind = [w.path for w in writers.values() if w.complete_attrs is None and w.n_inputs_done < n_inputs]
+        if complete and behind:
+            warnings.warn(f"{', '.join(str(writers[k].path) for k in complete)} is complete but "
+                          f"{', '.join(map(str, behind))} is not: computing both", stacklevel=3)
+            for key in complete:
+                spec, path, companion = files[key]
+                writers[key].close()
+                writers[key] = spec.writer(path, companion=companion, overwrite=True)
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        raise
+    return writers
+
+
+def _finished_run(writers: dict[str, RowFileWriter], output, metrics) -> ExtractResult | None:
+    """``--resume`` of a run whose files are complete (and are this run's): its result, with nothing new.
+
+    A kill between the removal of the two run folders leaves one file complete and the other's folder
+    holding every batch: that one is assembled again."""
+    complete = [w for w in writers.values() if w.complete_attrs is not None]
+    if not complete:
+        return None
+    cache = writers["cache"]
+    attrs = cache.complete_attrs or {"n_images": cache.n_images, "n_skipped": cache.n_skipped}
+    _assemble(writers)  # every batch of the others is in, as _open_writers saw to
+    return ExtractResult(
+        path=Path(output), n_images=int(attrs["n_images"]), n_skipped=int(attrs["n_skipped"]), n_new=0, seconds=0.0,
+        metrics_path=None if metrics is None else Path(metrics), already_complete=True,
     )
 
 

@@ -6,6 +6,7 @@ instead of a batch element, so one corrupt JPEG among 50,000 costs one line on s
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,14 +25,30 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
 
+# The resize interpolations timm's eval transform accepts (timm.data.transforms.str_to_interp_mode; its
+# 'random' is for training transforms only and fails in the eval transform).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
-def list_images(inputs: Sequence[str], *, stdin: Iterable[str] | None = None) -> list[Path]:
+# crop_pct: the image is resized to img_size / crop_pct, then centre-cropped to img_size (timm's convention).
+# Above 1 the resized image is smaller than the crop and timm pads it with black (zero) borders the model
+# attends to; far below 1 every image is upscaled enormously (0.001 at 224 px: 224,000 px a side) for a
+# crop of a tiny centre. Accepted: [CROP_PCT_MIN, 1].
+CROP_PCT_MIN = 0.1
+
+
+def list_images(
+    inputs: Sequence[str], *, stdin: Iterable[str] | None = None, on_duplicates: Callable[[int], None] | None = None
+) -> list[Path]:
     """Expand command-line inputs into an ordered list of image paths.
 
     Files are taken as given (whatever their extension), directories are searched recursively for common
     image extensions in sorted order, and ``-`` reads newline-separated paths from ``stdin``. A named file or
     directory that does not exist is an error; paths read from stdin that turn out unreadable are skipped
     later with a reason, like corrupt files.
+
+    A file reached twice (named twice, named and inside a named directory, or through a symlink) is kept
+    once, at its first occurrence and spelled as given there; paths are compared after
+    ``os.path.realpath``. ``on_duplicates`` is called with the number dropped, when there are any.
     """
     paths: list[Path] = []
     for item in inputs:
@@ -46,7 +63,20 @@ def list_images(inputs: Sequence[str], *, stdin: Iterable[str] | None = None) ->
             paths.append(path)
         else:
             raise AttnflowError(f"no such file or directory: {item}")
-    return paths
+    return _drop_duplicates(paths, on_duplicates)
+
+
+def _drop_duplicates(paths: list[Path], on_duplicates: Callable[[int], None] | None) -> list[Path]:
+    seen: set[str] = set()
+    unique: list[Path] = []
+    for path in paths:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    if on_duplicates is not None and len(unique) < len(paths):
+        on_duplicates(len(paths) - len(unique))
+    return unique
 
 
 def _walk_images(root: Path) -> list[Path]:
@@ -141,8 +171,10 @@ def resolve_preprocessing(
     if len(mean) != channels:
         # A greyscale model whose config still carries RGB statistics: use their average per channel.
         mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise AttnflowError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+    if crop_pct is not None and not CROP_PCT_MIN <= crop_pct <= 1:
+        raise AttnflowError(f"--crop-pct must be in [{CROP_PCT_MIN}, 1], got {crop_pct}")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise AttnflowError(f"unknown interpolation '{interpolation}' (choose from {', '.join(INTERPOLATIONS)})")
     return Preprocessing(
         input_size=(channels, height, width),
         interpolation=interpolation or config.get("interpolation", "bicubic"),

@@ -71,15 +71,19 @@ def compute_metrics(
             class_names=cache.class_names,
         )
         writer = spec.writer(output, resume=resume, overwrite=overwrite)
+        if writer.complete_attrs is not None:  # --resume of a run that had finished, on the same cache
+            writer.close()
+            return writer.path
         try:
             n = len(cache)
             maps_name = "attn" if full_maps else "attn_rows"
             skipped = list(zip(_texts(cache["skipped"][:]), _texts(cache["skipped_reason"][:])))
             for start in range(writer.n_inputs_done, n, batch_size):
                 stop = min(start + batch_size, n)
-                maps = torch.from_numpy(cache.read_rows(maps_name, start, stop)).to(torch_device).float()
-                magnitude = torch.from_numpy(cache["magnitude"][start:stop]).to(torch_device)
-                fg = torch.from_numpy(cache["fg"][start:stop]).to(torch_device) if has_fg else None
+                # checked reads: float32 tensors on the device, rows of maps summing to 1, magnitudes finite
+                maps = cache.read_rows(maps_name, start, stop, device=torch_device)
+                magnitude = cache.read_rows("magnitude", start, stop, device=torch_device)
+                fg = cache.read_rows("fg", start, stop, device=torch_device) if has_fg else None
                 values, rollout_maps = batch_metrics(
                     layout, magnitude, fg=fg, fusion=fusion, discard_ratio=discard_ratio,
                     **({"attn": maps} if full_maps else {"attn_rows": maps}),

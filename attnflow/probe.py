@@ -260,28 +260,85 @@ def probe_caches(
     ``cls_entropy_norm``) and notes."""
     notes: list[str] = []
     records: list[dict[str, Any]] = []
+    labels_seen: dict[str, int] = {}
+    if "abmilp" in pools and "linear" not in evaluators:
+        notes.append("abmilp pooling is trained with the linear probe; without --evaluator linear it is skipped")
     for train_path, test_path in pairs:
         train, attrs, names = load_probe_set(train_path, pools, notes)
+        if "cls" in pools and not train.layout.has_cls:
+            notes.append(f"{attrs.get('label', train_path)} has no cls token: cls pooling skipped (gain_over_cls is NaN)")
         if test_path is None:
             if split is None:
                 raise AttnflowError("give --split to divide one cache into training and test images")
+            _need_two_classes(train.labels, names, f"{train_path} has one")
             first, rest = stratified_split(train.labels, split, seed)
             train, test = train.subset(first), train.subset(rest)
         else:
             test, test_attrs, test_names = load_probe_set(test_path, pools, notes)
             if test_names != names:
-                raise AttnflowError(f"{train_path} and {test_path} have different classes")
+                raise AttnflowError(f"{train_path} and {test_path} have different classes "
+                                    f"({_class_list(names)} vs {_class_list(test_names)})")
+            if test.tokens.shape[1:] != train.tokens.shape[1:] or test.layout != train.layout:
+                raise AttnflowError(
+                    f"{train_path} and {test_path} come from different models ({attrs.get('label')}: "
+                    f"{'x'.join(map(str, train.tokens.shape[1:]))} tokens, {test_attrs.get('label')}: "
+                    f"{'x'.join(map(str, test.tokens.shape[1:]))}); pair each model's training cache with its own test cache"
+                )
             if test_attrs.get("model") != attrs.get("model") or test_attrs.get("checkpoint_sha256") != attrs.get("checkpoint_sha256"):
                 notes.append(f"{train_path} and {test_path} come from different models")
         if len(train) < 2 or len(test) < 1:
             raise AttnflowError(f"{train_path}: too few images to probe ({len(train)} for training, {len(test)} for testing)")
+        _need_two_classes(train.labels, names, f"the training images of {train_path} hold one"
+                          + (f" after --split {split}" if test_path is None else ""))
+        _note_untested_classes(attrs.get("label", str(train_path)), train.labels, test.labels, names, notes,
+                               "too few images to divide" if test_path is None else "none in the test cache")
         rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
                      epochs=epochs, relu=relu, seed=seed, n_bootstrap=n_bootstrap, device=device)
         base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
+        label = attrs.get("label", str(train_path))
+        labels_seen[label] = labels_seen.get(label, 0) + 1
+        if labels_seen[label] > 1:  # as compare does: rows of two models must not share a name
+            notes.append(f"two models are labelled '{label}'; {train_path} is shown as '{label}#{labels_seen[label]}'")
+            label = f"{label}#{labels_seen[label]}"
         for r in rows:
             records.append({
-                "model": attrs.get("label", str(train_path)), "family": attrs.get("family", "unknown"), **r,
+                "model": label, "family": attrs.get("family", "unknown"), **r,
                 "gain_over_cls": r["accuracy"] - base[r["evaluator"]] if r["evaluator"] in base else math.nan,
                 "cls_entropy_norm": train.cls_entropy_norm,
             })
     return records, list(dict.fromkeys(notes))
+
+
+def _classes(n: int) -> str:
+    return "1 class has" if n == 1 else f"{n} classes have"
+
+
+def _class_name(label: int, names: Sequence[str]) -> str:
+    return names[label] if 0 <= label < len(names) else f"class {label}"
+
+
+def _class_list(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return (shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")) or "none"
+
+
+def _need_two_classes(labels: torch.Tensor, names: Sequence[str], where: str) -> None:
+    """Every pool scores 100% on one class: refuse instead of reporting it."""
+    present = labels.unique().tolist()
+    if len(present) < 2:
+        raise AttnflowError(f"probing needs at least two classes; {where}: "
+                            + (_class_name(int(present[0]), names) if present else "none"))
+
+
+def _note_untested_classes(model: str, train_labels: torch.Tensor, test_labels: torch.Tensor, names: Sequence[str],
+                           notes: list[str], why: str) -> None:
+    """Classes with too few images for a stratified split land on one side only: say which and what it means."""
+    train_set, test_set = set(train_labels.tolist()), set(test_labels.tolist())
+    only_test = sorted(test_set - train_set)
+    only_train = sorted(train_set - test_set)
+    if only_test:
+        notes.append(f"{model}: {_classes(len(only_test))} test images but no training images "
+                     f"({_class_list([_class_name(c, names) for c in only_test])}): their test images can only count as errors")
+    if only_train:
+        notes.append(f"{model}: {_classes(len(only_train))} no test images "
+                     f"({_class_list([_class_name(c, names) for c in only_train])}): {why}, not tested")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,28 @@ def test_resume_is_per_shard(data):
     after = read_all(out)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_resume_refuses_a_finished_shard_of_another_input_list(data, tmp_path):
+    shutil.copytree(data / "images", tmp_path / "images")
+    (tmp_path / "w.pth").symlink_to(data / "w.pth")
+    out = tmp_path / "grown.h5"
+    assert torchrun(args(tmp_path, out)).returncode == 0
+    out.unlink()
+    shutil.copy(tmp_path / "images" / "a" / "img_000.png", tmp_path / "images" / "c" / "zz_added.png")
+    result = torchrun(args(tmp_path, out, "--resume"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("attnflow: error:")]
+    assert errors and all("rank-001-of-002.h5 is complete but was made with inputs_sha256=" in e for e in errors), result.stderr[-3000:]
+    assert "Traceback" not in "\n".join(line for line in result.stderr.splitlines() if "attnflow" in line)
+    assert not out.exists()  # nothing assembled from the stale shard
+
+
+def test_fewer_images_than_processes_is_one_line(data, tmp_path):
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    shutil.copy(data / "images" / "a" / "img_000.png", tmp_path / "images" / "a")
+    (tmp_path / "w.pth").symlink_to(data / "w.pth")
+    result = torchrun(args(tmp_path, tmp_path / "one.h5"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("attnflow: error:")]
+    assert errors and all(e == "attnflow: error: 1 images for 2 processes: launch at most 1" for e in errors), result.stderr[-3000:]

@@ -158,7 +158,7 @@ def test_metrics_cli_tables(tmp_path, image_dir, run_cli):
         want = metrics.metric("attn_distance")[()][:, 1].astype(np.float64).mean()
     assert float(table[1]["attn_distance"]) == pytest.approx(want, rel=1e-6)
     assert "no cls token" in result.stderr and result.stderr.count("no cls token") == 1
-    as_json = run_cli("metrics", tmp_path / "c.h5", "-o", tmp_path / "m.h5", "--format", "json", "--overwrite", "-q")
+    as_json = run_cli("metrics", tmp_path / "c.h5", "-o", tmp_path / "m.h5", "--format", "json", "--overwrite")  # -q: no table
     rows = json.loads(as_json.stdout)
     assert rows[0]["cls_self"] is None and isinstance(rows[0]["patch_entropy_norm"], float)
     wrong = run_cli("metrics", tmp_path / "m.h5", "-o", tmp_path / "x.h5")
