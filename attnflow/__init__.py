@@ -10,13 +10,12 @@ The package reads as the pipeline it implements:
 - :mod:`attnflow.cli` is the ``attnflow`` command, a thin layer over the above.
 """
 
-__version__ = "0.1.0"
-
-from .cache import open_cache  # noqa: E402
-from .capture import AttentionCapture  # noqa: E402
-from .errors import AttnflowError  # noqa: E402
-from .layout import TokenLayout  # noqa: E402
-from .models import build_model, load_model  # noqa: E402
+from .cache import open_cache
+from .capture import AttentionCapture
+from .errors import AttnflowError
+from .layout import TokenLayout
+from .models import build_model, load_model
+from .version import __version__
 
 __all__ = [
     "AttentionCapture",

@@ -2,9 +2,10 @@
 
 timm ViTs compute attention with ``F.scaled_dot_product_attention`` by default, which never materialises
 the map: hook-based tools then silently see nothing. :class:`AttentionCapture` switches the fused path off
-on the hooked model's own attention modules (not process-wide), hooks the ``attn_drop`` module that the
-explicit path applies to the softmax output (identity in eval mode), and checks after every forward that
-each block delivered one map whose rows sum to 1.
+on the hooked model's own attention modules (not process-wide), hooks the module its architecture's adapter
+names as the softmax output (the ``attn_drop`` the explicit path applies to the map, identity in eval mode;
+see :mod:`attnflow.architectures`), and checks after every forward that each block delivered one map whose
+rows sum to 1.
 
 Captured quantities, per forward of a (B, C, H, W) batch with L blocks, heads H_ and T tokens:
 
@@ -16,11 +17,12 @@ Captured quantities, per forward of a (B, C, H, W) batch with L blocks, heads H_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .architectures import Finish, adapter_for
 from .errors import AttnflowError
 
 ROW_SUM_TOLERANCE = 1e-3
@@ -67,24 +69,6 @@ class Captured:
     tokens: torch.Tensor  # (B, T, D) last block output, before the final norm
 
 
-def _attention_update_source(block: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """The module whose output, after the returned function, is exactly what the block adds to the residual.
-
-    timm's ``Block``/``ResPostBlock`` wrap the branch in an ``ls1`` module (identity without layer scale);
-    ``EvaBlock`` multiplies the attention output by a ``gamma_1`` parameter; ``EvaBlockPostNorm`` adds
-    ``norm1(attn(x))``.
-    """
-    kind = type(block).__name__
-    if hasattr(block, "ls1"):
-        return block.ls1, lambda out: out
-    if kind == "EvaBlockPostNorm":
-        return block.norm1, lambda out: out
-    if kind == "EvaBlock":
-        gamma = block.gamma_1
-        return block.attn, (lambda out: out) if gamma is None else (lambda out: out * gamma)
-    raise AttnflowError(f"unsupported transformer block type {kind}: attnflow cannot locate its residual update")
-
-
 class AttentionCapture:
     """Context manager that hooks every transformer block of a timm ViT.
 
@@ -98,16 +82,8 @@ class AttentionCapture:
     """
 
     def __init__(self, model: nn.Module):
-        blocks = getattr(model, "blocks", None)
-        if blocks is None or len(blocks) == 0:
-            raise AttnflowError(f"{type(model).__name__} has no transformer blocks to capture")
-        self.blocks = list(blocks)
-        for i, block in enumerate(self.blocks):
-            attn = getattr(block, "attn", None)
-            if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
-                raise AttnflowError(f"block {i} ({type(block).__name__}) exposes no attention softmax to hook")
-            if not hasattr(attn, "fused_attn"):
-                raise AttnflowError(f"block {i}: {type(attn).__name__} cannot switch off fused attention")
+        self.adapter = adapter_for(model)  # refuses, in one line, a model attnflow cannot capture
+        self.blocks = self.adapter.blocks
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved_fused: list[bool] = []
         self._clear()
@@ -115,13 +91,13 @@ class AttentionCapture:
     def __enter__(self) -> "AttentionCapture":
         self._clear()
         for i, block in enumerate(self.blocks):
-            attn = block.attn
-            self._saved_fused.append(bool(attn.fused_attn))
-            attn.fused_attn = False
-            source, finish = _attention_update_source(block)
+            attention = self.adapter.attention(i)
+            self._saved_fused.append(bool(attention.fused_attn))
+            attention.fused_attn = False
+            source, finish = self.adapter.branch_update(i)
             self._handles += [
-                block.register_forward_pre_hook(self._residual_hook(i)),
-                attn.attn_drop.register_forward_hook(self._attn_hook(i)),
+                block.register_forward_pre_hook(self._residual_hook(i), with_kwargs=True),
+                self.adapter.softmax_output(i).register_forward_hook(self._attn_hook(i)),
                 source.register_forward_hook(self._update_hook(i, finish)),
             ]
         self._handles.append(self.blocks[-1].register_forward_hook(self._tokens_hook))
@@ -131,8 +107,8 @@ class AttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for block, fused in zip(self.blocks, self._saved_fused):
-            block.attn.fused_attn = fused
+        for i, fused in enumerate(self._saved_fused):
+            self.adapter.attention(i).fused_attn = fused
         self._saved_fused.clear()
         self._clear()
 
@@ -156,12 +132,13 @@ class AttentionCapture:
         return hook
 
     def _residual_hook(self, i: int):
-        def hook(module, args):
-            self._residual_norm[i].append(args[0].detach().float().norm(dim=-1))
+        def hook(module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+            residual = args[0] if args else kwargs["x"]  # every block family takes the residual stream first
+            self._residual_norm[i].append(residual.detach().float().norm(dim=-1))
 
         return hook
 
-    def _update_hook(self, i: int, finish: Callable[[torch.Tensor], torch.Tensor]):
+    def _update_hook(self, i: int, finish: Finish):
         def hook(module, inputs, output):
             self._update_norm[i].append(finish(output.detach().float()).norm(dim=-1))
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .errors import AttnflowError
+from .errors import AttnflowError, first_line
 
 StateDict = dict[str, torch.Tensor]
 
@@ -62,23 +62,18 @@ def read_checkpoint_file(path: str | Path, *, trust: bool = False) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise AttnflowError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+            raise AttnflowError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         if trust:
-            raise AttnflowError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+            raise AttnflowError(f"cannot read checkpoint {path}: {first_line(e)}") from None
         raise AttnflowError(
             f"checkpoint {path} is a pickle that needs code to load and was refused; "
             "if you trust the file, pass --trust-checkpoint"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
-        raise AttnflowError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        raise AttnflowError(f"cannot read checkpoint {path}: {first_line(e)}") from None
 
 
 def _is_state_dict(obj: Any) -> bool:

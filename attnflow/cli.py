@@ -13,13 +13,18 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import typer
 
-from . import __version__
-from .errors import AttnflowError
-from .render import Format, emit
+from .version import __version__
+from .errors import AttnflowError, AttnflowNote, OptionError
+from .cache import COMPRESSIONS, DTYPES, STORE_MODES
+from .families import FAMILIES
+from .images import INTERPOLATIONS
+from .metrics import FUSIONS, REGISTRY
+from .probe import EVALUATORS, POOLS
+from .render import Format, Table
 
 app = typer.Typer(
     name="attnflow",
@@ -31,52 +36,20 @@ app = typer.Typer(
 )
 
 
-class Store(str, Enum):
-    full = "full"
-    rows = "rows"
-    none = "none"
+def _choices(name: str, values: Sequence[str]) -> type[Enum]:
+    """A typer choice over values the library declares (typer needs an Enum; the list lives in one place)."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class DType(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Compression(str, Enum):
-    gzip = "gzip"
-    lzf = "lzf"
-    none = "none"
-
-
-class Family(str, Enum):
-    mim = "mim"
-    jea = "jea"
-    supervised = "supervised"
-    unknown = "unknown"
-
-
-class Reduction(str, Enum):
-    """How heads are combined: rollout's --fusion and compare's --heads."""
-
-    mean = "mean"
-    max = "max"
-    min = "min"
-
-
-class InfoFormat(str, Enum):
-    table = "table"
-    json = "json"
-
-
-class Interpolation(str, Enum):
-    """The resize interpolations timm's eval transform accepts (``attnflow.images.INTERPOLATIONS``)."""
-
-    nearest = "nearest"
-    bilinear = "bilinear"
-    bicubic = "bicubic"
-    box = "box"
-    hamming = "hamming"
-    lanczos = "lanczos"
+Store = _choices("Store", STORE_MODES)
+DType = _choices("DType", DTYPES)
+Compression = _choices("Compression", COMPRESSIONS)
+Family = _choices("Family", FAMILIES)
+Reduction = _choices("Reduction", FUSIONS)  # how heads are combined: rollout's --fusion and compare's --heads
+Interpolation = _choices("Interpolation", INTERPOLATIONS)
+Pool = _choices("Pool", POOLS)
+Evaluator = _choices("Evaluator", EVALUATORS)
+InfoFormat = _choices("InfoFormat", ("table", "json"))
 
 
 MAX_BOOTSTRAP = 100_000  # plenty for percentile CIs; more only exhausts memory (compare) or time (probe)
@@ -85,32 +58,10 @@ MAX_SEED = 2**64 - 1  # torch generators take seeds up to here; numpy's take any
 
 def _device_option(value: str) -> str:
     """--device must name a device attnflow knows; whether this machine has it is checked later (exit 1)."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
+    from .options import DEVICE_PATTERN
+
+    if DEVICE_PATTERN.fullmatch(value) is None:
         raise typer.BadParameter(f"takes auto, cpu, cuda or cuda:N, not '{value}'")
-    return value
-
-
-def _available_device(device: str) -> str:
-    """``device`` with ``auto`` resolved; a CUDA device this machine lacks is a one-line error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.partition(":")[2] or 0)
-        if count == 0:
-            raise AttnflowError(f"--device {device} was asked for, but no CUDA device is available")
-        if index >= count:
-            raise AttnflowError(f"--device {device} was asked for, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
-    return device
-
-
-def _crop_pct_option(value: Optional[float]) -> Optional[float]:
-    from .images import CROP_PCT_MIN
-
-    if value is not None and not CROP_PCT_MIN <= value <= 1:
-        raise typer.BadParameter(f"must be in [{CROP_PCT_MIN}, 1], not {value}")
     return value
 
 
@@ -143,7 +94,8 @@ def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
     import timm
     import torch
 
-    from .demo import DEMO_MODELS, create_demo_vit
+    from .architectures import adapter_for
+    from .demo_models import DEMO_MODELS, create_demo_vit
     from .models import split_model_name
 
     try:
@@ -151,7 +103,7 @@ def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
             warnings.simplefilter("ignore")
             built = create_demo_vit() if model in DEMO_MODELS else timm.create_model(
                 split_model_name(model)[0], pretrained=False, num_classes=0)
-        return tuple(int(p) for p in built.patch_embed.patch_size)
+        return adapter_for(built).patch_size
     except Exception:  # an unknown or unsupported name: reported by build_model with its own message
         return None
 
@@ -172,6 +124,22 @@ def _open_output(output: Path):
         return open(output, "w", newline="")
     except OSError as e:
         raise AttnflowError(f"cannot write {output}: {e.strerror or e}") from None
+
+
+def _deliver(result, fmt, output: Optional[Path] = None) -> None:
+    """Every command's data goes out here: to stdout, or with -o into a file (and a line saying so)."""
+    if output is None:
+        result.write(fmt, sys.stdout)
+        return
+    with _open_output(output) as handle:
+        result.write(fmt, handle)
+    _stderr_console().print(f"attnflow: wrote {output}", markup=False)
+
+
+def _print_notes(notes) -> None:
+    """Notes a command's result carries, printed as the CLI prints every :class:`AttnflowNote`."""
+    for note in notes:
+        print(f"attnflow: note: {note}", file=sys.stderr)
 
 
 def _stderr_console():
@@ -206,20 +174,20 @@ def extract(
     img_size: Optional[int] = typer.Option(None, help="Build the model at this input resolution; position embeddings are resampled. A multiple of the patch size, at least 2 patches."),
     family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: inferred from the pretrained tag)."),
     label: Optional[str] = typer.Option(None, help="Name of the model in later tables (default: model name, plus checkpoint stem)."),
-    store: Store = typer.Option(Store.full, help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
-    dtype: DType = typer.Option(DType.float16, help="Storage type of attention maps."),
-    compression: Compression = typer.Option(Compression.gzip, help="HDF5 compression of maps and tokens."),
+    store: Store = typer.Option(Store("full"), help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
+    dtype: DType = typer.Option(DType("float16"), help="Storage type of attention maps."),
+    compression: Compression = typer.Option(Compression("gzip"), help="HDF5 compression of maps and tokens."),
     save_tokens: bool = typer.Option(False, "--save-tokens", help="Also store the last block's output tokens (before the final norm)."),
     masks: Optional[Path] = typer.Option(None, help="Folder of object masks (nonzero = object) matched to images by file stem; stores each patch's object fraction."),
     metrics: Optional[Path] = typer.Option(None, help="Also compute the metrics file in the same pass, from the float32 maps (works with --store none)."),
-    fusion: Reduction = typer.Option(Reduction.mean, help="Rollout head fusion, with --metrics."),
+    fusion: Reduction = typer.Option(Reduction("mean"), help="Rollout head fusion, with --metrics."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries per image and layer, with --metrics."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on the GPU; attention is still captured in float32."),
-    crop_pct: Optional[float] = typer.Option(None, callback=_crop_pct_option, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
+    crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
     interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
     limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N images."),
@@ -234,18 +202,26 @@ def extract(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from . import distributed
     from .extract import extract as run_extract
     from .images import list_images
     from .models import build_model
+    from .options import ExtractOptions, resolve_device
 
     console = _stderr_console()
+    options = ExtractOptions().replace(
+        store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
+        fusion=fusion.value, discard_ratio=discard_ratio, crop_pct=crop_pct,
+        interpolation=interpolation.value if interpolation else None, labels_from_dirs=labels_from_dirs, masks=masks,
+        strict=strict, batch_size=batch_size, workers=workers, device=device, amp=amp, resume=resume, overwrite=overwrite,
+    )
     if img_size is not None:
         patch_size = _patch_size_of(model)
         if patch_size is not None:  # else build_model reports the name; the built model is checked below
             _check_img_size(img_size, patch_size)
     if checkpoint_key is not None and checkpoint is None:
         raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
-    _available_device(device)
+    resolve_device(device)
     paths = list_images(
         images, on_duplicates=lambda n: console.print(f"attnflow: note: {n} duplicate input path{'s' if n > 1 else ''} dropped", markup=False)
     )
@@ -258,21 +234,18 @@ def extract(
         trust_checkpoint=trust_checkpoint, family=family.value if family else None, label=label,
     )
     if img_size is not None:
-        _check_img_size(img_size, tuple(int(p) for p in loaded.model.patch_embed.patch_size))
+        _check_img_size(img_size, loaded.adapter.patch_size)
     if loaded.weights == "random" and not quiet:
         console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
 
-    options = dict(
-        store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens, masks=masks,
-        fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, workers=workers, amp=amp,
-        crop_pct=crop_pct, interpolation=interpolation.value if interpolation else None, strict=strict, labels_from_dirs=labels_from_dirs,
-        resume=resume, overwrite=overwrite,
-    )
-    from .distributed import launched_rank
+    def on_skip(path: str, reason: str) -> None:
+        console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")
 
-    rank = launched_rank()
-    if rank is not None:
-        _extract_sharded(rank, loaded, paths, output, metrics, device=device, quiet=quiet, console=console, options=options)
+    if distributed.launched_rank() is not None:
+        written = distributed.extract_sharded(loaded, paths, output, options, metrics=metrics, on_skip=on_skip)
+        if written is not None and not quiet:
+            console.print(f"attnflow: wrote {escape(str(output))} over {distributed.launched_rank().world} shards "
+                          f"({len(paths)} inputs)" + (f"; metrics in {escape(str(metrics))}" if metrics is not None else ""))
         return
     progress = Progress(
         TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
@@ -294,12 +267,7 @@ def extract(
             rate = f"{(done - started[1]) / elapsed:.1f} img/s" if elapsed > 0 else ""
             progress.update(task, completed=done, rate=rate)
 
-        def on_skip(path: str, reason: str) -> None:
-            console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")
-
-        result = run_extract(
-            loaded, paths, output, metrics=metrics, device=device, on_skip=on_skip, on_progress=on_progress, **options
-        )
+        result = run_extract(loaded, paths, output, options, metrics=metrics, on_skip=on_skip, on_progress=on_progress)
     if not quiet:
         rate = result.n_new / result.seconds if result.seconds > 0 else float("nan")
         size_mb = result.path.stat().st_size / 1e6
@@ -311,59 +279,11 @@ def extract(
         )
 
 
-def _extract_sharded(rank, loaded, paths, output: Path, metrics: Optional[Path], *, device: str, quiet: bool, console,
-                     options: dict) -> None:
-    """One rank of a torchrun launch: extract this rank's block into its shard, then rank 0 assembles."""
-    from rich.markup import escape
-
-    from . import distributed
-    from .extract import extract as run_extract
-
-    overwrite = options["overwrite"]
-
-    for target in (output, metrics):
-        if target is not None and target.exists() and not (overwrite or options["resume"]):
-            raise AttnflowError(f"{target} already exists; pass --overwrite to replace it")
-    if len(paths) < rank.world:
-        raise AttnflowError(f"{len(paths)} images for {rank.world} processes: launch at most {len(paths)}")
-    rank_device = distributed.init(rank, device)
-    try:
-        start, stop = distributed.shard(paths, rank)
-        shard_out = distributed.shard_path(output, rank)
-        shard_metrics = distributed.shard_path(metrics, rank) if metrics is not None else None
-        for shard in (shard_out, shard_metrics):
-            if shard is not None:
-                shard.parent.mkdir(parents=True, exist_ok=True)
-        # with --resume, a shard that finished is checked to be this run's (inputs, model, options) and kept
-        run_extract(
-            loaded, paths[start:stop], shard_out, metrics=shard_metrics, device=rank_device,
-            class_names=sorted({p.parent.name for p in paths}) if options["labels_from_dirs"] else None,
-            on_skip=lambda path, reason: console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}"),
-            **options,
-        )
-        distributed.barrier()
-        if rank.leader:
-            all_paths = [str(p) for p in paths]
-            shards = [distributed.shard_path(output, rank, i) for i in range(rank.world)]
-            # a resumed run whose shards are all checked to be its own assembles again over an earlier output
-            replace = overwrite or options["resume"]
-            distributed.assemble(output, shards, all_paths=all_paths, overwrite=replace)
-            if metrics is not None:
-                distributed.assemble(metrics, [distributed.shard_path(metrics, rank, i) for i in range(rank.world)],
-                                     all_paths=all_paths, overwrite=replace)
-            if not quiet:
-                console.print(f"attnflow: wrote {escape(str(output))} over {rank.world} shards ({len(paths)} inputs)"
-                              + (f"; metrics in {escape(str(metrics))}" if metrics is not None else ""))
-        distributed.barrier()
-    finally:
-        distributed.finish()
-
-
 @app.command("metrics")
 def metrics_command(
     cache: Path = typer.Argument(..., help="Attention cache written by `attnflow extract`."),
     output: Path = typer.Option(..., "-o", "--output", help="Metrics file to write (HDF5)."),
-    fusion: Reduction = typer.Option(Reduction.mean, help="How rollout fuses heads: mean, max or min."),
+    fusion: Reduction = typer.Option(Reduction("mean"), help="How rollout fuses heads: mean, max or min."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries of each image's fused map."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
@@ -383,9 +303,14 @@ def metrics_command(
 
     from .cache import open_metrics
     from .measure import compute_metrics, layer_summary
+    from .options import MetricsOptions, resolve_device
 
     console = _stderr_console()
-    _available_device(device)
+    options = MetricsOptions().replace(
+        fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, resume=resume,
+        overwrite=overwrite,
+    )
+    resolve_device(device)
     progress = Progress(
         TextColumn("metrics"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, disable=quiet or not console.is_terminal, transient=True,
@@ -393,9 +318,7 @@ def metrics_command(
     with progress:
         task = progress.add_task("metrics", total=None)
         path = compute_metrics(
-            cache, output, fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size,
-            device=device, resume=resume, overwrite=overwrite,
-            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            cache, output, options, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     if quiet:  # --quiet: no summary table either, stdout stays empty
         return
@@ -403,7 +326,7 @@ def metrics_command(
         rows, columns = layer_summary(result)
         console.print(f"attnflow: wrote {path}: {len(result)} images, {len(result.metric_names)} metrics "
                       f"(mean over images and heads per layer below)", markup=False)
-    emit(rows, columns, format, title=f"{result.attrs['label']} ({result.attrs['family']})")
+    _deliver(Table(rows, columns, f"{result.attrs['label']} ({result.attrs['family']})"), format)
 
 
 class Depth(str, Enum):
@@ -444,17 +367,18 @@ def compare(
     jea: List[Path] = typer.Option([], "--jea", help="A metrics file of a JEA model (repeatable)."),
     label: List[str] = typer.Option([], "--label", help="Model labels in file order (positional files, then --mim, then --jea); repeatable."),
     family: List[Family] = typer.Option([], "--family", help="Model families in the same order; repeatable."),
-    metric: List[str] = typer.Option([], "--metric", "-m", help="Metric to compare (repeatable; default: cls_self, cls_entropy_norm, patch_to_cls, cls_top10_mass, attn_distance, rollout_entropy_norm, magnitude_cls, and cls_fg_mass when present)."),
-    heads: Reduction = typer.Option(Reduction.mean, help="How heads are reduced before images are averaged."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help=f"Metric to compare (repeatable; default: those of {', '.join(REGISTRY.defaults)} that some file has)."),
+    groups: str = typer.Option("mim,jea", "--groups", help=f"The summary: two families A,B (reports A - B), or all for every pair of the families present. Families: {', '.join(FAMILIES)}."),
+    heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged."),
     layers: str = typer.Option("all", callback=_layers_option, help="Layers in the per-layer tables: all, last or N,M,... (0-based; negative from the end; fractions with --depth relative)."),
     depth: Depth = typer.Option(Depth.absolute, help="relative aligns models of different depths at fractions of depth."),
-    summary_layers: str = typer.Option("last", callback=_layers_option, help="Layers of the MIM-vs-JEA summary, same syntax as --layers."),
+    summary_layers: str = typer.Option("last", callback=_layers_option, help="Layers of the group summary, same syntax as --layers."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the confidence intervals."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json (csv/tsv: one row per model x metric x layer)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
-    """Compare models' metrics per layer, MIM vs JEA, with bootstrap CIs, Mann-Whitney U and Cliff's delta.
+    """Compare models' metrics per layer and between two groups (MIM vs JEA by default): bootstrap CIs, Mann-Whitney U, Cliff's delta.
 
     Example: attnflow compare --mim mae.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
     """
@@ -474,17 +398,10 @@ def compare(
     families = [family[i].value if i < len(family) else implied[i] for i in range(len(paths))]
     comparison = compare_files(
         paths, labels=label, families=families, metrics=metric or None, heads=heads.value, layers=layers,
-        depth=depth.value, summary_layers=summary_layers, n_bootstrap=bootstrap, seed=seed,
+        depth=depth.value, summary_layers=summary_layers, groups=groups, n_bootstrap=bootstrap, seed=seed,
     )
-    console = _stderr_console()
-    for note in comparison.notes:
-        console.print(f"attnflow: note: {note}", markup=False)
-    if output is None:
-        comparison.write(format, sys.stdout)
-    else:
-        with _open_output(output) as handle:
-            comparison.write(format, handle)
-        console.print(f"attnflow: wrote {output}", markup=False)
+    _print_notes(comparison.notes)
+    _deliver(comparison, format, output)
 
 
 @app.command()
@@ -502,23 +419,23 @@ def demo(
     compares the two models, prints the tables and writes everything into --out.
     """
     from .demo import run_demo
+    from .options import resolve_device
 
     console = _stderr_console()
-    _available_device(device)
+    resolve_device(device)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; the demo writes into a folder")
     run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe,
                    on_model=lambda name: console.print(f"attnflow: demo: extracting {name}", markup=False))
-    for note in run.comparison.notes:
-        console.print(f"attnflow: note: {note}", markup=False)
-    run.comparison.write(format, sys.stdout)
+    _print_notes(run.comparison.notes)
+    _deliver(run.comparison, format)
     if run.probe_records:
         from .probe import PROBE_COLUMNS
 
         columns = [*PROBE_COLUMNS, "gain_over_cls", "cls_entropy_norm"]
         if format not in (Format.csv, Format.tsv, Format.json):
             sys.stdout.write("\n")
-        emit(run.probe_records, columns, format, title="probes: cls vs selective pooling (80/20 split of 2,000 probe images)")
+        _deliver(Table(run.probe_records, columns, "probes: cls vs selective pooling (80/20 split of 2,000 probe images)"), format)
     console.print(
         f"attnflow: demo: {run.n_images} images; caches {', '.join(map(str, run.caches))}; metrics "
         f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}"
@@ -526,20 +443,6 @@ def demo(
         + (f"; probes {run.probe_csv}" if run.probe_csv else ""),
         markup=False,
     )
-
-
-class Pool(str, Enum):
-    cls = "cls"
-    mean = "mean"
-    cls_attn = "cls-attn"
-    min_entropy_head = "min-entropy-head"
-    rollout = "rollout"
-    abmilp = "abmilp"
-
-
-class Evaluator(str, Enum):
-    knn = "knn"
-    linear = "linear"
 
 
 @app.command("probe")
@@ -565,6 +468,7 @@ def probe_command(
 
     Example: attnflow probe mae.h5 dino.h5 --split 0.8 --with-attention
     """
+    from .options import resolve_device
     from .probe import POOLS, PROBE_COLUMNS, probe_caches
 
     if len(train) != len(test):
@@ -573,7 +477,7 @@ def probe_command(
         raise typer.BadParameter("caches given without --train/--test need --split", param_hint="--split")
     if split is not None and not caches:
         raise typer.BadParameter("divides caches given as arguments; --train/--test pairs are used as they are", param_hint="--split")
-    device = _available_device(device)
+    device = str(resolve_device(device))
     _check_output(output)
     pairs = [(c, None) for c in caches or []] + list(zip(train, test))
     if not pairs:
@@ -583,19 +487,11 @@ def probe_command(
         evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
         epochs=epochs, relu=abmilp_relu, seed=seed, n_bootstrap=bootstrap, device=device,
     )
-    console = _stderr_console()
-    for note in notes:
-        console.print(f"attnflow: note: {note}", markup=False)
+    _print_notes(notes)
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
     if format not in (Format.csv, Format.tsv):
         columns.insert(columns.index("n_train"), "gain_over_cls")
-    handle = _open_output(output) if output else sys.stdout
-    try:
-        emit(records, columns, format, title="linear and k-NN probes (accuracy, 95% bootstrap CI over test images)", out=handle)
-    finally:
-        if output:
-            handle.close()
-            console.print(f"attnflow: wrote {output}", markup=False)
+    _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images)"), format, output)
 
 
 plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)
@@ -606,23 +502,21 @@ app.add_typer(plot_app, name="plot")
 def plot_curves_command(
     files: List[Path] = typer.Argument(..., help="Metrics files, one per model."),
     output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
-    metric: List[str] = typer.Option([], "--metric", "-m", help="Metric to draw (repeatable; default: compare's default set)."),
-    heads: Reduction = typer.Option(Reduction.mean, help="How heads are reduced before images are averaged."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help=f"Metric to draw (repeatable; default: those of {', '.join(REGISTRY.defaults)} that some file has)."),
+    heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% bands."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
 ) -> None:
     """Per-layer curves: a panel per metric, a line per model with its 95% bootstrap band.
 
-    x = block (relative depth when depths differ), y = mean over images; MIM and JEA are told apart by
-    colour and line style.
+    x = block (relative depth when depths differ), y = mean over images; families are told apart by colour
+    and line style.
     """
     from .plot import plot_curves
 
     path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed)
-    console = _stderr_console()
-    for note in notes:
-        console.print(f"attnflow: note: {note}", markup=False)
-    console.print(f"attnflow: wrote {path}", markup=False)
+    _print_notes(notes)
+    _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 
 
 @plot_app.command("maps")
@@ -641,28 +535,26 @@ def plot_maps_command(
     from .plot import plot_maps
 
     path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads)
-    console = _stderr_console()
-    for note in notes:
-        console.print(f"attnflow: note: {note}", markup=False)
-    console.print(f"attnflow: wrote {path}", markup=False)
+    _print_notes(notes)
+    _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 
 
 @app.command()
 def info(
     path: Path = typer.Argument(..., help="An attnflow cache or metrics file."),
-    format: InfoFormat = typer.Option(InfoFormat.table, "--format", "-f", help="table or json."),
+    format: InfoFormat = typer.Option(InfoFormat("table"), "--format", "-f", help="table or json."),
 ) -> None:
     """Print what an attnflow file holds: its attributes and dataset shapes."""
     from .cache import describe
 
     described = describe(path)
-    if format is InfoFormat.json:
+    if format is InfoFormat("json"):
         json.dump(described, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
         return
     rows = [{"key": k, "value": v} for k, v in described["attrs"].items()]
     rows += [{"key": f"/{name}", "value": f"{'x'.join(map(str, d['shape'])) or 'scalar'} {d['dtype']}"} for name, d in described["datasets"].items()]
-    emit(rows, ["key", "value"], Format.table, title=str(path))
+    _deliver(Table(rows, ["key", "value"], str(path)), Format.table)
 
 
 @app.command()
@@ -674,11 +566,14 @@ def models(
     from .models import supported_pretrained
 
     rows = [{"model": n, "family": f} for n, f in supported_pretrained(family.value if family else None)]
-    emit(rows, ["model", "family"], format, title="pretrained ViTs in timm")
+    _deliver(Table(rows, ["model", "family"], "pretrained ViTs in timm"), format)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"attnflow: warning: {message}", file=sys.stderr)
+    if issubclass(category, AttnflowNote):
+        _print_notes([message])
+    else:
+        print(f"attnflow: warning: {message}", file=sys.stderr)
 
 
 class _Interrupted(BaseException):
@@ -703,7 +598,7 @@ def main() -> None:
         app()
     except AttnflowError as e:
         print(f"attnflow: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, OptionError) else 1)
     except _Interrupted as e:
         what = "interrupted" if e.signum == signal.SIGINT else "stopped (SIGTERM)"
         print(f"attnflow: {what}; an interrupted extract or metrics run continues with --resume", file=sys.stderr)

@@ -1,20 +1,23 @@
-"""Put several models' metrics side by side and test whether MIM and JEA models differ.
+"""Put several models' metrics side by side and test whether two groups of models differ.
 
 Input is metrics files (one per model). For every model, metric and selected layer the per-image values
 (heads reduced first by ``heads``) give a mean, a standard deviation, a 95% bootstrap confidence interval of
-the mean and the number of images. With both families present, the images of all MIM models and of all JEA
-models are pooled per metric and layer, and compared with a bootstrap CI of the difference of means, a
-two-sided Mann-Whitney U test and Cliff's delta.
+the mean and the number of images. Models are grouped by family (:mod:`attnflow.families`); for each
+pair of groups summarised (``groups``: MIM vs JEA by default, any two families, or every pair present),
+the images of all models of group A and of all models of group B are pooled per metric and layer, and
+compared with a bootstrap CI of the difference of means A - B, a two-sided Mann-Whitney U test and Cliff's
+delta.
 
 Bootstrap streams, so that every interval can be recomputed by hand: model ``i`` (0-based, in input order)
 draws its resamples from ``numpy.random.default_rng([seed, i])``, resample after resample, each
-``integers(0, n, n)`` over its n images, shared by all its metrics and layers; summary row ``j`` draws from
-``default_rng([seed, 1000 + j])`` first all MIM resamples, then all JEA resamples. Intervals are the 2.5 and
-97.5 percentiles (numpy's default linear interpolation). Images whose value is NaN are left out of that
-metric's statistics.
+``integers(0, n, n)`` over its n images, shared by all its metrics and layers; summary row ``j`` (counted
+over all pairs, in output order) draws from ``default_rng([seed, 1000 + j])`` first all group A resamples,
+then all group B resamples. Intervals are the 2.5 and 97.5 percentiles (numpy's default linear
+interpolation). Images whose value is NaN are left out of that metric's statistics.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,43 +31,21 @@ import torch
 from scipy import stats
 
 from .cache import open_metrics
-from .errors import AttnflowError
-from .metrics import FUSIONS, HEAD_METRICS, IMAGE_METRICS, LAYER_METRICS, reduce_heads
+from .errors import AttnflowError, OptionError
+from .families import FAMILIES, title
+from .metrics import FUSIONS, REGISTRY, reduce_heads
+from .render import Format, emit, format_cell, json_value
 
-DEFAULT_METRICS = (
-    "cls_self", "cls_entropy_norm", "patch_to_cls", "cls_top10_mass", "attn_distance", "rollout_entropy_norm",
-    "magnitude_cls",
-)
-OPTIONAL_DEFAULT_METRICS = ("cls_fg_mass",)  # in the default set when some file has it
-FAMILY_ORDER = ("mim", "jea", "supervised", "unknown")
 ROW_COLUMNS = ("model", "family", "metric", "layer", "mean", "std", "ci_low", "ci_high", "n_images")
-SUMMARY_COLUMNS = (
-    "metric", "layer", "mim_mean", "jea_mean", "diff", "ci_low", "ci_high", "p_value", "cliffs_delta",
-    "n_mim", "n_jea", "mim_models", "jea_models", "verdict",
-)
-ALPHA = 0.05
-# What a positive MIM - JEA difference means, in words (a negative one swaps MIM and JEA).
-MEANING = {
-    "cls_self": "cls attends more to itself",
-    "cls_to_patch": "cls attends more to patches",
-    "cls_to_registers": "cls attends more to registers",
-    "patch_to_cls": "patches attend more to cls",
-    "patch_self": "patches attend more to themselves",
-    "cls_entropy": "cls attention more uniform",
-    "cls_entropy_norm": "cls attention more uniform",
-    "patch_entropy": "patch attention more uniform",
-    "patch_entropy_norm": "patch attention more uniform",
-    "cls_top10_mass": "cls attention more concentrated",
-    "cls_eff_frac": "cls attention spread over more patches",
-    "cls_gini": "cls attention more concentrated",
-    "attn_distance": "attention reaches farther",
-    "cls_fg_mass": "cls attention puts more mass on the object",
-    "rollout_entropy_norm": "rollout more uniform",
-    "rollout_top10_mass": "rollout more concentrated",
-    "rollout_fg_mass": "rollout puts more mass on the object",
-    "magnitude_cls": "cls attention update larger",
-    "magnitude_patch": "patch attention updates larger",
+DEFAULT_GROUPS = ("mim", "jea")
+ALL_PAIRS = "all"  # --groups all: every pair of the families present
+# The summary's generic keys and, for the groups mim,jea, the names attnflow 0.1 gave them in json:
+# written as aliases for one release.
+LEGACY_SUMMARY_KEYS = {
+    "a_mean": "mim_mean", "b_mean": "jea_mean", "n_a": "n_mim", "n_b": "n_jea", "a_models": "mim_models",
+    "b_models": "jea_models",
 }
+ALPHA = 0.05
 
 
 @dataclass
@@ -78,10 +59,6 @@ class ModelMetrics:
     img_size: tuple[int, ...]
     has_cls: bool
     values: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def n_images(self) -> int:
-        return next(iter(self.values.values())).shape[0] if self.values else 0
 
 
 @dataclass(frozen=True)
@@ -112,18 +89,17 @@ def load_models(
         raise AttnflowError(f"unknown head reduction '{heads}' (choose from {', '.join(FUSIONS)})")
     if len(labels) > len(paths) or len(families) > len(paths):
         raise AttnflowError(f"{max(len(labels), len(families))} labels/families given for {len(paths)} files")
-    known = set(HEAD_METRICS) | set(LAYER_METRICS) | set(IMAGE_METRICS)
     for name in metrics or ():
-        if name not in known:
-            raise AttnflowError(f"unknown metric '{name}' (known: {', '.join(sorted(known))})")
+        if name not in REGISTRY:
+            raise AttnflowError(f"unknown metric '{name}' (known: {', '.join(sorted(REGISTRY.names()))})")
     models: list[ModelMetrics] = []
     available: list[set[str]] = []
     for i, path in enumerate(paths):
         with open_metrics(path) as mf:
             a = mf.attrs
             family = (families[i] if i < len(families) else None) or a.get("family", "unknown")
-            if family not in FAMILY_ORDER:
-                raise AttnflowError(f"unknown family '{family}' for {path} (choose from {', '.join(FAMILY_ORDER)})")
+            if family not in FAMILIES:
+                raise AttnflowError(f"unknown family '{family}' for {path} (choose from {', '.join(FAMILIES)})")
             model = ModelMetrics(
                 label=(labels[i] if i < len(labels) else None) or a.get("label") or Path(path).stem,
                 family=family,
@@ -134,23 +110,20 @@ def load_models(
             )
             names = set(mf.metric_names)
             available.append(names)
-            wanted = metrics or [*DEFAULT_METRICS, *OPTIONAL_DEFAULT_METRICS]
-            for name in wanted:
+            for name in metrics or REGISTRY.defaults:
                 if name not in names:
                     continue
-                data = mf.metric(name)[()].astype(np.float64)
-                if name in HEAD_METRICS:
+                data = mf.values(name).astype(np.float64)
+                level = REGISTRY[name].level
+                if level == "head":
                     data = reduce_heads(torch.from_numpy(data), heads, dim=-1).numpy()
-                elif name in IMAGE_METRICS:  # one value per image: the same at every layer
+                elif level == "image":  # one value per image: the same at every layer
                     data = np.repeat(data[:, None], model.num_layers, axis=1)
                 model.values[name] = data
             models.append(model)
     _make_labels_unique(models, notes)
-    if metrics:
-        chosen = list(metrics)
-    else:
-        chosen = [m for m in DEFAULT_METRICS if any(m in names for names in available)]
-        chosen += [m for m in OPTIONAL_DEFAULT_METRICS if any(m in names for names in available)]
+    # without --metric: the registry's default set, those of it that some file has
+    chosen = list(metrics) if metrics else [m for m in REGISTRY.defaults if any(m in names for names in available)]
     for name in chosen:
         lacking = [m.label for m in models if name not in m.values]
         if len(lacking) == len(models):
@@ -295,73 +268,124 @@ def cliffs_delta(u_statistic: float, n_x: int, n_y: int) -> float:
     return 2.0 * u_statistic / (n_x * n_y) - 1.0
 
 
-def verdict(metric: str, diff: float, ci_low: float, ci_high: float, p_value: float) -> str:
+def parse_groups(spec: str | Sequence[str]) -> tuple[str, str] | None:
+    """``--groups``: ``"A,B"`` (or a pair of names) -> ``(A, B)``, two different families; ``"all"`` -> None,
+    meaning every pair of the families present."""
+    if isinstance(spec, str):
+        if spec.strip() == ALL_PAIRS:
+            return None
+        names = [part.strip() for part in spec.split(",")]
+    else:
+        names = [str(part) for part in spec]
+    shown = spec if isinstance(spec, str) else ",".join(names)
+    if len(names) != 2 or not all(names):
+        raise OptionError("--groups", f"takes two families A,B or {ALL_PAIRS}, not '{shown}'")
+    for name in names:
+        if name not in FAMILIES:
+            raise OptionError("--groups", f"unknown family '{name}' (choose from {', '.join(FAMILIES)})")
+    if names[0] == names[1]:
+        raise OptionError("--groups", f"names '{names[0]}' twice; give two different families")
+    return names[0], names[1]
+
+
+def summary_pairs(models: Sequence[ModelMetrics], pair: tuple[str, str] | None, notes: list[str]) -> list[tuple[str, str]]:
+    """The group pairs to summarise: ``pair`` when both of its families are present, or with ``pair`` None
+    every pair of the families present, in family order. A pair that cannot be summarised is a note."""
+    present = [f for f in FAMILIES if any(m.family == f for m in models)]
+    if pair is None:
+        pairs = list(itertools.combinations(present, 2))
+        if not pairs and len(models) > 1:
+            notes.append(f"no summary: every model is {title(present[0])}; --groups {ALL_PAIRS} compares the families present")
+        return pairs
+    missing = [f for f in pair if f not in present]
+    if missing:
+        if len(models) > 1:
+            notes.append(f"no {title(pair[0])}-vs-{title(pair[1])} summary: no {title(missing[0])} model among the files "
+                         f"(families here: {', '.join(present)}); --groups picks the two families")
+        return []
+    return [pair]
+
+
+def verdict(metric: str, diff: float, ci_low: float, ci_high: float, p_value: float,
+            groups: tuple[str, str] = DEFAULT_GROUPS) -> str:
+    """In words, what the difference ``diff`` = group A - group B of ``metric`` says, when it is clear."""
     if not all(math.isfinite(v) for v in (diff, ci_low, ci_high, p_value)):
         return "not available"
     if p_value >= ALPHA or ci_low <= 0 <= ci_high:
         return "no clear difference"
-    more, less = ("MIM", "JEA") if diff > 0 else ("JEA", "MIM")
-    meaning = MEANING.get(metric)
-    return f"{more} {meaning}" if meaning else f"{more} {metric} higher than {less}"
+    more, less = (title(groups[0]), title(groups[1])) if diff > 0 else (title(groups[1]), title(groups[0]))
+    declared = REGISTRY.get(metric)
+    return f"{more} {declared.meaning}" if declared else f"{more} {metric} higher than {less}"
 
 
 def summarize(
     models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000,
-    seed: int = 0, notes: list[str] | None = None,
+    seed: int = 0, notes: list[str] | None = None, groups: Sequence[tuple[str, str]] = (DEFAULT_GROUPS,),
 ) -> list[dict[str, Any]]:
-    """MIM vs JEA per metric and layer row (``SUMMARY_COLUMNS``); empty unless both families are present."""
+    """Group A vs group B per pair in ``groups``, metric and layer row; a pair whose families are not both
+    present gives no rows."""
     notes = notes if notes is not None else []
-    groups = {fam: [i for i, m in enumerate(models) if m.family == fam] for fam in ("mim", "jea")}
-    if not groups["mim"] or not groups["jea"]:
-        return []
-    for fam, members in groups.items():
-        if len(members) > 1:
-            notes.append(f"summary pools the images of {len(members)} {fam.upper()} models: "
-                         + ", ".join(models[i].label for i in members))
-    out = []
-    for name in metrics:
-        for row in rows:
-            pools = {}
-            for fam, members in groups.items():
-                parts = [models[i].values[name][:, row.index[i]] for i in members
-                         if name in models[i].values and row.index[i] is not None]
-                values = np.concatenate(parts) if parts else np.empty(0)
-                pools[fam] = values[np.isfinite(values)]
-            j = len(out)
-            out.append(_compare_pools(name, row, pools["mim"], pools["jea"], n_bootstrap, np.random.default_rng([seed, 1000 + j]),
-                                      [models[i].label for i in groups["mim"]], [models[i].label for i in groups["jea"]]))
+    out: list[dict[str, Any]] = []
+    for pair in groups:
+        members = [[i for i, m in enumerate(models) if m.family == fam] for fam in pair]
+        if not all(members):
+            continue
+        for fam, indices in zip(pair, members):
+            if len(indices) > 1:
+                notes.append(f"summary pools the images of {len(indices)} {title(fam)} models: "
+                             + ", ".join(models[i].label for i in indices))
+        labels = [[models[i].label for i in indices] for indices in members]
+        for name in metrics:
+            for row in rows:
+                pools = []
+                for indices in members:
+                    parts = [models[i].values[name][:, row.index[i]] for i in indices
+                             if name in models[i].values and row.index[i] is not None]
+                    values = np.concatenate(parts) if parts else np.empty(0)
+                    pools.append(values[np.isfinite(values)])
+                j = len(out)
+                out.append(_compare_pools(name, row, pair, pools, labels, n_bootstrap, np.random.default_rng([seed, 1000 + j])))
     return out
 
 
-def _compare_pools(name, row, mim, jea, n_bootstrap, rng, mim_models, jea_models) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "metric": name, "layer": row.name, "n_mim": int(mim.size), "n_jea": int(jea.size),
-        "mim_models": ", ".join(mim_models), "jea_models": ", ".join(jea_models),
-    }
-    if mim.size == 0 or jea.size == 0:
-        record.update(dict.fromkeys(("mim_mean", "jea_mean", "diff", "ci_low", "ci_high", "p_value", "cliffs_delta"), math.nan))
+def _compare_pools(name: str, row: LayerRow, pair: tuple[str, str], pools: list[np.ndarray], labels: list[list[str]],
+                   n_bootstrap: int, rng: np.random.Generator) -> dict[str, Any]:
+    """One summary record: group A's pooled values ``pools[0]`` against group B's ``pools[1]``."""
+    a, b = pools
+    record: dict[str, Any] = {"metric": name, "layer": row.name, "a_group": pair[0], "b_group": pair[1]}
+    record.update(dict.fromkeys(("a_mean", "b_mean", "diff", "ci_low", "ci_high", "p_value", "cliffs_delta"), math.nan))
+    record.update({"n_a": int(a.size), "n_b": int(b.size), "a_models": ", ".join(labels[0]), "b_models": ", ".join(labels[1])})
+    if a.size == 0 or b.size == 0:
         record["verdict"] = "not available"
         return record
-    mim_means = _finite_mean_resamples(mim[:, None], rng, n_bootstrap)[:, 0]
-    jea_means = _finite_mean_resamples(jea[:, None], rng, n_bootstrap)[:, 0]
-    low, high = _percentile_ci(mim_means - jea_means)
-    test = stats.mannwhitneyu(mim, jea, alternative="two-sided")
-    diff = float(mim.mean() - jea.mean())
+    a_means = _finite_mean_resamples(a[:, None], rng, n_bootstrap)[:, 0]
+    b_means = _finite_mean_resamples(b[:, None], rng, n_bootstrap)[:, 0]
+    low, high = _percentile_ci(a_means - b_means)
+    test = stats.mannwhitneyu(a, b, alternative="two-sided")
+    diff = float(a.mean() - b.mean())
     record.update({
-        "mim_mean": float(mim.mean()), "jea_mean": float(jea.mean()), "diff": diff,
+        "a_mean": float(a.mean()), "b_mean": float(b.mean()), "diff": diff,
         "ci_low": float(low), "ci_high": float(high), "p_value": float(test.pvalue),
-        "cliffs_delta": cliffs_delta(float(test.statistic), mim.size, jea.size),
+        "cliffs_delta": cliffs_delta(float(test.statistic), a.size, b.size),
     })
-    record["verdict"] = verdict(name, diff, record["ci_low"], record["ci_high"], record["p_value"])
+    record["verdict"] = verdict(name, diff, record["ci_low"], record["ci_high"], record["p_value"], pair)
     return record
+
+
+def with_legacy_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """A summary record plus, for the groups mim,jea, its keys under attnflow 0.1's names (``mim_mean``...)."""
+    if (record.get("a_group"), record.get("b_group")) != DEFAULT_GROUPS:
+        return record
+    return {**record, **{old: record[new] for new, old in LEGACY_SUMMARY_KEYS.items()}}
 
 
 def layer_tables(
     records: Sequence[dict[str, Any]], models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow]
 ) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
     """Per metric a table ``(title, rows, columns)``: a row per layer row, a column per model, grouped by
-    family (MIM first, then JEA), each cell the mean over images."""
-    order = sorted(range(len(models)), key=lambda i: FAMILY_ORDER.index(models[i].family))
+    family in :data:`attnflow.families.FAMILIES` order (MIM first, then JEA, ...), each cell the mean over
+    images."""
+    order = sorted(range(len(models)), key=lambda i: FAMILIES.index(models[i].family))
     headers = {i: f"{models[i].label} ({models[i].family})" for i in order}
     cells = {(r["model"], r["metric"], r["row"]): r["mean"] for r in records}
     tables = []
@@ -377,24 +401,23 @@ def layer_tables(
 
 
 def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The MIM-vs-JEA summary as display rows."""
-    from .render import format_cell
-
+    """The summary records of one group pair as display rows; the mean columns are named after the groups."""
+    a, b = title(summary[0]["a_group"]), title(summary[0]["b_group"])
     rows = [
         {
-            "metric": s["metric"], "layer": s["layer"], "MIM": s["mim_mean"], "JEA": s["jea_mean"], "diff": s["diff"],
+            "metric": s["metric"], "layer": s["layer"], a: s["a_mean"], b: s["b_mean"], "diff": s["diff"],
             "95% CI": f"[{format_cell(s['ci_low'])}, {format_cell(s['ci_high'])}]",
             "p": f"{s['p_value']:.2g}" if math.isfinite(s["p_value"]) else "nan",
-            "cliff's d": s["cliffs_delta"], "n": f"{s['n_mim']}/{s['n_jea']}", "verdict": s["verdict"],
+            "cliff's d": s["cliffs_delta"], "n": f"{s['n_a']}/{s['n_b']}", "verdict": s["verdict"],
         }
         for s in summary
     ]
-    return rows, ["metric", "layer", "MIM", "JEA", "diff", "95% CI", "p", "cliff's d", "n", "verdict"]
+    return rows, ["metric", "layer", a, b, "diff", "95% CI", "p", "cliff's d", "n", "verdict"]
 
 
 @dataclass
 class Comparison:
-    """Everything ``attnflow compare`` reports: per-cell records, the MIM-vs-JEA summary and notes."""
+    """Everything ``attnflow compare`` reports: per-cell records, the group summaries and notes."""
 
     models: list[ModelMetrics]
     metrics: list[str]
@@ -403,25 +426,32 @@ class Comparison:
     summary: list[dict[str, Any]]
     notes: list[str]
     heads: str
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # the group pairs summarised, in summary order
+
+    def summaries(self) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+        """The summary records of each group pair that has any, in output order."""
+        by_pair = [(pair, [r for r in self.summary if (r["a_group"], r["b_group"]) == pair]) for pair in self.pairs]
+        return [(pair, records) for pair, records in by_pair if records]
 
     def write(self, fmt, out) -> None:
         """Write in ``fmt`` (a :class:`attnflow.render.Format`): tables, long-format csv/tsv or json."""
-        from .render import Format, emit, json_value
-
         fmt = Format(fmt)
         if fmt is Format.json:
             clean = lambda r: {k: json_value(v) for k, v in r.items() if k != "row"}  # noqa: E731
-            json.dump({"rows": [clean(r) for r in self.records], "summary": [clean(r) for r in self.summary]}, out, indent=2)
+            json.dump({"rows": [clean(r) for r in self.records], "summary": [clean(with_legacy_keys(r)) for r in self.summary]},
+                      out, indent=2)
             out.write("\n")
         elif fmt in (Format.csv, Format.tsv):
             emit(self.records, list(ROW_COLUMNS), fmt, out=out)
         else:
-            for title, table_rows, columns in layer_tables(self.records, self.models, self.metrics, self.rows):
-                emit(table_rows, columns, fmt, title=f"{title} (mean over images, heads: {self.heads})", out=out)
+            for metric, table_rows, columns in layer_tables(self.records, self.models, self.metrics, self.rows):
+                emit(table_rows, columns, fmt, title=f"{metric} (mean over images, heads: {self.heads})", out=out)
                 out.write("\n")
-            if self.summary:
-                display, columns = summary_table(self.summary)
-                emit(display, columns, fmt, title="MIM vs JEA", out=out)
+            for k, ((a, b), records) in enumerate(self.summaries()):
+                if k:
+                    out.write("\n")
+                display, columns = summary_table(records)
+                emit(display, columns, fmt, title=f"{title(a)} vs {title(b)}", out=out)
 
 
 def compare_files(
@@ -434,29 +464,36 @@ def compare_files(
     layers: str = "all",
     depth: str = "absolute",
     summary_layers: str = "last",
+    groups: str | Sequence[str] = DEFAULT_GROUPS,
     n_bootstrap: int = 2000,
     seed: int = 0,
 ) -> Comparison:
-    """Load metrics files and compute every table ``attnflow compare`` prints."""
+    """Load metrics files and compute every table ``attnflow compare`` prints.
+
+    ``groups`` chooses the summary: two families ``"A,B"`` (or ``("A", "B")``; default MIM vs JEA), whose
+    pooled images are compared as A - B, or ``"all"`` for every pair of the families present.
+    """
     notes: list[str] = []
+    pair = parse_groups(groups)
     metrics = list(dict.fromkeys(metrics)) if metrics else metrics  # a metric asked for twice: one table
     models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads, notes=notes)
-    both = {"mim", "jea"} <= {m.family for m in models}
-    _note_repeated_files(models, both, notes)
+    pairs = summary_pairs(models, pair, notes)
+    _note_repeated_files(models, pairs, notes)
     rows = plan_layers(models, layers, depth, notes)
     records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
-    summary_rows = plan_layers(models, summary_layers, depth, notes if both else [], option="--summary-layers")
-    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes)
-    return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads)
+    summary_rows = plan_layers(models, summary_layers, depth, notes if pairs else [], option="--summary-layers")
+    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes, groups=pairs)
+    return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads, pairs)
 
 
-def _note_repeated_files(models: Sequence[ModelMetrics], summarized: bool, notes: list[str]) -> None:
-    """One file given twice is one model shown twice; in the summary its images would count once per copy."""
+def _note_repeated_files(models: Sequence[ModelMetrics], pairs: Sequence[tuple[str, str]], notes: list[str]) -> None:
+    """One file given twice is one model shown twice; in a summary its images would count once per copy."""
     copies: dict[str, list[ModelMetrics]] = {}
     for m in models:
         copies.setdefault(os.path.realpath(m.path), []).append(m)
     for same in copies.values():
         if len(same) > 1:
-            pooled = summarized and any(sum(m.family == fam for m in same) > 1 for fam in ("mim", "jea"))
+            pooled = [f"{title(a)}-vs-{title(b)}" for a, b in pairs if any(sum(m.family == fam for m in same) > 1 for fam in (a, b))]
+            summaries = f"the {' and '.join(pooled)} {'summary counts' if len(pooled) == 1 else 'summaries count'}"
             notes.append(f"{same[0].path} is given {len(same)} times (as {', '.join(m.label for m in same)})"
-                         + ("; the MIM-vs-JEA summary counts its images once per copy" if pooled else ""))
+                         + (f"; {summaries} its images once per copy" if pooled else ""))

@@ -12,18 +12,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
+import torch
 import torch.distributed as dist
 
-from .cache import STATIC_DATASETS, file_attrs, file_system_errors, in_memory_hdf5, inputs_digest, write_atomically
+from .cache import file_attrs, file_system_errors, in_memory_hdf5, inputs_digest, write_atomically
 from .errors import AttnflowError
+from .extract import extract
+from .images import folder_classes
+from .models import LoadedModel
+from .options import ExtractOptions
+from .schema import FG, IMAGE_IDS, LABELS, SKIP_DATASETS, STATIC_DATASETS, attach_dimension_scales
 
 # Row datasets that stay in the shards (virtual), the rest is copied: every row of these is at least 2-D.
-SMALL_ROW_DATASETS = ("image_ids", "labels", "fg")
-SKIP_DATASETS = ("skipped", "skipped_reason")
+SMALL_ROW_DATASETS = (IMAGE_IDS, LABELS, FG)
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,6 @@ def init(rank: Rank, device: str) -> str:
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -77,6 +80,57 @@ def barrier() -> None:
 def finish() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def extract_sharded(
+    loaded: LoadedModel,
+    paths: Sequence[Path],
+    output: str | Path,
+    options: ExtractOptions | None = None,
+    *,
+    metrics: str | Path | None = None,
+    rank: Rank | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+    **option_values: Any,
+) -> Path | None:
+    """One rank of a launch (``torchrun ... python my_script.py``): this rank's block of ``paths`` into its
+    shard, then rank 0 writes ``output`` (and ``metrics``) over all shards. Returns ``output`` on rank 0,
+    None on the others. Options as for :func:`attnflow.extract.extract`; ``--resume`` keeps a finished
+    shard only once it is checked to be this run's (inputs, model, options)."""
+    options = (options or ExtractOptions()).replace(**option_values)
+    rank = rank or launched_rank()
+    if rank is None:
+        raise AttnflowError("extract_sharded runs under torchrun (or another env:// launcher): WORLD_SIZE is not above 1")
+    output = Path(output)
+    metrics = None if metrics is None else Path(metrics)
+    again = options.run.overwrite or options.run.resume  # a resumed run whose shards all check out assembles again
+    for target in (output, metrics):
+        if target is not None and target.exists() and not again:
+            raise AttnflowError(f"{target} already exists; pass --overwrite to replace it")
+    if len(paths) < rank.world:
+        raise AttnflowError(f"{len(paths)} images for {rank.world} processes: launch at most {len(paths)}")
+    device = init(rank, options.run.device)
+    try:
+        start, stop = shard(paths, rank)
+        for target in (output, metrics):
+            if target is not None:
+                shard_path(target, rank).parent.mkdir(parents=True, exist_ok=True)
+        extract(
+            loaded, paths[start:stop], shard_path(output, rank), options.replace(device=device),
+            metrics=None if metrics is None else shard_path(metrics, rank),
+            class_names=folder_classes(paths) if options.inputs.labels_from_dirs else None, on_skip=on_skip,
+        )
+        barrier()
+        if rank.leader:
+            all_paths = [str(p) for p in paths]
+            for target in (output, metrics):
+                if target is not None:
+                    shards = [shard_path(target, rank, i) for i in range(rank.world)]
+                    assemble(target, shards, all_paths=all_paths, overwrite=again)
+        barrier()
+    finally:
+        finish()
+    return output if rank.leader else None
 
 
 def assemble(output: Path, shards: list[Path], *, all_paths: Sequence[str], overwrite: bool) -> Path:
@@ -108,7 +162,9 @@ def _assemble(output: Path, shards: list[Path], all_paths: Sequence[str]) -> byt
                 "shards": [os.path.relpath(p, output.parent) for p in shards],
             })
             names: list[str] = []
-            handles[0].visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            handles[0].visititems(  # the shards' dimension scales are made anew for the whole
+                lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and not h5py.h5ds.is_scale(obj.id) else None
+            )
             for name in names:
                 first = handles[0][name]
                 if name in STATIC_DATASETS:
@@ -127,6 +183,7 @@ def _assemble(output: Path, shards: list[Path], all_paths: Sequence[str]) -> byt
                             layout[start:start + count] = source
                         start += count
                     out.create_virtual_dataset(name, layout)
+            attach_dimension_scales(out)
     finally:
         for h in handles:
             h.close()

@@ -20,12 +20,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cache import METRICS_GROUP, ROLLOUT_MAP, CacheSpec, MetricsSpec, RowFileWriter, inputs_digest
+from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest
 from .capture import AttentionCapture
-from .errors import AttnflowError
-from .images import ImageBatch, ImageDataset, collate_images, index_masks, resolve_preprocessing
-from .metrics import FUSIONS, available_metrics, batch_metrics
+from .errors import AttnflowError, AttnflowNote
+from .images import ImageBatch, ImageDataset, Preprocessing, class_of, collate_images, folder_classes, index_masks, resolve_preprocessing
+from .metrics import available_metrics, batch_metrics
 from .models import LoadedModel
+from .options import ExtractOptions, resolve_device
+from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, ROLLOUT_MAP, TOKENS, metric_dataset
 
 
 @dataclass
@@ -37,17 +39,6 @@ class ExtractResult:
     seconds: float
     metrics_path: Path | None = None
     already_complete: bool = False  # --resume of a run that had finished: nothing was computed
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AttnflowError("--device cuda was asked for, but no CUDA device is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AttnflowError(f"unknown device '{device}' (use auto, cpu or cuda)") from None
 
 
 def default_workers() -> int:
@@ -106,169 +97,182 @@ def extract(
     loaded: LoadedModel,
     paths: Sequence[Path],
     output: str | Path,
+    options: ExtractOptions | None = None,
     *,
-    store: str = "full",
-    dtype: str = "float16",
-    compression: str = "gzip",
-    save_tokens: bool = False,
-    labels_from_dirs: bool = False,
-    class_names: Sequence[str] | None = None,
-    masks: str | Path | None = None,
     metrics: str | Path | None = None,
-    fusion: str = "mean",
-    discard_ratio: float = 0.0,
-    batch_size: int = 32,
-    workers: int | None = None,
-    device: str = "auto",
-    amp: bool = False,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-    strict: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
+    class_names: Sequence[str] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    **option_values: Any,
 ) -> ExtractResult:
     """Capture attention for ``paths`` with ``loaded.model`` into the cache ``output``.
 
     Args:
-        masks: folder of object masks matched to images by file stem; stores ``fg`` (n, P).
-        class_names: with ``labels_from_dirs``, the full list of classes (default: the folders of ``paths``).
+        options: what to store and how to run (:class:`~attnflow.options.ExtractOptions`); single options can
+            also be given as keywords (``batch_size=8, store="rows"``), which override ``options``.
         metrics: also write a metrics file computed batch by batch from the float32 maps in flight (any
-            ``store`` mode, ``none`` included), with rollout ``fusion`` and ``discard_ratio``.
+            ``store`` mode, ``none`` included), with the rollout options.
+        class_names: with ``labels_from_dirs``, the full list of classes (default: the folders of ``paths``;
+            a shard of a distributed run gets the classes of the whole input list, so indices agree).
         on_skip: called once per undecodable file with (path, reason); with ``strict`` the first one raises.
         on_progress: called after each committed batch with (inputs done, inputs total).
     Returns the committed counts. On any error the ``.partial`` files keep every committed batch.
     """
-    if batch_size < 1:
-        raise AttnflowError(f"--batch-size must be at least 1, got {batch_size}")
+    options = (options or ExtractOptions()).replace(**option_values)
     if not paths:
         raise AttnflowError("no images to process")
-    if fusion not in FUSIONS:
-        raise AttnflowError(f"unknown fusion '{fusion}' (choose from {', '.join(FUSIONS)})")
-    if not 0 <= discard_ratio < 1:
-        raise AttnflowError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
     if metrics is not None and Path(metrics).resolve() == Path(output).resolve():
         raise AttnflowError("the metrics file and the cache must be different files")
-    model = loaded.model
-    torch_device = resolve_device(device)
-    use_amp = amp and torch_device.type == "cuda"
-    if amp and not use_amp:
-        warnings.warn("--amp has no effect on the CPU; running in float32", stacklevel=2)
-    layout = loaded.layout
-    preprocessing = resolve_preprocessing(model, crop_pct=crop_pct, interpolation=interpolation)
-    path_texts = [str(p) for p in paths]
-    if labels_from_dirs:
-        # a shard of a distributed run gets the classes of the whole input list, so indices agree
-        class_names = list(class_names) if class_names is not None else sorted({p.parent.name for p in paths})
-    else:
-        class_names = None
-    class_index = {c: i for i, c in enumerate(class_names or [])}
-    mask_paths = _match_masks(paths, masks) if masks is not None else None
-
-    spec = CacheSpec(
-        layout=layout,
-        num_layers=len(model.blocks),
-        num_heads=int(model.blocks[0].attn.num_heads),
-        store=store,
-        dtype=dtype,
-        compression=compression,
-        token_dim=int(model.embed_dim) if save_tokens else None,
-        class_names=class_names,
-        has_masks=mask_paths is not None,
-        final_norm=_final_layer_norm(model) if save_tokens else None,
-        attrs={
-            "model": loaded.name,
-            "label": loaded.label,
-            "family": loaded.family,
-            "weights": loaded.weights,
-            "checkpoint": loaded.checkpoint,
-            "checkpoint_sha256": loaded.checkpoint_sha256,
-            "preprocessing": json.dumps(preprocessing.as_dict(), sort_keys=True),
-            "amp": use_amp,
-            "working_dir": os.getcwd(),
-            "inputs_sha256": inputs_digest(path_texts),
-            "n_inputs": len(paths),
-        },
-    )
-    files = {"cache": (spec, output, metrics)}
+    plan = _plan(loaded, paths, options, class_names)
+    files = {"cache": (plan.cache_spec(output), output, metrics)}
     if metrics is not None:
-        warn_about_layout(layout, full_maps=True)
-        metrics_spec = MetricsSpec(
-            source_attrs=spec.root_attrs(),
-            metric_levels=available_metrics(layout, full_maps=True, has_fg=mask_paths is not None),
-            has_rollout=True,
-            fusion=fusion,
-            discard_ratio=discard_ratio,
-            source=str(Path(output).resolve()),
-            class_names=class_names,
-        )
-        files["metrics"] = (metrics_spec, metrics, output)
-    writers = _open_writers(files, len(paths), resume=resume, overwrite=overwrite)
+        warn_about_layout(loaded.layout, full_maps=True)
+        files["metrics"] = (plan.metrics_spec(files["cache"][0], output), metrics, output)
+    writers = _open_writers(files, len(paths), resume=options.run.resume, overwrite=options.run.overwrite)
     finished = _finished_run(writers, output, metrics)
     if finished is not None:
         return finished
-    if "metrics" in writers and resume:
+    if "metrics" in writers and options.run.resume:
         _align_for_resume(writers["cache"], writers["metrics"])
     cache_writer = writers["cache"]
-    start = cache_writer.n_inputs_done
     n_before = cache_writer.n_images
     t0 = time.perf_counter()
     try:
-        model.to(torch_device)
-        dataset = ImageDataset(
-            paths[start:], preprocessing,
-            masks=None if mask_paths is None else mask_paths[start:], patch_size=layout.patch_size,
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=default_workers() if workers is None else workers,
-            collate_fn=collate_images,
-            pin_memory=torch_device.type == "cuda",
-        )
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-            if use_amp
-            else contextlib.nullcontext()
-        )
-        background = BackgroundWriter(writers)
-        try:
-            with AttentionCapture(model) as capture, torch.inference_mode():
-                for batch in loader:
-                    skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
-                    for path, reason in skipped:
-                        if strict:
-                            raise AttnflowError(f"cannot decode {path}: {reason}")
-                        if on_skip:
-                            on_skip(path, reason)
-                    rows = {key: {} for key in writers}
-                    if batch.indices:
-                        rows = _process(model, capture, batch, preprocessing, torch_device, autocast, spec, writers, fusion, discard_ratio)
-                    done = start + max([*batch.indices, *(i for i, _ in batch.failures)]) + 1
-                    ids = [path_texts[start + i] for i in batch.indices]
-                    background.put(
-                        rows,
-                        image_ids=ids,
-                        n_inputs_done=done,
-                        labels=[class_index[Path(p).parent.name] for p in ids] if class_names is not None else None,
-                        skipped=skipped,
-                    )
-                    if on_progress:
-                        on_progress(done, len(paths))
-        finally:
-            background.join()
+        _run(plan, files["cache"][0], writers, on_skip=on_skip, on_progress=on_progress)
     except BaseException:
         for writer in writers.values():
             writer.close()
         raise
     _assemble(writers)
-    n_images, n_skipped = cache_writer.n_images, cache_writer.n_skipped
     return ExtractResult(
-        path=cache_writer.path, n_images=n_images, n_skipped=n_skipped, n_new=n_images - n_before,
-        seconds=time.perf_counter() - t0, metrics_path=writers["metrics"].path if "metrics" in writers else None,
+        path=cache_writer.path, n_images=cache_writer.n_images, n_skipped=cache_writer.n_skipped,
+        n_new=cache_writer.n_images - n_before, seconds=time.perf_counter() - t0,
+        metrics_path=writers["metrics"].path if "metrics" in writers else None,
     )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one extraction will do, resolved from the model, the inputs and the options before any work."""
+
+    loaded: LoadedModel
+    paths: Sequence[Path]
+    options: ExtractOptions
+    device: torch.device
+    amp: bool
+    preprocessing: Preprocessing
+    class_names: list[str] | None
+    mask_paths: list[Path | None] | None
+
+    def cache_spec(self, output: str | Path) -> CacheSpec:
+        loaded, adapter, store = self.loaded, self.loaded.adapter, self.options.store
+        return CacheSpec(
+            layout=loaded.layout,
+            num_layers=adapter.num_layers,
+            num_heads=adapter.num_heads,
+            store=store.store,
+            dtype=store.dtype,
+            compression=store.compression,
+            token_dim=adapter.width if store.save_tokens else None,
+            class_names=self.class_names,
+            has_masks=self.mask_paths is not None,
+            final_norm=_final_layer_norm(adapter.final_norm) if store.save_tokens else None,
+            attrs={
+                "model": loaded.name,
+                "label": loaded.label,
+                "family": loaded.family,
+                "weights": loaded.weights,
+                "checkpoint": loaded.checkpoint,
+                "checkpoint_sha256": loaded.checkpoint_sha256,
+                "preprocessing": json.dumps(self.preprocessing.as_dict(), sort_keys=True),
+                "amp": self.amp,
+                "working_dir": os.getcwd(),
+                "inputs_sha256": inputs_digest([str(p) for p in self.paths]),
+                "n_inputs": len(self.paths),
+            },
+        )
+
+    def metrics_spec(self, cache: CacheSpec, output: str | Path) -> MetricsSpec:
+        return MetricsSpec(
+            source_attrs=cache.root_attrs(),
+            metric_levels=available_metrics(self.loaded.layout, full_maps=True, has_fg=self.mask_paths is not None),
+            has_rollout=True,
+            fusion=self.options.rollout.fusion,
+            discard_ratio=self.options.rollout.discard_ratio,
+            source=str(Path(output).resolve()),
+            class_names=self.class_names,
+        )
+
+
+def _plan(loaded: LoadedModel, paths: Sequence[Path], options: ExtractOptions, class_names: Sequence[str] | None) -> _Plan:
+    device = resolve_device(options.run.device)
+    amp = options.run.amp and device.type == "cuda"
+    if options.run.amp and not amp:
+        warnings.warn(AttnflowNote("--amp has no effect on the CPU; running in float32"), stacklevel=3)
+    inputs = options.inputs
+    return _Plan(
+        loaded=loaded,
+        paths=paths,
+        options=options,
+        device=device,
+        amp=amp,
+        preprocessing=resolve_preprocessing(loaded.model, crop_pct=inputs.crop_pct, interpolation=inputs.interpolation),
+        class_names=(list(class_names) if class_names is not None else folder_classes(paths)) if inputs.labels_from_dirs else None,
+        mask_paths=_match_masks(paths, inputs.masks) if inputs.masks is not None else None,
+    )
+
+
+def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_skip, on_progress) -> None:
+    """Every input after the last committed batch: decode in workers, forward with capture, hand the rows
+    of each batch to the background writer."""
+    model, options, paths = plan.loaded.model, plan.options, plan.paths
+    start = writers["cache"].n_inputs_done
+    path_texts = [str(p) for p in paths]
+    class_index = {c: i for i, c in enumerate(plan.class_names or [])}
+    model.to(plan.device)
+    dataset = ImageDataset(
+        paths[start:], plan.preprocessing,
+        masks=None if plan.mask_paths is None else plan.mask_paths[start:], patch_size=plan.loaded.layout.patch_size,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=options.run.batch_size,
+        shuffle=False,
+        num_workers=default_workers() if options.run.workers is None else options.run.workers,
+        collate_fn=collate_images,
+        pin_memory=plan.device.type == "cuda",
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if plan.amp
+        else contextlib.nullcontext()
+    )
+    background = BackgroundWriter(writers)
+    try:
+        with AttentionCapture(model) as capture, torch.inference_mode():
+            for batch in loader:
+                skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
+                for path, reason in skipped:
+                    if options.inputs.strict:
+                        raise AttnflowError(f"cannot decode {path}: {reason}")
+                    if on_skip:
+                        on_skip(path, reason)
+                rows = {key: {} for key in writers}
+                if batch.indices:
+                    rows = _process(model, capture, batch, plan, autocast, spec, writers)
+                done = start + max([*batch.indices, *(i for i, _ in batch.failures)]) + 1
+                ids = [path_texts[start + i] for i in batch.indices]
+                background.put(
+                    rows,
+                    image_ids=ids,
+                    n_inputs_done=done,
+                    labels=[class_index[class_of(paths[start + i])] for i in batch.indices] if plan.class_names is not None else None,
+                    skipped=skipped,
+                )
+                if on_progress:
+                    on_progress(done, len(paths))
+    finally:
+        background.join()
 
 
 def _assemble(writers: dict[str, RowFileWriter]) -> None:
@@ -297,8 +301,8 @@ def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resu
         complete = [key for key, w in writers.items() if w.complete_attrs is not None]
         behind = [w.path for w in writers.values() if w.complete_attrs is None and w.n_inputs_done < n_inputs]
         if complete and behind:
-            warnings.warn(f"{', '.join(str(writers[k].path) for k in complete)} is complete but "
-                          f"{', '.join(map(str, behind))} is not: computing both", stacklevel=3)
+            warnings.warn(AttnflowNote(f"{', '.join(str(writers[k].path) for k in complete)} is complete but "
+                                       f"{', '.join(map(str, behind))} is not: computing both"), stacklevel=3)
             for key in complete:
                 spec, path, companion = files[key]
                 writers[key].close()
@@ -327,9 +331,9 @@ def _finished_run(writers: dict[str, RowFileWriter], output, metrics) -> Extract
     )
 
 
-def _final_layer_norm(model) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The model's final LayerNorm, which turns the stored tokens into what users read (None otherwise)."""
-    norm = getattr(model, "norm", None)
+def _final_layer_norm(norm: torch.nn.Module) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The model's final norm as (weight, bias, eps) when it is an affine LayerNorm, which turns the stored
+    tokens into what users read (None otherwise: the tokens are used as stored)."""
     if isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine:
         return norm.weight.detach().float().cpu().numpy(), norm.bias.detach().float().cpu().numpy(), norm.eps
     return None
@@ -338,13 +342,12 @@ def _final_layer_norm(model) -> tuple[np.ndarray, np.ndarray, float] | None:
 def warn_about_layout(layout, *, full_maps: bool) -> None:
     """Say once what a layout or a store mode leaves out of a metrics file."""
     if not layout.has_cls:
-        warnings.warn("the model has no cls token: every cls_* metric is NaN", stacklevel=3)
+        warnings.warn(AttnflowNote("the model has no cls token: every cls_* metric is NaN"), stacklevel=3)
     if not full_maps:
-        warnings.warn(
+        warnings.warn(AttnflowNote(
             "the cache keeps only cls/register rows (store=rows): patch metrics and rollout need full maps "
-            "and are left out",
-            stacklevel=3,
-        )
+            "and are left out"
+        ), stacklevel=3)
 
 
 def _match_masks(paths: Sequence[Path], folder: str | Path) -> list[Path | None]:
@@ -354,38 +357,40 @@ def _match_masks(paths: Sequence[Path], folder: str | Path) -> list[Path | None]
     if missing == len(paths):
         raise AttnflowError(f"no mask in {folder} has the file stem of any image")
     if missing:
-        warnings.warn(f"no mask in {folder} for {missing} of {len(paths)} images: their fg is NaN", stacklevel=3)
+        warnings.warn(AttnflowNote(f"no mask in {folder} for {missing} of {len(paths)} images: their fg is NaN"), stacklevel=3)
     return matched
 
 
 def _process(
-    model, capture: AttentionCapture, batch: ImageBatch, preprocessing, device, autocast, spec: CacheSpec,
-    writers: dict[str, RowFileWriter], fusion: str, discard_ratio: float,
+    model, capture: AttentionCapture, batch: ImageBatch, plan: _Plan, autocast, spec: CacheSpec,
+    writers: dict[str, RowFileWriter],
 ) -> dict[str, dict[str, np.ndarray]]:
     """One forward pass; returns, per file, the rows it stores for this batch as CPU numpy arrays."""
-    pixels = preprocessing.normalize(batch.pixels.to(device, non_blocking=True))
+    device = plan.device
+    pixels = plan.preprocessing.normalize(batch.pixels.to(device, non_blocking=True))
     with autocast:
         model.forward_features(pixels)
     captured = capture.pop()
     storage = torch.float16 if spec.dtype == "float16" else torch.float32
-    cache_rows = {"magnitude": captured.magnitude}
+    cache_rows = {MAGNITUDE: captured.magnitude}
     if spec.store == "full":
-        cache_rows["attn"] = captured.attn.to(storage)
+        cache_rows[ATTN] = captured.attn.to(storage)
     elif spec.store == "rows":
-        cache_rows["attn_rows"] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage)
+        cache_rows[ATTN_ROWS] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage)
     if spec.token_dim is not None:
-        cache_rows["tokens"] = captured.tokens.float()
+        cache_rows[TOKENS] = captured.tokens.float()
     if batch.fg is not None:
-        cache_rows["fg"] = batch.fg
+        cache_rows[FG] = batch.fg
     rows = {"cache": cache_rows}
     if "metrics" in writers:
         fg = None if batch.fg is None else batch.fg.to(device)
         values, maps = batch_metrics(
-            spec.layout, captured.magnitude, attn=captured.attn, fg=fg, fusion=fusion, discard_ratio=discard_ratio
+            spec.layout, captured.magnitude, attn=captured.attn, fg=fg, fusion=plan.options.rollout.fusion,
+            discard_ratio=plan.options.rollout.discard_ratio,
         )
-        metric_rows = {f"{METRICS_GROUP}/{name}": value.float() for name, value in values.items()}
+        metric_rows = {metric_dataset(name): value.float() for name, value in values.items()}
         metric_rows[ROLLOUT_MAP] = maps.float()
         if batch.fg is not None:
-            metric_rows["fg"] = batch.fg
+            metric_rows[FG] = batch.fg
         rows["metrics"] = metric_rows
     return {key: {name: t.cpu().numpy() for name, t in file_rows.items()} for key, file_rows in rows.items()}

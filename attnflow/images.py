@@ -19,6 +19,7 @@ import torch.nn as nn
 from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_data_config
 
+from .architectures import adapter_for
 from .errors import AttnflowError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -77,6 +78,16 @@ def _drop_duplicates(paths: list[Path], on_duplicates: Callable[[int], None] | N
     if on_duplicates is not None and len(unique) < len(paths):
         on_duplicates(len(paths) - len(unique))
     return unique
+
+
+def class_of(path: Path) -> str:
+    """An image's class under ``--labels-from-dirs``: its parent folder's name (the ImageFolder layout)."""
+    return Path(path).parent.name
+
+
+def folder_classes(paths: Sequence[Path]) -> list[str]:
+    """The classes of ``paths`` under ``--labels-from-dirs``, sorted: label i is ``folder_classes(...)[i]``."""
+    return sorted({class_of(p) for p in paths})
 
 
 def _walk_images(root: Path) -> list[Path]:
@@ -165,8 +176,7 @@ def resolve_preprocessing(
 ) -> Preprocessing:
     """The model's timm data config with ``input_size`` forced to the resolution the model was built at."""
     config = resolve_data_config({}, model=model)
-    channels = int(model.patch_embed.proj.in_channels)
-    height, width = (int(s) for s in model.patch_embed.img_size)
+    channels, height, width = adapter_for(model).input_size
     mean, std = tuple(config["mean"]), tuple(config["std"])
     if len(mean) != channels:
         # A greyscale model whose config still carries RGB statistics: use their average per channel.

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .architectures import adapter_for
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -48,11 +50,12 @@ class TokenLayout:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "TokenLayout":
-        """Read the layout off a timm ``VisionTransformer`` or ``Eva``."""
-        patch_embed = model.patch_embed
+        """Read the layout off any model :mod:`attnflow.architectures` supports (its adapter says where the
+        tokens sit); an unsupported model is an AttnflowError naming it."""
+        adapter = adapter_for(model)
         return cls(
-            has_cls=getattr(model, "cls_token", None) is not None,
-            num_prefix_tokens=int(model.num_prefix_tokens),
-            grid_size=tuple(int(g) for g in patch_embed.grid_size),
-            patch_size=tuple(int(p) for p in patch_embed.patch_size),
+            has_cls=adapter.has_cls,
+            num_prefix_tokens=adapter.num_prefix_tokens,
+            grid_size=adapter.grid_size,
+            patch_size=adapter.patch_size,
         )

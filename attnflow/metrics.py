@@ -5,38 +5,37 @@ Pure, batched functions over post-softmax attention (rows are queries) with an e
 function accepts any leading dimensions (``(B, H, T, T)``, ``(B, L, H, T, T)``, ...), computes in float64
 and returns float64.
 
+Every metric a metrics file holds is declared once (an :class:`~attnflow.registry.Metric` in the
+:class:`~attnflow.registry.MetricGroup` of the function that computes it, right below that function) and
+collected in :data:`REGISTRY`; :func:`batch_metrics` computes what the registry makes available.
+
 Notation: T tokens ordered ``[cls (if any), registers..., patches in raster order]``, p prefix tokens, S the
 P = T - p patches. ``Q_i(j) = A[i, j] / sum_{k in S} A[i, k]`` (j in S) is query i's attention renormalised
 over patches; ``H(q) = -sum q ln q`` in nats with ``0 ln 0 = 0``.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
 
 from .layout import TokenLayout
+from .registry import Level, Metric, MetricGroup, Need, Registry, check_group_output
 
 Fusion = Literal["mean", "max", "min"]
 FUSIONS = ("mean", "max", "min")
 TOP_FRACTION = 0.1
 
-# Every metric a metrics file can hold, by what one value describes: one head of one layer of one image,
-# one layer of one image, or one image.
-HEAD_METRICS = (
-    "cls_self", "cls_to_patch", "cls_to_registers", "patch_to_cls", "patch_self",
-    "cls_entropy", "cls_entropy_norm", "patch_entropy", "patch_entropy_norm",
-    "cls_top10_mass", "cls_eff_frac", "cls_gini", "attn_distance", "cls_fg_mass",
-)
-LAYER_METRICS = ("magnitude_cls", "magnitude_patch", "rollout_entropy_norm", "rollout_top10_mass", "rollout_fg_mass")
-IMAGE_METRICS = ("fg_frac",)
-
-# Metrics computable from the cls row alone (what ``--store rows`` keeps).
-CLS_ROW_METRICS = (
-    "cls_self", "cls_to_patch", "cls_to_registers", "cls_entropy", "cls_entropy_norm",
-    "cls_top10_mass", "cls_eff_frac", "cls_gini", "cls_fg_mass",
-)
+# Units shared by several metrics.
+ROW_SHARE = "share of the row's attention"
+CLS_SHARE = "share of cls attention over patches"
+ROLLOUT_SHARE = "share of the rollout map"
+NORMALISED_ENTROPY = "entropy / ln P"
 
 
 def entropy(q: torch.Tensor) -> torch.Tensor:
@@ -95,6 +94,37 @@ def patch_distances(layout: TokenLayout, device: torch.device | str | None = Non
     return torch.sqrt((rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2)
 
 
+@dataclass
+class Batch:
+    """What the metric groups of one batch of images read, and the intermediate quantities they share.
+
+    Attributes:
+        maps: (B, L, H, T, T) full maps, or (B, L, H, p, T) the prefix rows only (``full_maps`` False).
+        magnitude: (B, L, T) per-token magnitude ratios.
+        fg: (B, P) fraction of each patch that is object, or None without masks.
+    """
+
+    layout: TokenLayout
+    maps: torch.Tensor
+    full_maps: bool
+    magnitude: torch.Tensor
+    fg: torch.Tensor | None = None
+    fusion: Fusion = "mean"
+    discard_ratio: float = 0.0
+
+    @cached_property
+    def fg_per_head(self) -> torch.Tensor | None:
+        """(B, 1, P) float64 object fractions, broadcasting against one layer's (B, H, P)."""
+        return None if self.fg is None else self.fg.double()[:, None, :]
+
+    @cached_property
+    def rollout_maps(self) -> torch.Tensor:
+        """(B, L, P) rollout readout after every layer (full maps only), computed once per batch."""
+        if not self.full_maps:
+            raise ValueError("rollout needs full attention maps")
+        return rollout(self.maps, self.layout, self.fusion, self.discard_ratio)
+
+
 def cls_metrics(cls_rows: torch.Tensor, layout: TokenLayout, fg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Metrics of the cls token's attention row ``A[0, :]``.
 
@@ -114,12 +144,52 @@ def cls_metrics(cls_rows: torch.Tensor, layout: TokenLayout, fg: torch.Tensor | 
     if layout.num_registers:
         out["cls_to_registers"] = rows[..., 1:p].sum(-1)
     q = renormalise_over_patches(rows, layout)
-    out.update({f"cls_{name}": value for name, value in distribution_stats(q).items()})
+    stats = distribution_stats(q)
+    out.update({
+        "cls_entropy": stats["entropy"],
+        "cls_entropy_norm": stats["entropy_norm"],
+        "cls_top10_mass": stats["top10_mass"],
+        "cls_eff_frac": stats["eff_frac"],
+        "cls_gini": stats["gini"],
+    })
     if fg is not None:
         out["cls_fg_mass"] = (q * fg.double()).sum(-1)
     if not layout.has_cls:
         out = {name: torch.full_like(value, math.nan) for name, value in out.items()}
     return out
+
+
+CLS_ROW = MetricGroup(
+    "cls row",
+    compute=lambda batch, maps: cls_metrics(maps[..., 0, :], batch.layout, batch.fg_per_head),
+    per_layer=True,
+    metrics=(
+        Metric("cls_self", "head", {Need.prefix_rows}, ROW_SHARE, "cls → cls attention", "cls attends more to itself",
+               "A[0, 0]", default=True, summary=True, nan_when=("no_cls",)),
+        Metric("cls_to_patch", "head", {Need.prefix_rows}, ROW_SHARE, "cls → patches attention", "cls attends more to patches",
+               "sum_{j in S} A[0, j]", nan_when=("no_cls",)),
+        Metric("cls_to_registers", "head", {Need.prefix_rows, Need.registers}, ROW_SHARE, "cls → registers attention",
+               "cls attends more to registers", "sum_{0 < j < p} A[0, j]", nan_when=("no_cls",)),
+        Metric("cls_entropy", "head", {Need.prefix_rows}, "nats", "cls attention entropy", "cls attention more uniform",
+               "H(Q_0)", nan_when=("no_cls", "cls_mass")),
+        Metric("cls_entropy_norm", "head", {Need.prefix_rows}, NORMALISED_ENTROPY, "normalised cls entropy",
+               "cls attention more uniform", "H(Q_0) / ln P (1 = uniform, 0 = one patch)", default=True, summary=True,
+               nan_when=("no_cls", "cls_mass", "one_patch")),
+        Metric("cls_top10_mass", "head", {Need.prefix_rows}, CLS_SHARE, "cls mass on the top 10% patches",
+               "cls attention more concentrated", "sum of the ceil(0.1 P) largest values of Q_0", default=True, summary=True,
+               nan_when=("no_cls", "cls_mass")),
+        Metric("cls_eff_frac", "head", {Need.prefix_rows}, "share of patches", "patches cls effectively attends",
+               "cls attention spread over more patches", "exp(H(Q_0)) / P, the effective fraction of patches attended",
+               nan_when=("no_cls", "cls_mass")),
+        Metric("cls_gini", "head", {Need.prefix_rows}, "Gini coefficient", "cls attention inequality",
+               "cls attention more concentrated",
+               "Gini coefficient of Q_0: values sorted ascending s_1..s_P, sum_i (2i - P - 1) s_i / (P sum s)",
+               nan_when=("no_cls", "cls_mass")),
+        Metric("cls_fg_mass", "head", {Need.prefix_rows, Need.masks}, CLS_SHARE, "cls mass on the object",
+               "cls attention puts more mass on the object", "sum_{j in S} Q_0(j) fg_j", default=True, summary=True,
+               nan_when=("no_cls", "cls_mass", "no_mask")),
+    ),
+)
 
 
 def patch_metrics(attn: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
@@ -150,6 +220,28 @@ def patch_metrics(attn: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Te
     }
 
 
+PATCH_ROWS = MetricGroup(
+    "patch rows",
+    compute=lambda batch, maps: patch_metrics(maps, batch.layout),
+    per_layer=True,
+    metrics=(
+        Metric("patch_to_cls", "head", {Need.full_maps}, ROW_SHARE, "patches → cls attention", "patches attend more to cls",
+               "mean_{i in S} A[i, 0]", default=True, summary=True, nan_when=("no_cls",)),
+        Metric("patch_self", "head", {Need.full_maps}, ROW_SHARE, "patch → itself attention",
+               "patches attend more to themselves", "mean_{i in S} A[i, i]"),
+        Metric("patch_entropy", "head", {Need.full_maps}, "nats", "patch attention entropy", "patch attention more uniform",
+               "mean_{i in S} H(Q_i)", nan_when=("undefined",)),
+        Metric("patch_entropy_norm", "head", {Need.full_maps}, NORMALISED_ENTROPY, "normalised patch entropy",
+               "patch attention more uniform", "mean_{i in S} H(Q_i) / ln P", summary=True, nan_when=("undefined",)),
+        Metric("attn_distance", "head", {Need.full_maps}, "input pixels", "mean attention distance",
+               "attention reaches farther",
+               "mean_{i in S} sum_{j in S} Q_i(j) ‖pos_i - pos_j‖, pos = (row · patch_h, col · patch_w) "
+               "(the ViT paper's mean attention distance, over patches)", default=True, summary=True,
+               nan_when=("undefined",)),
+    ),
+)
+
+
 def magnitude_metrics(magnitude: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
     """(..., T) per-token magnitude ratios -> ``magnitude_cls`` (NaN without cls) and ``magnitude_patch``."""
     m = magnitude.double()
@@ -158,6 +250,20 @@ def magnitude_metrics(magnitude: torch.Tensor, layout: TokenLayout) -> dict[str,
         "magnitude_cls": m[..., 0] if layout.has_cls else torch.full_like(patch, math.nan),
         "magnitude_patch": patch,
     }
+
+
+MAGNITUDES = MetricGroup(
+    "magnitudes",
+    compute=lambda batch: magnitude_metrics(batch.magnitude, batch.layout),
+    metrics=(
+        Metric("magnitude_cls", "layer", {Need.magnitude}, "update norm / residual norm", "cls attention update",
+               "cls attention update larger",
+               "the cls token's ‖update the attention branch adds‖ / ‖residual entering the block‖", default=True,
+               summary=True, nan_when=("no_cls",)),
+        Metric("magnitude_patch", "layer", {Need.magnitude}, "update norm / residual norm", "patch attention update",
+               "patch attention updates larger", "mean_{i in S} of the patches' magnitude ratios", summary=True),
+    ),
+)
 
 
 def reduce_heads(values: torch.Tensor, how: Fusion = "mean", dim: int = -1) -> torch.Tensor:
@@ -237,22 +343,48 @@ def rollout_metrics(maps: torch.Tensor, fg: torch.Tensor | None = None) -> dict[
     return out
 
 
-def available_metrics(layout: TokenLayout, *, full_maps: bool, has_fg: bool) -> dict[str, str]:
+ROLLOUT = MetricGroup(
+    "rollout",
+    compute=lambda batch: rollout_metrics(batch.rollout_maps, batch.fg),
+    metrics=(
+        Metric("rollout_entropy_norm", "layer", {Need.full_maps}, NORMALISED_ENTROPY, "normalised rollout entropy",
+               "rollout more uniform", "H(r_l) / ln P of the rollout readout r_l after layer l (see Rollout)",
+               default=True, summary=True, nan_when=("undefined",)),
+        Metric("rollout_top10_mass", "layer", {Need.full_maps}, ROLLOUT_SHARE, "rollout mass on the top 10% patches",
+               "rollout more concentrated", "sum of the ceil(0.1 P) largest values of r_l", nan_when=("undefined",)),
+        Metric("rollout_fg_mass", "layer", {Need.full_maps, Need.masks}, ROLLOUT_SHARE, "rollout mass on the object",
+               "rollout puts more mass on the object", "sum_{j in S} r_l(j) fg_j", summary=True, nan_when=("undefined",)),
+    ),
+)
+
+
+def mask_metrics(fg: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, P) object fractions -> ``fg_frac`` (B,): the image's object fraction, what uniform attention
+    scores as ``cls_fg_mass``."""
+    return {"fg_frac": fg.double().mean(-1)}
+
+
+MASKS = MetricGroup(
+    "masks",
+    compute=lambda batch: mask_metrics(batch.fg),
+    metrics=(
+        Metric("fg_frac", "image", {Need.masks}, "share of the patch area", "object fraction of the image",
+               "objects cover more of the image", "mean_{j in S} fg_j, what uniform attention scores as `cls_fg_mass`",
+               nan_when=("no_mask",)),
+    ),
+)
+
+# Every metric, in the order tables, files and the README list them.
+REGISTRY = Registry((CLS_ROW, PATCH_ROWS, ROLLOUT, MAGNITUDES, MASKS))
+HEAD_METRICS = REGISTRY.names("head")
+LAYER_METRICS = REGISTRY.names("layer")
+IMAGE_METRICS = REGISTRY.names("image")
+
+
+def available_metrics(layout: TokenLayout, *, full_maps: bool, has_fg: bool) -> dict[str, Level]:
     """Name -> level (``head``, ``layer`` or ``image``) of every metric computable for this layout from full
     maps or only from cls/register rows, with or without object masks."""
-    levels: dict[str, str] = {}
-    for name in HEAD_METRICS:
-        if (name == "cls_to_registers" and not layout.num_registers) or (name == "cls_fg_mass" and not has_fg):
-            continue
-        if full_maps or name in CLS_ROW_METRICS:
-            levels[name] = "head"
-    for name in LAYER_METRICS:
-        if (name.startswith("rollout") and not full_maps) or (name == "rollout_fg_mass" and not has_fg):
-            continue
-        levels[name] = "layer"
-    if has_fg:
-        levels["fg_frac"] = "image"
-    return levels
+    return REGISTRY.available(layout, full_maps=full_maps, has_fg=has_fg)
 
 
 def batch_metrics(
@@ -277,22 +409,40 @@ def batch_metrics(
     """
     if (attn is None) == (attn_rows is None):
         raise ValueError("pass exactly one of attn and attn_rows")
-    source = attn if attn is not None else attn_rows
-    fg_heads = None if fg is None else fg.double()[:, None, :]  # broadcasts against (B, H, P)
-    per_layer: list[dict[str, torch.Tensor]] = []
-    for layer in range(source.shape[1]):
-        maps = source[:, layer]  # (B, H, T or p, T)
-        values = cls_metrics(maps[..., 0, :], layout, fg_heads)
-        if attn is not None:
-            values.update(patch_metrics(maps, layout))
-        per_layer.append(values)
-    out = {name: torch.stack([values[name] for values in per_layer], dim=1) for name in per_layer[0]}
-    out.update(magnitude_metrics(magnitude, layout))
-    maps = None
-    if attn is not None:
-        maps = rollout(attn, layout, fusion, discard_ratio)
-        out.update(rollout_metrics(maps, fg))
-    if fg is not None:
-        out["fg_frac"] = fg.double().mean(-1)
-    wanted = available_metrics(layout, full_maps=attn is not None, has_fg=fg is not None)
-    return {name: out[name] for name in wanted}, maps
+    batch = Batch(layout, attn if attn is not None else attn_rows, attn is not None, magnitude, fg, fusion, discard_ratio)
+    wanted = available_metrics(layout, full_maps=batch.full_maps, has_fg=fg is not None)
+    groups = [g for g in REGISTRY.groups if any(m.name in wanted for m in g.metrics)]
+    out: dict[str, torch.Tensor] = {}
+    per_layer = [g for g in groups if g.per_layer]
+    if per_layer:
+        # one layer at a time: the full-map groups convert (B, H, T, T), never (B, L, H, T, T), to float32
+        layers: list[dict[str, torch.Tensor]] = []
+        for layer in range(batch.maps.shape[1]):
+            maps = batch.maps[:, layer]  # (B, H, T or p, T)
+            values: dict[str, torch.Tensor] = {}
+            for group in per_layer:
+                computed = group.compute(batch, maps)
+                check_group_output(group, computed, wanted)
+                values.update(computed)
+            layers.append(values)
+        out.update({name: torch.stack([values[name] for values in layers], dim=1) for name in layers[0]})
+    for group in groups:
+        if not group.per_layer:
+            computed = group.compute(batch)
+            check_group_output(group, computed, wanted)
+            out.update(computed)
+    return {name: out[name] for name in wanted}, batch.rollout_maps if batch.full_maps else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m attnflow.metrics --markdown``: print the README's metrics table from :data:`REGISTRY`."""
+    parser = argparse.ArgumentParser(prog="python -m attnflow.metrics", description=main.__doc__)
+    parser.add_argument("--markdown", action="store_true", help="print the metrics table of the README")
+    args = parser.parse_args(argv)
+    if not args.markdown:
+        parser.error("nothing to do: pass --markdown")
+    sys.stdout.write(REGISTRY.markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,6 @@ model (name, checkpoint, its sha256, family, label).
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +14,17 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from timm.models import get_arch_name
 
+from .architectures import ModelAdapter, adapter_for, timm_signature
 from .checkpoint import StateDict, file_sha256, read_checkpoint_file, select_state_dict, strip_encoder_prefix
-from .errors import AttnflowError
+from .demo_models import DEMO_MODELS, create_demo_vit, demo_data_dir
+from .errors import AttnflowError, first_line
+from .families import FAMILIES, infer_family
 from .layout import TokenLayout
 
-FAMILIES = ("mim", "jea", "supervised", "unknown")
-
-# timm modules whose models attnflow can hook (their blocks and attention are the ones capture knows).
-SUPPORTED_MODULES = ("timm.models.vision_transformer", "timm.models.eva")
-
-# Keys a pre-training checkpoint carries that the encoder has no use for.
+# Keys a pre-training checkpoint carries that the encoder has no use for (an architecture's own ones, such as
+# BEiT's lm_head, are declared by its adapter).
 UNUSED_KEY_PATTERN = re.compile(r"^(decoder|mask_token|predictor|head|projector)([._]|$)")
 
 # Encoder parameters that cannot change the attention maps, the magnitudes or the stored tokens (which are
@@ -49,6 +48,11 @@ class LoadedModel:
     def layout(self) -> TokenLayout:
         return TokenLayout.from_model(self.model)
 
+    @property
+    def adapter(self) -> ModelAdapter:
+        """What attnflow knows about the model's architecture: blocks, heads, width, final norm, input size."""
+        return adapter_for(self.model, self.name)
+
 
 def split_model_name(name: str) -> tuple[str, str]:
     """``'vit_base_patch16_224.mae'`` -> ``('vit_base_patch16_224', 'mae')``."""
@@ -56,36 +60,12 @@ def split_model_name(name: str) -> tuple[str, str]:
     return arch, tag
 
 
-def infer_family(name: str) -> str:
-    """Family from a timm name and pretrained tag: ``mim``, ``jea``, ``supervised`` or ``unknown``.
-
-    Fine-tuned tags (``*_ft_*``) are supervised even when pre-training was MIM or JEA: the attention a
-    researcher sees there is the classifier's.
-    """
-    arch, tag = split_model_name(name.lower())
-    words = set(re.split(r"[_\-]", tag))
-    if "ft" in words:
-        return "supervised"
-    if words & {"mae", "ijepa", "simmim", "beitv2", "mim"} or tag.startswith("mim_"):
-        return "mim"
-    if words & {"dino", "dinov2", "dinov3", "ibot", "mocov3"} or re.search(r"dinov[23]", arch):
-        return "jea"
-    if tag and (words & {"in1k", "in21k", "in22k", "in12k", "augreg", "orig", "sam"}):
-        return "supervised"
-    return "unknown"
-
-
 def supported_pretrained(family: str | None = None) -> list[tuple[str, str]]:
-    """Pretrained ``(name, family)`` pairs timm knows whose architecture attnflow can capture."""
-    from timm.models import get_arch_name, model_entrypoint
-
+    """Pretrained ``(name, family)`` pairs timm knows whose architecture attnflow can capture: model,
+    block and attention classes all have an adapter (:func:`attnflow.architectures.timm_signature`)."""
     rows = []
     for name in timm.list_pretrained():
-        try:
-            module = model_entrypoint(get_arch_name(name)).__module__
-        except RuntimeError:
-            continue
-        if module not in SUPPORTED_MODULES:
+        if timm_signature(get_arch_name(name)) is None:
             continue
         fam = infer_family(name)
         if family is None or fam == family:
@@ -109,8 +89,6 @@ def build_model(
     label: str | None = None,
 ) -> LoadedModel:
     """Create ``name`` with timm and load its weights, see :func:`load_model`."""
-    from .demo import DEMO_MODELS, demo_data_dir
-
     demo = DEMO_MODELS.get(name)
     if demo is not None and not random_init:
         family = family or demo.family
@@ -194,31 +172,19 @@ def _create(name: str, *, pretrained: bool, **kwargs) -> nn.Module:
     except Exception as e:  # timm and the hub client raise many types; every one is a user-facing failure
         if pretrained:
             raise AttnflowError(
-                f"could not fetch pretrained weights for '{name}' ({type(e).__name__}: {_short(e)}); "
+                f"could not fetch pretrained weights for '{name}' ({type(e).__name__}: {first_line(e)}); "
                 "download the file elsewhere and pass it with --checkpoint PATH"
             ) from None
-        raise AttnflowError(f"cannot build '{name}': {_short(e)}") from None
-    module = type(model).__module__
-    if module not in SUPPORTED_MODULES:
-        raise AttnflowError(
-            f"'{name}' is a {type(model).__name__}; attnflow captures timm VisionTransformer and Eva models"
-        )
+        raise AttnflowError(f"cannot build '{name}': {first_line(e)}") from None
+    adapter_for(model, name)  # refuses, naming the model and the supported classes
     return model
 
 
 def _create_demo(num_classes: int = 0, **kwargs) -> nn.Module:
-    from .demo import create_demo_vit
-
     try:
         return create_demo_vit(**kwargs)  # always headless
     except Exception as e:  # an impossible --img-size, for instance
-        raise AttnflowError(f"cannot build the demo model: {_short(e)}") from None
-
-
-def _short(e: BaseException, limit: int = 200) -> str:
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise AttnflowError(f"cannot build the demo model: {first_line(e)}") from None
 
 
 def _list_keys(keys: list[str], limit: int = 8) -> str:
@@ -229,17 +195,17 @@ def _list_keys(keys: list[str], limit: int = 8) -> str:
 def load_state_dict_strict(model: nn.Module, state_dict: StateDict, *, source: str) -> None:
     """Fit a checkpoint's state dict to ``model``, refusing any partial load that would change attention.
 
-    The prefix is stripped first, then timm's own checkpoint filter of the model's module converts foreign
-    layouts and resamples position embeddings; decoder/mask-token/predictor/head keys are dropped.
+    The prefix is stripped first; the architecture's adapter then drops keys only its pre-training uses,
+    converts layouts timm does not know (BEiT's shared relative position bias) and applies timm's own
+    checkpoint filter (foreign layouts, position embeddings resampled); decoder/mask-token/predictor/head
+    keys are dropped.
     """
     model_sd = model.state_dict()
     state_dict, _ = strip_encoder_prefix(state_dict, model_sd.keys())
-    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        try:
-            state_dict = filter_fn(state_dict, model)
-        except Exception as e:  # a foreign layout timm cannot convert is the user's file, not our bug
-            raise AttnflowError(f"checkpoint {source} does not fit {type(model).__name__}: {_short(e)}") from None
+    try:
+        state_dict = adapter_for(model).convert_checkpoint(state_dict)
+    except Exception as e:  # a foreign layout that cannot be converted is the user's file, not our bug
+        raise AttnflowError(f"checkpoint {source} does not fit {type(model).__name__}: {first_line(e)}") from None
 
     unexpected = [k for k in state_dict if k not in model_sd and not UNUSED_KEY_PATTERN.match(k)]
     missing = [k for k in model_sd if k not in state_dict]

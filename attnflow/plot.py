@@ -1,4 +1,4 @@
-"""Figures: per-layer metric curves (MIM vs JEA) and attention maps over images.
+"""Figures: per-layer metric curves (models coloured by family) and attention maps over images.
 
 The numbers each figure shows are computed first (:func:`curve_data`, :func:`map_data`) and only then
 drawn, so they can be checked against the metrics without reading pixels. matplotlib is an optional
@@ -12,26 +12,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from .cache import open_cache
 from .compare import Comparison, compare_files
 from .errors import AttnflowError
+from .families import get_family
+from .images import Preprocessing, decode_image
+from .metrics import REGISTRY, renormalise_over_patches, rollout
+from .schema import FG
 
 DPI = 150
 PANEL_SIZE = (4.2, 3.2)  # inches per curve panel
 MAP_SIZE = 2.2  # inches per map panel
 FORMATS = (".png", ".svg", ".pdf")
-UNITS = {
-    "cls_entropy": "nats", "patch_entropy": "nats", "attn_distance": "input pixels",
-    "cls_entropy_norm": "entropy / ln P", "patch_entropy_norm": "entropy / ln P", "rollout_entropy_norm": "entropy / ln P",
-    "magnitude_cls": "update / residual norm", "magnitude_patch": "update / residual norm",
-}
-STYLE = {  # family -> (colour map, line style)
-    "mim": ("Oranges", "-"),
-    "jea": ("Blues", "--"),
-    "supervised": ("Greens", "-."),
-    "unknown": ("Greys", ":"),
-}
 MAP_COLORMAP = "inferno"  # perceptually uniform
 MASK_COLOR = "cyan"
 
@@ -120,12 +114,12 @@ def plot_curves(
     for ax, name in zip(axes.flat, panels):
         for curve in curves[name]:
             colour = colours[curve.label]
-            style = STYLE.get(curve.family, STYLE["unknown"])[1]
-            ax.plot(curve.x, curve.mean, linestyle=style, marker="o", markersize=3, color=colour, label=f"{curve.label} ({curve.family})")
+            ax.plot(curve.x, curve.mean, linestyle=get_family(curve.family).linestyle, marker="o", markersize=3, color=colour,
+                    label=f"{curve.label} ({curve.family})")
             ax.fill_between(curve.x, curve.low, curve.high, color=colour, alpha=0.2, linewidth=0)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(UNITS.get(name, "mean over images"))
+        ax.set_ylabel(REGISTRY[name].y_label, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
@@ -144,7 +138,7 @@ def _family_colours(comparison: Comparison) -> dict[str, Any]:
     colours = {}
     for family in {m.family for m in comparison.models}:
         members = [m for m in comparison.models if m.family == family]
-        cmap = matplotlib.colormaps[STYLE.get(family, STYLE["unknown"])[0]]
+        cmap = matplotlib.colormaps[get_family(family).colormap]
         for i, m in enumerate(members):
             colours[m.label] = cmap(0.55 + 0.4 * i / max(1, len(members) - 1) if len(members) > 1 else 0.75)
     return colours
@@ -187,18 +181,12 @@ def find_image(image_ids: Sequence[str], image: str | int) -> int:
 
 
 def _readout(rows: np.ndarray, layout) -> np.ndarray:
-    """(..., T) attention rows -> (..., P) restricted to patches and renormalised."""
-    patches = rows[..., layout.num_prefix_tokens:].astype(np.float64)
-    return patches / patches.sum(-1, keepdims=True)
+    """(..., T) attention rows -> (..., P) float64 restricted to patches and renormalised."""
+    return renormalise_over_patches(torch.from_numpy(np.asarray(rows)), layout).numpy()
 
 
 def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads: bool = False) -> MapData:
     """The maps of one image from one cache: readout attention at ``layer``, its rollout, and per head."""
-    import torch
-
-    from .images import Preprocessing, decode_image
-    from .metrics import rollout
-
     with open_cache(cache_path) as cache:
         layout, a = cache.layout, cache.attrs
         ids = cache.image_ids
@@ -210,13 +198,13 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         notes: list[str] = []
         attention = head_maps = rollout_map = None
         readout = "cls" if layout.has_cls else "mean of patch rows"
-        if a["store"] == "full":
-            attn = cache["attn"][index].astype(np.float64)  # (L, H, T, T)
+        if cache.store == "full":
+            attn = cache.attention(index, index + 1)[0].astype(np.float64)  # (L, H, T, T)
             rows = attn[layer, :, 0, :] if layout.has_cls else None
             per_head = _readout(rows, layout) if rows is not None else _readout(attn[layer, :, layout.num_prefix_tokens:, :], layout).mean(-2)
             rollout_map = rollout(torch.from_numpy(attn[None]), layout)[0, layer].numpy()
-        elif a["store"] == "rows" and layout.has_cls:
-            per_head = _readout(cache["attn_rows"][index, layer, :, 0, :].astype(np.float64), layout)
+        elif cache.store == "rows" and layout.has_cls:
+            per_head = _readout(cache.prefix_rows(index, index + 1, layer)[0, :, 0, :].astype(np.float64), layout)
             notes.append(f"{a['label']}: the cache keeps only cls/register rows, so there is no rollout map")
         else:
             per_head = None
@@ -227,7 +215,7 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
             head_maps = per_head.reshape(-1, *grid) if heads else None
         if rollout_map is not None:
             rollout_map = rollout_map.reshape(grid)
-        fg = cache["fg"][index].reshape(grid) if "fg" in cache else None
+        fg = cache.fg(index, index + 1)[0].reshape(grid) if FG in cache else None
         path = _image_path(ids[index], a.get("working_dir", ""))
         pre = cache.preprocessing
         preprocessing = Preprocessing(

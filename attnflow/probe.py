@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from .cache import open_cache
 from .errors import AttnflowError
 from .layout import TokenLayout
+from .metrics import cls_metrics, renormalise_over_patches, rollout
+from .schema import LABELS, TOKENS
 
 POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp")
 EVALUATORS = ("knn", "linear")
 ATTENTION_POOLS = ("cls-attn", "min-entropy-head", "rollout")
-CLS_POOLS = ("cls", "cls-attn", "min-entropy-head")
 PROBE_COLUMNS = ("model", "family", "pool", "evaluator", "accuracy", "ci_low", "ci_high", "n_train", "n_test")
 KNN_K, KNN_TEMPERATURE = 20, 0.07
 
@@ -62,40 +63,29 @@ class ProbeSet:
 def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str]) -> tuple[ProbeSet, dict[str, Any], list[str]]:
     """Read tokens, labels and what the attention pools need from a cache; returns the set, its attributes
     and its class names."""
-    from .metrics import cls_metrics, rollout
-
     with open_cache(path) as cache:
-        missing = [(flag, name) for flag, name in (("--save-tokens", "tokens"), ("--labels-from-dirs", "labels")) if name not in cache]
+        missing = [(flag, name) for flag, name in (("--save-tokens", TOKENS), ("--labels-from-dirs", LABELS)) if name not in cache]
         if missing:
             raise AttnflowError(f"{cache.path} has no {' or '.join(name for _, name in missing)}; "
                                 f"extract it with {' '.join(flag for flag, _ in missing)}")
         layout, attrs = cache.layout, cache.attrs
-        tokens = torch.from_numpy(cache["tokens"][()]).float()
-        if "final_norm_weight" in cache:
-            tokens = F.layer_norm(tokens, tokens.shape[-1:], torch.from_numpy(cache["final_norm_weight"][()]).float(),
-                                  torch.from_numpy(cache["final_norm_bias"][()]).float(), float(attrs["final_norm_eps"]))
-        else:
+        if not cache.has_final_norm:
             notes.append(f"{attrs['label']}: the cache records no final LayerNorm; tokens are used as stored")
-        data = ProbeSet(tokens, torch.from_numpy(cache["labels"][()]).long(), layout)
-        rows = None
-        if "attn" in cache:
-            last = torch.from_numpy(cache["attn"][:, -1].astype(np.float32))  # (n, H, T, T)
-            rows = last[:, :, 0, :]
-        elif "attn_rows" in cache:
-            rows = torch.from_numpy(cache["attn_rows"][:, -1, :, 0, :].astype(np.float32))
-        if rows is not None and layout.has_cls:
+        tokens = torch.from_numpy(cache.tokens(normalised=cache.has_final_norm))
+        data = ProbeSet(tokens, torch.from_numpy(cache.labels()), layout)
+        if layout.has_cls and cache.store != "none":
+            rows = torch.from_numpy(cache.prefix_rows(layer=-1)[:, :, 0, :])  # (n, H, T): the last block's cls rows
             per_head = cls_metrics(rows, layout)
-            q = rows[..., layout.num_prefix_tokens:].double()
-            q = q / q.sum(-1, keepdim=True)
+            q = renormalise_over_patches(rows, layout)
             data.weights["cls-attn"] = q.mean(1).float()
             best = per_head["cls_entropy"].argmin(1)
             data.weights["min-entropy-head"] = q[torch.arange(len(q)), best].float()
             data.cls_entropy_norm = float(per_head["cls_entropy_norm"].mean())
         if "rollout" in pools:
-            if "attn" in cache:
+            if cache.store == "full":
                 maps = []
                 for start in range(0, len(cache), 64):
-                    maps.append(rollout(torch.from_numpy(cache.read_rows("attn", start, min(start + 64, len(cache)))), layout)[:, -1])
+                    maps.append(rollout(torch.from_numpy(cache.attention(start, min(start + 64, len(cache)))), layout)[:, -1])
                 data.weights["rollout"] = torch.cat(maps).float()
             else:
                 notes.append(f"{attrs['label']}: rollout pooling needs full maps (--store full); skipped")

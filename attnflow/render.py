@@ -9,8 +9,9 @@ import csv
 import json
 import math
 import sys
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence, TextIO
+from typing import Any, Protocol, Sequence, TextIO
 
 
 MACHINE_DIGITS = 9  # enough to round-trip a float32
@@ -81,3 +82,21 @@ def emit(
             out.write(f"# {title}\n")
         for row in cells:
             out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+
+
+class Result(Protocol):
+    """Anything a command prints: it writes itself in any :class:`Format`."""
+
+    def write(self, fmt: Format | str, out: TextIO) -> None: ...
+
+
+@dataclass
+class Table:
+    """Records under named columns, with a title: the metrics summary, probe results, ``info``, ``models``."""
+
+    rows: Sequence[dict[str, Any]]
+    columns: Sequence[str]
+    title: str | None = None
+
+    def write(self, fmt: Format | str, out: TextIO) -> None:
+        emit(self.rows, self.columns, fmt, title=self.title, out=out)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import attnflow
-from attnflow.demo import FASHION_MNIST, compose, load_fashion_mnist, normalize
+from demo_data import FASHION_MNIST, compose, load_fashion_mnist, normalize
 from attnflow.probe import knn_accuracy  # DINO's weighted k-NN, as attnflow probe uses it
 
 

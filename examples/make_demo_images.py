@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnflow.demo import CLASS_NAMES, FASHION_MNIST, compose, load_fashion_mnist
+from demo_data import CLASS_NAMES, FASHION_MNIST, compose, load_fashion_mnist
 
 
 def main() -> None:

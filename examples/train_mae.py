@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
-from attnflow.demo import FASHION_MNIST, TrainingClock, TrainingStream, cosine_schedule, create_demo_vit, normalize
+from attnflow.demo_models import create_demo_vit
+from demo_data import FASHION_MNIST, TrainingClock, TrainingStream, cosine_schedule, normalize
 
 
 class MaskedAutoencoder(nn.Module):

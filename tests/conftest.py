@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 # Tests never touch the network: the hub client reads this at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,18 +33,30 @@ TINY_VITS = {
 }
 
 
-def make_tiny_vit(kind: str, seed: int = 0) -> torch.nn.Module:
-    arch, kwargs = TINY_VITS[kind]
+# timm initialises some tokens, layer scales and BEiT's attention biases to zeros or tiny values: redrawn, so
+# that every layout's maps and magnitudes are non-trivial; query-key projections are scaled up.
+REDRAWN_PARAMETERS = re.compile(
+    r"^(cls_token|reg_token|dist_token|pos_embed)$|(ls1\.gamma|ls2\.gamma|ls\.gamma|gamma_1|gamma_2|q_bias|v_bias|relative_position_bias_table)$"
+)
+SHARPENED_PARAMETERS = re.compile(r"(attn\.qkv\.weight|in_proj\.weight)$")
+
+
+def make_tiny(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """timm ``arch`` built headless with ``kwargs``, in eval mode, with non-trivial attention."""
     torch.manual_seed(seed)
     model = timm.create_model(arch, num_classes=0, **kwargs).eval()
-    # timm initialises some tokens and layer-scales to zeros or tiny values; make every layout's maps non-trivial.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in ("cls_token", "reg_token", "pos_embed") or name.endswith("ls1.gamma") or name.endswith("ls2.gamma"):
+            if REDRAWN_PARAMETERS.search(name):
                 p.copy_(torch.randn_like(p) * 0.5)
-            elif name.endswith("attn.qkv.weight"):
+            elif SHARPENED_PARAMETERS.search(name):
                 p.mul_(6.0)  # sharper than init's near-uniform softmax
     return model
+
+
+def make_tiny_vit(kind: str, seed: int = 0) -> torch.nn.Module:
+    arch, kwargs = TINY_VITS[kind]
+    return make_tiny(arch, seed, **kwargs)
 
 
 def write_images(folder: Path, n: int, size=(40, 52), classes=("cat", "dog"), seed: int = 0) -> list[Path]:

@@ -113,3 +113,37 @@ def test_fewer_images_than_processes_is_one_line(data, tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("attnflow: error:")]
     assert errors and all(e == "attnflow: error: 1 images for 2 processes: launch at most 1" for e in errors), result.stderr[-3000:]
+
+
+SCRIPT = """
+import sys
+from pathlib import Path
+
+from attnflow import build_model
+from attnflow.distributed import extract_sharded
+from attnflow.images import list_images
+
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+loaded = build_model("vit_tiny_patch16_224", base / "w.pth", img_size=32)
+extract_sharded(loaded, list_images([str(base / "images")]), out, metrics=out.with_name(out.stem + "_m.h5"),
+                batch_size=2, workers=0, labels_from_dirs=True, save_tokens=True)
+"""
+
+
+def test_distributed_extraction_from_python_equals_the_command(data, tmp_path):
+    """The same run written by a script calling attnflow.distributed.extract_sharded under torchrun."""
+    reference = data / "from_cli.h5"
+    if not reference.exists():
+        assert torchrun(args(data, reference)).returncode == 0
+    (tmp_path / "script.py").write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "script.py"), str(data), str(tmp_path / "api.h5")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = read_all(tmp_path / "api.h5"), read_all(reference)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

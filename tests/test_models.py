@@ -233,7 +233,7 @@ def test_label_and_family_defaults_and_overrides(tmp_path, weights):
         ("vit_small_patch14_reg4_dinov2.lvd142m", "jea"),
         ("vit_small_patch16_dinov3.lvd1689m", "jea"),
         ("vit_base_patch16_224.augreg_in21k_ft_in1k", "supervised"),
-        ("vit_base_patch16_clip_224.openai", "unknown"),
+        ("vit_base_patch16_clip_224.openai", "language-supervised"),  # issue 12: its own family now
         ("vit_base_patch16_224", "unknown"),
     ],
 )

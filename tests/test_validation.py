@@ -305,7 +305,7 @@ def flip_chunk(path: Path, name: str, index: int) -> None:
 def test_corrupt_chunks_are_one_line(base, tmp_path, run_cli):
     cache = copy(base, "cache.h5", tmp_path)
     flip_chunk(cache, "attn", 5)  # chunks are (image, layer): image 2, layer 1
-    # metrics read through attnflow's parallel gzip reader, plot through HDF5's own filter
+    # metrics and plot read the maps through attnflow's parallel gzip reader; magnitude below through HDF5's own filter
     result = run_cli("metrics", cache, "-o", tmp_path / "m.h5", "-q")
     assert_one_line_error(result, f"{cache}: cannot read attn of image 2 (", "(reading rows 0:8)", "re-extract")
     result = run_cli("plot", "maps", cache, "--image", "2", "-o", tmp_path / "p.png")

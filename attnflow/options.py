@@ -1,0 +1,159 @@
+"""The options of a run, in groups: each a frozen dataclass that checks itself once, when it is made.
+
+The Python API and the CLI share them: ``attnflow extract`` builds one :class:`ExtractOptions` from its flags,
+``attnflow.extract.extract(..., batch_size=8)`` builds the same object from keywords. A value that cannot
+work raises :class:`OptionError`, which names the flag; the CLI prints it as a usage error (exit 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .cache import COMPRESSIONS, DTYPES, STORE_MODES
+from .errors import AttnflowError, OptionError
+from .images import CROP_PCT_MIN, INTERPOLATIONS
+from .metrics import FUSIONS
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise OptionError(flag, f"choose from {', '.join(allowed)}, not '{value}'")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """What a cache keeps: maps (``full``: every map, ``rows``: the cls/register query rows, ``none``), their
+    storage type and compression, and the last block's tokens."""
+
+    store: str = "full"
+    dtype: str = "float16"
+    compression: str = "gzip"
+    save_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("--store", self.store, STORE_MODES)
+        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--compression", self.compression, COMPRESSIONS)
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """How rollout fuses heads and how much of each fused map it discards."""
+
+    fusion: str = "mean"
+    discard_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("--fusion", self.fusion, FUSIONS)
+        if not 0 <= self.discard_ratio < 1:
+            raise OptionError("--discard-ratio", f"must be in [0, 1), not {self.discard_ratio}")
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """How images are read: preprocessing overrides, labels from folders, object masks, strictness."""
+
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    labels_from_dirs: bool = False
+    masks: Path | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.crop_pct is not None and not (math.isfinite(self.crop_pct) and CROP_PCT_MIN <= self.crop_pct <= 1):
+            raise OptionError("--crop-pct", f"must be in [{CROP_PCT_MIN}, 1], not {self.crop_pct}")
+        if self.interpolation is not None:
+            _choice("--interpolation", self.interpolation, INTERPOLATIONS)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the work runs: batch size, decoding workers, device, autocast, and what happens to earlier output."""
+
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    amp: bool = False
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise OptionError("--batch-size", f"must be at least 1, not {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise OptionError("--workers", f"must be 0 or more, not {self.workers}")
+        if DEVICE_PATTERN.fullmatch(self.device) is None:
+            raise OptionError("--device", f"takes auto, cpu, cuda or cuda:N, not '{self.device}'")
+        if self.resume and self.overwrite:
+            raise OptionError("--resume", "continues a run and --overwrite starts one afresh: give one of them")
+
+
+class _Groups:
+    """Options made of groups: built from flat keywords, each routed to the one group with that field."""
+
+    GROUPS: ClassVar[dict[str, type]] = {}
+
+    @classmethod
+    def owner(cls, name: str) -> str:
+        for group, kind in cls.GROUPS.items():
+            if name in {f.name for f in dataclasses.fields(kind)}:
+                return group
+        raise TypeError(f"{cls.__name__} has no option '{name}'")
+
+    def replace(self, **values: Any):
+        """A copy with ``values`` (flat: ``batch_size=8``, ``store="rows"``) put into their groups."""
+        by_group: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            by_group.setdefault(self.owner(name), {})[name] = value
+        return dataclasses.replace(
+            self, **{group: dataclasses.replace(getattr(self, group), **changed) for group, changed in by_group.items()}
+        )
+
+
+@dataclass(frozen=True)
+class ExtractOptions(_Groups):
+    """Everything ``attnflow extract`` can be told, besides the model, the images and the output paths."""
+
+    GROUPS: ClassVar[dict[str, type]] = {
+        "store": StoreOptions, "rollout": RolloutOptions, "inputs": InputOptions, "run": RunOptions,
+    }
+
+    store: StoreOptions = field(default_factory=StoreOptions)
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    inputs: InputOptions = field(default_factory=InputOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+
+@dataclass(frozen=True)
+class MetricsOptions(_Groups):
+    """Everything ``attnflow metrics`` can be told, besides the cache and the output path."""
+
+    GROUPS: ClassVar[dict[str, type]] = {"rollout": RolloutOptions, "run": RunOptions}
+
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    run: RunOptions = field(default_factory=lambda: RunOptions(batch_size=16))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``--device`` on this machine: ``auto`` is the first GPU if there is one; a CUDA device this machine
+    lacks is a one-line error (the value itself was checked by :class:`RunOptions`)."""
+    if DEVICE_PATTERN.fullmatch(device) is None:
+        raise OptionError("--device", f"takes auto, cpu, cuda or cuda:N, not '{device}'")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if count == 0:
+            raise AttnflowError(f"--device {device} was asked for, but no CUDA device is available")
+        if index >= count:
+            raise AttnflowError(f"--device {device} was asked for, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+    return torch.device(device)

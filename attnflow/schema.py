@@ -1,0 +1,1161 @@
+"""attnflow's HDF5 files, the attention cache and the metrics file: their schema and their readers.
+
+Every dataset, dimension and root attribute name of an attnflow file is defined here and nowhere else, and
+everything that reads one reads it through :func:`open_cache` / :func:`open_metrics`: the file is checked
+when it opens (:func:`validate`) and every value as it is read. ``n`` images, ``L`` blocks, ``H`` heads,
+``T`` tokens (``p`` prefix = cls + registers, ``P`` patches), ``D`` channels, ``K`` classes, ``m`` skipped.
+
+Both kinds carry the root attributes of :data:`ROOT_ATTRS` and the datasets ``image_ids`` (n,) UTF-8 paths
+as given, ``labels`` (n,) int64 into ``class_names`` (K,) when extracted with labels, ``skipped`` (m,) and
+``skipped_reason`` (m,) UTF-8, and ``fg`` (n, P) float32 object fractions with ``--masks``.
+
+Attention cache (``schema = attnflow.cache/1``):
+    ``magnitude`` (n, L, T) float32; ``attn`` (n, L, H, T, T) for ``store=full``; ``attn_rows``
+    (n, L, H, p, T) for ``store=rows``; ``tokens`` (n, T, D) float32 with ``--save-tokens``, with the model's
+    final LayerNorm as ``final_norm_weight`` (D,), ``final_norm_bias`` (D,) and attr ``final_norm_eps``.
+    Read with :meth:`Cache.attention`, :meth:`Cache.prefix_rows`, :meth:`Cache.magnitude`,
+    :meth:`Cache.tokens` (final norm applied), ``labels``, ``fg``, ``image_ids``, ``class_names``, ``skipped``.
+Metrics file (``schema = attnflow.metrics/1``):
+    ``metrics/<name>`` (n, L, H), (n, L) or (n,) float32 by the metric's level; ``rollout/map`` (n, L, P)
+    float32 when full maps were available. Read with :meth:`MetricsFile.values`, :meth:`MetricsFile.rollout_maps`.
+
+Every axis is named by an HDF5 dimension scale (:func:`attach_dimension_scales`; the names are the ``dims``
+of the tables below), so h5py and xarray (``engine="h5netcdf"``) show named dimensions. Files written by
+attnflow 0.1 have no scales and read the same.
+
+The writer (:mod:`attnflow.cache`) writes a run into the folder ``<path>.partial/`` and ``<path>`` appears
+only once complete, so a finished path always holds a finished file.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .capture import ROW_SUM_TOLERANCE, attention_problem
+from .errors import AttnflowError
+from .layout import TokenLayout
+from .metrics import REGISTRY
+from .registry import NAN_REASONS
+
+# What the typed readers return: a numpy array, or with ``device=`` a torch tensor on that device.
+Rows = Union[np.ndarray, torch.Tensor]
+
+# -- names: every dataset, dimension and attribute name of an attnflow file -----------------------------
+
+SCHEMA = "attnflow.cache/1"
+METRICS_SCHEMA = "attnflow.metrics/1"
+STORE_MODES = ("full", "rows", "none")
+DTYPES = ("float16", "float32")
+COMPRESSIONS = ("gzip", "lzf", "none")
+PARTIAL_SUFFIX = ".partial"
+
+# Datasets of both kinds of file.
+IMAGE_IDS = "image_ids"
+LABELS = "labels"
+CLASS_NAMES = "class_names"
+SKIPPED = "skipped"
+SKIPPED_REASON = "skipped_reason"
+FG = "fg"
+# Datasets of an attention cache.
+ATTN = "attn"
+ATTN_ROWS = "attn_rows"
+MAGNITUDE = "magnitude"
+TOKENS = "tokens"
+FINAL_NORM_WEIGHT = "final_norm_weight"
+FINAL_NORM_BIAS = "final_norm_bias"
+FINAL_NORM_EPS = "final_norm_eps"  # a root attribute
+# Datasets of a metrics file.
+METRICS_GROUP = "metrics"
+ROLLOUT_MAP = "rollout/map"
+
+# The dataset of attention maps a store mode keeps.
+MAPS_DATASET = {"full": ATTN, "rows": ATTN_ROWS}
+# Per-file (not per-image) datasets: the class names and the final LayerNorm that turns stored tokens into
+# the features users read (``--save-tokens``).
+STATIC_DATASETS = (CLASS_NAMES, FINAL_NORM_WEIGHT, FINAL_NORM_BIAS)
+SKIP_DATASETS = (SKIPPED, SKIPPED_REASON)
+
+
+def metric_dataset(name: str) -> str:
+    """The dataset of metric ``name`` in a metrics file."""
+    return f"{METRICS_GROUP}/{name}"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def from_text(values: Any) -> list[str]:
+    """HDF5 UTF-8 strings (bytes or str, as h5py hands them out) as a list of str."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def layout_attrs(layout: TokenLayout, num_layers: int, num_heads: int) -> dict[str, Any]:
+    return {
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_tokens": layout.num_tokens,
+        "num_prefix_tokens": layout.num_prefix_tokens,
+        "has_cls": layout.has_cls,
+        "num_registers": layout.num_registers,
+        "grid_size": list(layout.grid_size),
+        "patch_size": list(layout.patch_size),
+        "img_size": list(layout.img_size),
+    }
+
+
+def layout_from_attrs(attrs: dict[str, Any]) -> TokenLayout:
+    return TokenLayout(
+        has_cls=bool(attrs["has_cls"]),
+        num_prefix_tokens=int(attrs["num_prefix_tokens"]),
+        grid_size=tuple(attrs["grid_size"]),
+        patch_size=tuple(attrs["patch_size"]),
+    )
+
+
+class _ParallelGunzip:
+    """Reads rows of datasets whose chunks are one row each, through shuffle and gzip alone (what attnflow's
+    writer stores), decompressing the chunks in a thread pool: HDF5 would inflate them one after another."""
+
+    def __init__(self, threads: int | None = None):
+        self._pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1, thread_name_prefix="attnflow-gunzip")
+
+    @staticmethod
+    def readable(dataset: h5py.Dataset) -> bool:
+        """Whether :meth:`read` can decode this dataset: one-row chunks through shuffle and gzip alone."""
+        chunks = dataset.chunks
+        return (
+            chunks is not None and chunks[0] == 1 and dataset.compression == "gzip" and dataset.shuffle
+            and not dataset.fletcher32 and dataset.scaleoffset is None
+            and all(c in (1, d) for c, d in zip(chunks[1:], dataset.shape[1:]))
+        )
+
+    def read(self, dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a :meth:`readable` dataset, decompressed in the thread pool."""
+        chunk, dtype = dataset.chunks, dataset.dtype
+        out = np.empty((stop - start, *dataset.shape[1:]), dtype=dtype)
+        grid = [range(start, stop)] + [range(0, d, c) for c, d in zip(chunk[1:], dataset.shape[1:])]
+        offsets = list(itertools.product(*grid))
+        payloads = [dataset.id.read_direct_chunk(off) for off in offsets]
+        if any(mask for mask, _ in payloads):
+            return dataset[start:stop]  # a chunk stored with a filter skipped: let HDF5 sort it out
+
+        def decode(payload: bytes) -> np.ndarray:
+            raw = np.frombuffer(zlib.decompress(payload), dtype=np.uint8)
+            return raw.reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(chunk)
+
+        for off, block in zip(offsets, self._pool.map(decode, (p for _, p in payloads))):
+            index = (off[0] - start, *(slice(o, o + c) for o, c in zip(off[1:], chunk[1:])))
+            out[index] = block[0]
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.bool_, np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def open_hdf5(path: str | Path) -> h5py.File:
+    """Open any attnflow HDF5 file read-only, with one clear line for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise AttnflowError(f"{path} is not finished; {partial_path(path)} holds an interrupted run (continue it with --resume)")
+        raise AttnflowError(f"no such file: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise AttnflowError(f"{path} is not a readable HDF5 file ({hdf5_reason(e, 'unreadable')}); is it truncated or not an attnflow file?") from None
+
+
+def hdf5_reason(error: Exception, default: str) -> str:
+    """HDF5's message without the library's parenthesised detail: ``unable to open file``."""
+    return str(error).split("(")[0].strip().rstrip(".") or default
+
+
+def file_attrs(f: h5py.File) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in f.attrs.items()}
+
+
+def _read_attrs(path: Path, f: h5py.File) -> dict[str, Any]:
+    """:func:`file_attrs`, with one line naming an attribute HDF5 cannot read."""
+    attrs = {}
+    for key in f.attrs:
+        try:
+            attrs[key] = _plain(f.attrs[key])
+        except (OSError, TypeError, ValueError) as e:
+            raise AttnflowError(f"{path}: attribute '{key}' is unreadable ({e})") from None
+    return attrs
+
+
+# -- what a finished file holds -------------------------------------------------------------------------
+# Readers check a file against these tables when they open it (attributes, dataset shapes and dtypes, the
+# sources of virtual datasets), and check the values of the per-image datasets as they read them, so that
+# no number is computed from input nobody checked.
+
+
+class Expect(NamedTuple):
+    """What one dataset must look like.
+
+    ``shape`` is spelled in the symbols of the module docstring: n, L, H, T, p and P come from the root
+    attributes, D, K and m from the first dataset (or ``n_skipped``) that fixes them, and ``...`` allows any
+    further axes. ``kind`` is ``float``, ``int`` or ``text``. ``values`` is what every read is checked for:
+    ``attention`` (rows of a post-softmax map), ``finite``, ``fraction`` (in [0, 1], or NaN for an image
+    without a mask), ``metric`` (finite, NaN only where the metric's declaration allows it).
+    ``dims`` names every axis (the file's HDF5 dimension scales, see :func:`attach_dimension_scales`);
+    messages name the first ``located`` of them (all by default): a bad value of a map is located by its row.
+    """
+
+    shape: tuple[str, ...]
+    kind: str
+    values: str = ""
+    dims: tuple[str, ...] = ()
+    located: int | None = None
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The leading axes a message names when it locates a value."""
+        return self.dims[:self.located]
+
+
+_FILE_DATASETS = {
+    IMAGE_IDS: Expect(("n",), "text", dims=("image",)),
+    LABELS: Expect(("n",), "int", dims=("image",)),
+    CLASS_NAMES: Expect(("K",), "text", dims=("class",)),
+    SKIPPED: Expect(("m",), "text", dims=("skipped_input",)),
+    SKIPPED_REASON: Expect(("m",), "text", dims=("skipped_input",)),
+    FG: Expect(("n", "P"), "float", "fraction", ("image", "patch")),
+}
+CACHE_DATASETS = {
+    **_FILE_DATASETS,
+    MAGNITUDE: Expect(("n", "L", "T"), "float", "finite", ("image", "layer", "token")),
+    ATTN: Expect(("n", "L", "H", "T", "T"), "float", "attention", ("image", "layer", "head", "query", "key"), located=4),
+    ATTN_ROWS: Expect(("n", "L", "H", "p", "T"), "float", "attention", ("image", "layer", "head", "row", "key"), located=4),
+    TOKENS: Expect(("n", "T", "D"), "float", "finite", ("image", "token", "channel")),
+    FINAL_NORM_WEIGHT: Expect(("D",), "float", "finite", ("channel",)),
+    FINAL_NORM_BIAS: Expect(("D",), "float", "finite", ("channel",)),
+}
+METRICS_DATASETS = {
+    **_FILE_DATASETS,
+    ROLLOUT_MAP: Expect(("n", "L", "P"), "float", "", ("image", "layer", "patch")),
+}
+# ``metrics/<name>`` by the level of the metric (:data:`attnflow.metrics.HEAD_METRICS`, ``LAYER_METRICS``,
+# ``IMAGE_METRICS``); a name this attnflow does not know only needs a row per image.
+METRIC_DATASETS = {
+    "head": Expect(("n", "L", "H"), "float", "metric", ("image", "layer", "head")),
+    "layer": Expect(("n", "L"), "float", "metric", ("image", "layer")),
+    "image": Expect(("n",), "float", "metric", ("image",)),
+    None: Expect(("n", "..."), "float", "metric", ("image", "layer", "head")),
+}
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What a root attribute's value must be: a description for messages, and the test.
+_ATTR_KINDS = {
+    "count": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "positive": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "size": ("two positive integers", lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
+    "text": ("text", lambda v: isinstance(v, str)),
+    "number": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))),
+    "store": (f"one of {', '.join(STORE_MODES)}", lambda v: isinstance(v, str) and v in STORE_MODES),
+    "dtype": (f"one of {', '.join(DTYPES)}", lambda v: isinstance(v, str) and v in DTYPES),
+}
+
+
+class Attr(NamedTuple):
+    """One root attribute: what its value must be (a key of ``_ATTR_KINDS``; "" is not checked), the kinds of
+    file that must carry it (``cache``, ``metrics``; elsewhere it is checked where present), and what it means."""
+
+    kind: str
+    required: tuple[str, ...]
+    meaning: str
+
+
+_BOTH, _CACHE, _METRICS = ("cache", "metrics"), ("cache",), ("metrics",)
+# Every root attribute of an attnflow file. A metrics file inherits its cache's, but for the run's own
+# bookkeeping (``schema``, ``created``, ``complete``, the counts) and ``compression``.
+ROOT_ATTRS: dict[str, Attr] = {
+    "schema": Attr("", (), f"the kind of file: {SCHEMA} or {METRICS_SCHEMA}"),
+    "attnflow_version": Attr("", (), "the attnflow that wrote it"),
+    "created": Attr("", (), "when the run started, ISO 8601 in UTC"),
+    "complete": Attr("", (), "true once every input is done"),
+    # the model
+    "model": Attr("", (), "the timm model name"),
+    "label": Attr("text", _BOTH, "the model's name in tables and figures"),
+    "family": Attr("text", _BOTH, "the model's family (see attnflow compare)"),
+    "weights": Attr("", (), "pretrained, checkpoint or random"),
+    "checkpoint": Attr("", (), "the checkpoint's absolute path, or empty"),
+    "checkpoint_sha256": Attr("", (), "the checkpoint's SHA-256, or empty"),
+    # the token layout
+    "num_layers": Attr("positive", _BOTH, "L, the blocks"),
+    "num_heads": Attr("positive", _BOTH, "H, the heads per block"),
+    "num_tokens": Attr("positive", _BOTH, "T, the tokens: prefix then patches"),
+    "num_prefix_tokens": Attr("count", _BOTH, "p, cls plus registers"),
+    "has_cls": Attr("bool", _BOTH, "whether token 0 is a cls token"),
+    "num_registers": Attr("count", _BOTH, "the register tokens after cls"),
+    "grid_size": Attr("size", _BOTH, "the patch grid [h, w]; P = h * w"),
+    "patch_size": Attr("size", _BOTH, "a patch in input pixels [h, w]"),
+    "img_size": Attr("size", _BOTH, "the input in pixels [h, w]"),
+    # how the run saw its inputs
+    "preprocessing": Attr("text", _CACHE, "JSON of timm's resolved eval data config"),
+    "amp": Attr("", (), "whether the forward pass ran in bfloat16 autocast"),
+    "working_dir": Attr("", (), "the folder relative image ids are relative to"),
+    "store": Attr("store", _CACHE, "which maps the cache keeps: full, rows or none"),
+    "dtype": Attr("dtype", _CACHE, "the dtype of the stored maps"),
+    "compression": Attr("", (), "the cache's compression: gzip, lzf or none"),
+    "has_labels": Attr("bool", (), "whether labels and class_names are stored"),
+    "has_tokens": Attr("bool", (), "whether tokens are stored"),
+    "has_masks": Attr("bool", (), "whether fg (object masks) is stored"),
+    FINAL_NORM_EPS: Attr("number", (), "the eps of the final LayerNorm stored with tokens"),
+    # bookkeeping
+    "n_images": Attr("count", _BOTH, "n, the images stored"),
+    "n_inputs": Attr("", (), "the inputs given"),
+    "n_inputs_done": Attr("", (), "the inputs done (stored or skipped)"),
+    "n_skipped": Attr("count", (), "m, the inputs that could not be decoded"),
+    "inputs_sha256": Attr("", (), "SHA-256 of the input paths, to resume the same list"),
+    "shards": Attr("", (), "a distributed run's shard files, relative to the file's folder"),
+    # a metrics file's own
+    "fusion": Attr("text", _METRICS, "how rollout fused heads: mean, max or min"),
+    "discard_ratio": Attr("number", _METRICS, "the share of lowest rollout weights dropped"),
+    "source": Attr("", (), "the cache the metrics were computed from"),
+}
+
+
+def _attr_kinds(kind: str) -> dict[str, str]:
+    """Attribute -> value kind of those a ``kind`` (cache or metrics) file must carry."""
+    return {name: a.kind for name, a in ROOT_ATTRS.items() if kind in a.required}
+
+
+FILE_ATTRS = {name: a.kind for name, a in ROOT_ATTRS.items() if a.required == _BOTH}
+CACHE_ATTRS = _attr_kinds("cache")
+METRICS_ATTRS = _attr_kinds("metrics")
+# Checked where present.
+OPTIONAL_ATTRS = {name: a.kind for name, a in ROOT_ATTRS.items() if a.kind and not a.required}
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def _check_attrs(path: Path, attrs: dict[str, Any], kinds: dict[str, str]) -> None:
+    for key, kind in {**kinds, **OPTIONAL_ATTRS}.items():
+        if key not in attrs:
+            if key in kinds:
+                raise AttnflowError(f"{path} lacks attribute '{key}'")
+            continue
+        what, ok = _ATTR_KINDS[kind]
+        if not ok(attrs[key]):
+            raise AttnflowError(f"{path}: attribute '{key}' is {attrs[key]!r}, not {what}")
+    T, p, cls, registers = attrs["num_tokens"], attrs["num_prefix_tokens"], int(attrs["has_cls"]), attrs["num_registers"]
+    (gh, gw), (ph, pw), (ih, iw) = attrs["grid_size"], attrs["patch_size"], attrs["img_size"]
+    for consistent, message in (
+        (T == p + gh * gw, f"num_tokens is {T}, but num_prefix_tokens + grid_size[0] x grid_size[1] is {p} + {gh} x {gw} = {p + gh * gw}"),
+        (p >= cls, "has_cls is true but num_prefix_tokens is 0 (the cls token is a prefix token)"),
+        (registers == p - cls, f"num_registers is {registers}, but num_prefix_tokens - has_cls is {p} - {cls} = {p - cls}"),
+        # the writer records the patch grid's extent (grid x patch); a wider input (pixels left over) is tolerated
+        (gh * ph <= ih and gw * pw <= iw, f"img_size {ih}x{iw} is smaller than grid_size x patch_size = {gh * ph}x{gw * pw}"),
+    ):
+        if not consistent:
+            raise AttnflowError(f"{path}: inconsistent layout attributes: {message}")
+    if "preprocessing" in kinds:
+        _preprocessing(path, attrs)
+    if FINAL_NORM_EPS in attrs and not attrs[FINAL_NORM_EPS] > 0:
+        raise AttnflowError(f"{path}: attribute '{FINAL_NORM_EPS}' is {attrs[FINAL_NORM_EPS]!r}, not a positive number")
+
+
+def _preprocessing(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    try:
+        pre = json.loads(attrs["preprocessing"])
+    except ValueError:
+        pre = None
+    if not isinstance(pre, dict) or any(k not in pre for k in PREPROCESSING_KEYS):
+        raise AttnflowError(f"{path}: attribute 'preprocessing' is not the JSON of a data config with {', '.join(PREPROCESSING_KEYS)}")
+    return pre
+
+
+def _symbols(attrs: dict[str, Any]) -> dict[str, int]:
+    T, p = attrs["num_tokens"], attrs["num_prefix_tokens"]
+    symbols = {"n": attrs["n_images"], "L": attrs["num_layers"], "H": attrs["num_heads"], "T": T, "p": p, "P": T - p}
+    if "n_skipped" in attrs:
+        symbols["m"] = attrs["n_skipped"]
+    return symbols
+
+
+_KIND_TEST = {"float": ("floating-point values", "f"), "int": ("integers", "iu"), "text": ("text", "OSU")}
+
+
+def _check_dataset(path: Path, name: str, obj: Any, expect: Expect, symbols: dict[str, int]) -> None:
+    """``obj`` has ``expect``'s kind and shape; binds the symbols it is the first to fix."""
+    if not isinstance(obj, h5py.Dataset):
+        raise AttnflowError(f"{path}: '{name}' is a group, not a dataset")
+    what, kinds = _KIND_TEST[expect.kind]
+    if obj.dtype.kind not in kinds:
+        raise AttnflowError(f"{path}: dataset '{name}' holds {obj.dtype}, not {what}")
+    shape, want = obj.shape, expect.shape
+    free = want[-1] == "..."
+    fixed = want[:-1] if free else want
+    if len(shape) < len(fixed) or (not free and len(shape) != len(fixed)):
+        raise AttnflowError(f"{path}: dataset '{name}' has shape {shape}, expected {len(fixed)} axes ({', '.join(want)})")
+    for size, symbol in zip(shape, fixed):
+        if symbol not in symbols:
+            symbols[symbol] = size
+        elif symbols[symbol] != size:
+            if symbol == "n":
+                raise AttnflowError(f"{path}: dataset '{name}' has {size} rows, n_images is {symbols['n']}")
+            expected = tuple(symbols.get(s, "?") for s in fixed)
+            spelled = f"({', '.join(fixed)}{',' if len(fixed) == 1 else ''})"
+            raise AttnflowError(f"{path}: dataset '{name}' has shape {shape}, expected {spelled} = {expected}")
+
+
+def _metric_expect(name: str) -> Expect:
+    metric = REGISTRY.get(name[len(METRICS_GROUP) + 1:])
+    return METRIC_DATASETS[metric.level if metric is not None else None]
+
+
+def _nan_reasons(name: str) -> tuple[str, ...]:
+    """Why ``metrics/<name>`` may hold NaN (:data:`attnflow.registry.NAN_REASONS`); a metric this attnflow
+    does not know may be undefined anywhere."""
+    metric = REGISTRY.get(name[len(METRICS_GROUP) + 1:])
+    return metric.nan_when if metric is not None else ("undefined",)
+
+
+def _check_virtual_sources(path: Path, f: h5py.File) -> None:
+    """Every virtual dataset's rows come from a source that is there, holds the dataset, and is long enough.
+
+    HDF5 reads a missing source as fill values (zeros) without a word; a distributed run's file points into
+    ``<file>.shards/`` by paths relative to the file's folder, where HDF5 looks for them first.
+    """
+    virtual: list[str] = []
+    f.visititems(lambda name, obj: virtual.append(name) if isinstance(obj, h5py.Dataset) and obj.is_virtual else None)
+    opened: dict[str, h5py.File] = {}
+    try:
+        for name in virtual:
+            dataset = f[name]
+            covered, followed = np.zeros(dataset.shape[0] if dataset.ndim else 1, dtype=bool), True
+            for source in dataset.virtual_sources():
+                if source.file_name == ".":
+                    where, holder = path, f
+                else:
+                    where = Path(source.file_name) if os.path.isabs(source.file_name) else path.parent / source.file_name
+                    holder = opened.get(source.file_name)
+                    if holder is None:
+                        holder = opened[source.file_name] = _open_source(path, name, source.file_name, where)
+                src = holder.get(source.dset_name)
+                if not isinstance(src, h5py.Dataset):
+                    raise AttnflowError(f"{path} reads {name} from {where}, which has no dataset '{source.dset_name}': re-extract")
+                need = _extent(source.src_space, source.vspace)
+                if need is not None and (src.ndim != len(need) or any(have < want for have, want in zip(src.shape, need))):
+                    raise AttnflowError(
+                        f"{path} reads {name} rows of shape {need} from {where}, whose '{source.dset_name}' has shape "
+                        f"{src.shape}: the shard is not the one this file was assembled from; re-extract"
+                    )
+                if src.dtype != dataset.dtype:
+                    raise AttnflowError(f"{path} reads {name} ({dataset.dtype}) from {where}, whose '{source.dset_name}' is {src.dtype}: re-extract")
+                rows = _rows_mapped(source.vspace, dataset.shape)
+                if rows is None:
+                    followed = False  # a mapping more intricate than whole rows: leave coverage to HDF5
+                else:
+                    covered[rows[0]:rows[1]] = True
+            if followed and dataset.ndim and not covered.all():
+                gap = int(np.flatnonzero(~covered)[0])
+                raise AttnflowError(f"{path}: no source holds row {gap} of {name}, which would read as zeros; re-extract")
+    finally:
+        for holder in opened.values():
+            holder.close()
+
+
+def _open_source(path: Path, name: str, file_name: str, where: Path) -> h5py.File:
+    if not where.is_file():
+        folder = Path(file_name).parts[0] if len(Path(file_name).parts) > 1 else None
+        keep = f"the {folder} folder" if folder and not (path.parent / folder).is_dir() else where.name
+        raise AttnflowError(
+            f"{path} reads its rows from {file_name}, which is missing (looked in {where.parent}): keep {keep} next to "
+            "the file (or re-extract)"
+        )
+    try:
+        return h5py.File(where, "r")
+    except OSError as e:
+        raise AttnflowError(f"{path} reads {name} from {where}, which is not a readable HDF5 file "
+                            f"({hdf5_reason(e, 'unreadable')}): re-extract") from None
+
+
+def _extent(space: h5py.h5s.SpaceID, vspace: h5py.h5s.SpaceID) -> tuple[int, ...] | None:
+    """The smallest shape a source dataset needs for this mapping of ``space`` (of the source) onto ``vspace``
+    (of the virtual dataset); None when nothing is selected or the mapping is more intricate than a block."""
+    kind = space.get_select_type()
+    if kind == h5py.h5s.SEL_NONE:
+        return None
+    if kind != h5py.h5s.SEL_ALL:
+        _, end = space.get_select_bounds()
+        return tuple(e + 1 for e in end)
+    # the whole source, whatever its extent, fills the block selected in the virtual dataset
+    if vspace.get_select_type() != h5py.h5s.SEL_HYPERSLABS:
+        return None
+    start, end = vspace.get_select_bounds()
+    block = tuple(e - s + 1 for s, e in zip(start, end))
+    return block if vspace.get_select_npoints() == int(np.prod(block)) else None
+
+
+def _rows_mapped(space: h5py.h5s.SpaceID, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The rows [start, stop) of a virtual dataset one mapping fills (None when it does not fill whole rows)."""
+    kind = space.get_select_type()
+    if kind == h5py.h5s.SEL_ALL:
+        return 0, shape[0] if shape else 1
+    if kind == h5py.h5s.SEL_NONE or not shape:
+        return None
+    start, end = space.get_select_bounds()
+    if space.get_select_npoints() != int(np.prod([e - s + 1 for s, e in zip(start, end)])):
+        return None  # not one solid block
+    if any(s != 0 or e != d - 1 for s, e, d in zip(start[1:], end[1:], shape[1:])):
+        return None
+    return start[0], end[0] + 1
+
+
+def validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_AttnflowFile"]) -> None:
+    """Raise an :class:`AttnflowError` naming the first thing in ``f`` that is not a finished file of ``kind``
+    should hold: root attributes (types, and the layout's consistency), datasets (presence, dtype, shape),
+    the sources of virtual datasets, and labels within the class names."""
+    try:
+        _validate(path, f, attrs, kind)
+    except OSError as e:  # HDF5 cannot read a part of the file's structure
+        raise AttnflowError(f"{path} is damaged: HDF5 cannot read it ({e}); re-extract it") from None
+
+
+def _validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_AttnflowFile"]) -> None:
+    _check_attrs(path, attrs, kind.attributes)
+    symbols = _symbols(attrs)
+    for name in kind.required_datasets(attrs):
+        if name not in f:
+            raise AttnflowError(f"{path} lacks dataset '{name}'")
+    for name, expect in kind.datasets.items():
+        if name in f:
+            _check_dataset(path, name, f[name], expect, symbols)
+    if kind.datasets is METRICS_DATASETS and METRICS_GROUP in f:
+        group = f[METRICS_GROUP]
+        if not isinstance(group, h5py.Group):
+            raise AttnflowError(f"{path}: '{METRICS_GROUP}' is a dataset, not the group of metrics")
+        for name in group:
+            key = metric_dataset(name)
+            _check_dataset(path, key, group[name], _metric_expect(key), symbols)
+    _check_virtual_sources(path, f)
+    if kind is Cache and attrs["store"] in MAPS_DATASET:
+        maps = MAPS_DATASET[attrs["store"]]
+        if str(f[maps].dtype) != attrs["dtype"]:
+            raise AttnflowError(f"{path}: dataset '{maps}' holds {f[maps].dtype}, but the attribute dtype says {attrs['dtype']}")
+    if LABELS in f:
+        if CLASS_NAMES not in f:
+            raise AttnflowError(f"{path} has labels but no dataset '{CLASS_NAMES}' to name them")
+        try:
+            labels = f[LABELS][()]
+        except OSError as e:
+            raise AttnflowError(f"{path}: cannot read labels ({e}); the file is damaged, re-extract it") from None
+        bad = np.flatnonzero((labels < 0) | (labels >= symbols["K"]))
+        if len(bad):
+            i = int(bad[0])
+            raise AttnflowError(
+                f"{path}: label {labels[i]} of image {i} is not an index into class_names ({symbols['K']} classes)"
+            )
+
+
+_KIND = {SCHEMA: "an attention cache", METRICS_SCHEMA: "a metrics file"}
+
+
+class _AttnflowFile:
+    """A finished attnflow file of one schema, read lazily and validated.
+
+    Opening checks the file against the tables above. The typed readers (:meth:`labels`, :meth:`fg`, and
+    those of :class:`Cache` and :class:`MetricsFile`) say what they return and check every value they read;
+    underneath them, ``file[name]`` gives the raw :class:`CheckedDataset` (its reads checked the same way,
+    a damaged chunk turned into one line), and :meth:`read_rows` reads rows of any dataset.
+    """
+
+    schema = ""
+    hint = ""  # what to do when handed the other kind of file
+    attributes: dict[str, str] = FILE_ATTRS
+    datasets: dict[str, Expect] = _FILE_DATASETS
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._gzip: _ParallelGunzip | None = None
+        self.file = open_hdf5(self.path)
+        try:
+            self.attrs = _read_attrs(self.path, self.file)
+            self._check_schema()
+            validate(self.path, self.file, self.attrs, type(self))
+            self.layout = layout_from_attrs(self.attrs)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _check_schema(self) -> None:
+        schema = self.attrs.get("schema")
+        if schema is None:
+            raise AttnflowError(f"{self.path} is not an attnflow file (no 'schema' attribute)")
+        if schema != self.schema:
+            if isinstance(schema, str) and schema in _KIND:
+                raise AttnflowError(f"{self.path} is {_KIND[schema]}, not {_KIND[self.schema]}{self.hint}")
+            raise AttnflowError(f"{self.path} has schema '{schema}'; this attnflow reads '{self.schema}'")
+        if not self.attrs.get("complete", False):
+            raise AttnflowError(f"{self.path} is unfinished; continue it with --resume")
+
+    @classmethod
+    def required_datasets(cls, attrs: dict[str, Any]) -> list[str]:
+        """The datasets a file with these attributes must hold."""
+        return [IMAGE_IDS, *SKIP_DATASETS, *([LABELS, CLASS_NAMES] if attrs.get("has_labels") else []),
+                *([FG] if attrs.get("has_masks") else [])]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._gzip is not None:
+            self._gzip.close()
+        self.file.close()
+
+    def __getitem__(self, name: str) -> "CheckedDataset":
+        if name not in self.file:
+            raise AttnflowError(f"{self.path} has no dataset '{name}'")
+        dataset = self.file[name]
+        if not isinstance(dataset, h5py.Dataset):
+            raise AttnflowError(f"{self.path}: '{name}' is a group, not a dataset")
+        return CheckedDataset(self, name, dataset)
+
+    def read_rows(self, name: str, start: int, stop: int, *, device: Any = None) -> Any:
+        """Rows ``start:stop`` of dataset ``name``, their values checked; attnflow's own gzip chunks are
+        decompressed in parallel (HDF5 would inflate them one after another in this thread).
+
+        With ``device`` (a torch device), a float32 tensor there, checked there (on a GPU the check is free).
+        """
+        dataset = self[name].dataset
+        stop = max(start, min(stop, dataset.shape[0]))
+        if _ParallelGunzip.readable(dataset):
+            if self._gzip is None:
+                self._gzip = _ParallelGunzip()
+            read = lambda: self._gzip.read(dataset, start, stop)  # noqa: E731
+        else:
+            read = lambda: dataset[start:stop]  # noqa: E731
+        data = self._fetch(name, dataset, read, np.arange(start, stop))
+        if device is not None:
+            data = torch.from_numpy(data).to(device)
+            data = data.float() if data.is_floating_point() else data
+        self._check_values(name, data, [np.arange(start, stop), *(np.arange(d) for d in dataset.shape[1:])])
+        return data
+
+    def _read(self, name: str, dataset: h5py.Dataset, key: Any) -> np.ndarray:
+        """``dataset[key]``, checked (what a :class:`CheckedDataset` read does)."""
+        selection = _selection(key, dataset.shape)
+        rows = None if selection is None else np.atleast_1d(selection[0]) if dataset.ndim else None
+        data = self._fetch(name, dataset, lambda: dataset[key], rows)
+        self._check_values(name, data, selection)
+        return data
+
+    def _fetch(self, name: str, dataset: h5py.Dataset, read: Any, rows: np.ndarray | None) -> np.ndarray:
+        """``read()``, with a damaged chunk (HDF5's or attnflow's own gzip reader's complaint) as one line
+        naming the file, the dataset and the first image that cannot be read."""
+        try:
+            return read()
+        except (OSError, zlib.error) as e:
+            reason = str(e) or type(e).__name__
+        except ValueError as e:  # a chunk that inflates to the wrong size
+            if "reshape" not in str(e):
+                raise
+            reason = str(e)
+        span = "" if rows is None or not len(rows) else f" (reading rows {rows.min()}:{rows.max() + 1})"
+        for i in rows if rows is not None else ():
+            try:
+                dataset[int(i)]
+            except (OSError, ValueError):
+                raise AttnflowError(
+                    f"{self.path}: cannot read {name} of image {int(i)} ({self._image_id(int(i))}){span}: {reason}; "
+                    "the file is damaged, re-extract it"
+                ) from None
+        raise AttnflowError(f"{self.path}: cannot read {name}{span}: {reason}; the file is damaged, re-extract it")
+
+    def _image_id(self, index: int) -> str:
+        try:
+            value = self.file[IMAGE_IDS][index]
+        except (OSError, ValueError, IndexError, KeyError):
+            return "image id unreadable"
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    def _expect(self, name: str) -> Expect | None:
+        if name.startswith(METRICS_GROUP + "/") and isinstance(self, MetricsFile):
+            return _metric_expect(name)
+        return self.datasets.get(name)
+
+    def _check_values(self, name: str, data: Any, selection: list | None) -> None:
+        """Raise if values read from ``name`` at ``selection`` (see :func:`_selection`) are not what the file
+        promises: the message names the file, the dataset and the image (layer, head ...) of the first bad one."""
+        expect = self._expect(name)
+        if expect is None or not expect.values or not getattr(data, "size", 1) or (hasattr(data, "numel") and not data.numel()):
+            return
+        if expect.values == "attention":
+            problem = self._attention_problem(name, data, selection)
+        elif expect.values == "finite":
+            problem = _nonfinite(data)
+        elif expect.values == "fraction":
+            problem = _not_fraction(data)
+        else:
+            problem = self._metric_problem(name, np.asarray(data), selection)
+        if problem is not None:
+            what, position = problem
+            raise AttnflowError(f"{self.path}: {name}{self._where(expect, selection, position)}: {what}")
+
+    def _attention_problem(self, name: str, data: Any, selection: list | None) -> tuple[str, tuple[int, ...]] | None:
+        T = int(self.attrs["num_tokens"])
+        last = None if selection is None else selection[-1]
+        if isinstance(last, np.ndarray) and len(last) == T and np.array_equal(np.sort(last), np.arange(T)):
+            stored = np.dtype(self.file[name].dtype)
+            # capture's tolerance, plus rounding each value to the stored dtype (half an ulp relative each, so at
+            # most eps / 2 over a row summing to 1; eps for margin) and float32 summation
+            tolerance = ROW_SUM_TOLERANCE + float(np.finfo(stored).eps) + T * 2.0 ** -24
+            return attention_problem(torch.from_numpy(data) if isinstance(data, np.ndarray) else data, tolerance)
+        # part of each row: every value still lies in [0, 1]
+        values = data.cpu().numpy() if hasattr(data, "cpu") else np.asarray(data)
+        problem = _nonfinite(values)
+        if problem is None and values.size and values.min() < 0:
+            problem = (f"holds negative values (min {values.min():.3g})", tuple(int(i) for i in np.unravel_index(values.argmin(), values.shape)))
+        return problem
+
+    def _metric_problem(self, name: str, values: np.ndarray, selection: list | None) -> tuple[str, tuple[int, ...]] | None:
+        """Finite values; NaN only where the metric's declaration says it can be undefined."""
+        reasons = _nan_reasons(name)
+        infinite = np.isinf(values)
+        if infinite.any():
+            return "is infinite", _first(infinite)
+        nan = np.isnan(values)
+        if "no_cls" in reasons and not self.attrs["has_cls"]:
+            if not nan.all():
+                return "holds a number, but the model has no cls token (has_cls is false), so it must be NaN", _first(~nan)
+            return None
+        if not nan.any() or "undefined" in reasons or ("one_patch" in reasons and self.layout.num_patches == 1):
+            return None
+        allowed = np.zeros(values.shape, dtype=bool)
+        if "cls_mass" in reasons:
+            mass = self.file.get(metric_dataset("cls_to_patch"))
+            if mass is None or selection is None or mass.shape != self.file[name].shape:
+                return None  # nothing to check it against
+            allowed |= _take(mass[()], selection) == 0
+        if "no_mask" in reasons:
+            if FG not in self.file or selection is None:
+                return None
+            no_mask = np.isnan(self.file[FG][()]).any(axis=-1)[selection[0]]
+            allowed |= np.reshape(no_mask, np.shape(no_mask) + (1,) * (values.ndim - np.ndim(no_mask)))
+        bad = nan & ~allowed
+        if not bad.any():
+            return None
+        when = [NAN_REASONS[r] for r in reasons]
+        return f"is NaN, which it can only be {' or '.join(when)}" if when else "is NaN, which it never is", _first(bad)
+
+    def _where(self, expect: Expect, selection: list | None, position: tuple[int, ...] | None) -> str:
+        """`` of image 3 (path), layer 1, head 0``: where in the dataset ``position`` (in the read values) lies."""
+        if selection is None or position is None:
+            return ""
+        parts, j = [], 0
+        for label, sel in zip(expect.axes, selection):
+            if isinstance(sel, (int, np.integer)):
+                index = int(sel)
+            elif j < len(position):
+                index, j = int(sel[position[j]]), j + 1
+            else:
+                break
+            parts.append(f"image {index} ({self._image_id(index)})" if label == "image" else f"{label} {index}")
+        return " of " + ", ".join(parts) if parts else ""
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file
+
+    def __len__(self) -> int:
+        return int(self.attrs["n_images"])
+
+    # -- typed reads: every value checked as it is read ------------------------------------------------
+
+    @property
+    def image_ids(self) -> list[str]:
+        """The n images' paths, as given to ``attnflow extract``."""
+        return from_text(self[IMAGE_IDS][()])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The K class names ``labels`` index, or None for a file without labels."""
+        return from_text(self[CLASS_NAMES][()]) if CLASS_NAMES in self.file else None
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """The m inputs that could not be decoded, as (path, reason)."""
+        return list(zip(from_text(self[SKIPPED][()]), from_text(self[SKIPPED_REASON][()])))
+
+    def labels(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Class indices into :attr:`class_names` of images ``start:stop``: (n,) int64."""
+        self._need(LABELS, "labels", "--labels-from-dirs")
+        start, stop = self._range(start, stop)
+        return self[LABELS][start:stop].astype(np.int64, copy=False)
+
+    def fg(self, start: int = 0, stop: int | None = None, *, device: Any = None) -> Rows:
+        """Object fraction per patch of images ``start:stop``: (n, P) float32 in [0, 1], NaN rows for images
+        without a mask."""
+        self._need(FG, "object masks (fg)", "--masks")
+        return self._rows(FG, start, stop, device)
+
+    def _need(self, name: str, what: str, how: str) -> None:
+        if name not in self.file:
+            raise AttnflowError(f"{self.path} has no {what}; extract with {how}")
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+        """Images ``start:stop`` as in a slice (a stop past the end is the end); a start before 0 or after stop
+        is an error, not an empty or wrapped-around read."""
+        n = len(self)
+        stop = n if stop is None else min(stop, n)
+        if not 0 <= start <= stop:
+            raise IndexError(f"images {start}:{stop} are not a range of the {n} images of {self.path}")
+        return start, stop
+
+    def _layer(self, layer: int) -> int:
+        L = int(self.attrs["num_layers"])
+        if not -L <= layer < L:
+            raise IndexError(f"layer {layer} is out of range for {self.path} ({L} layers)")
+        return layer % L
+
+    def _rows(self, name: str, start: int, stop: int | None, device: Any, *index: Any) -> Rows:
+        """Images ``start:stop`` of dataset ``name``, further indexed by ``index`` (per axis after the image),
+        checked, as float32: a numpy array, or with ``device`` a torch tensor there."""
+        start, stop = self._range(start, stop)
+        if index:
+            return _as_float32(self[name][(slice(start, stop), *index)], device)
+        data = self.read_rows(name, start, stop, device=device)  # attnflow's gzip chunks inflated in parallel
+        return data if device is not None else data.astype(np.float32, copy=False)
+
+
+class CheckedDataset:
+    """A dataset of an open attnflow file whose reads (``dataset[...]``) are checked: values as its
+    :class:`Expect` says, a damaged chunk as one line. Everything else (``shape``, ``dtype``, ``attrs``, ...)
+    is the h5py dataset's, which ``.dataset`` holds."""
+
+    def __init__(self, owner: _AttnflowFile, name: str, dataset: h5py.Dataset):
+        self.owner, self.name, self.dataset = owner, name, dataset
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.owner._read(self.name, self.dataset, key)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in ("owner", "name", "dataset"):
+            raise AttributeError(attr)
+        return getattr(self.dataset, attr)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[()]
+        return data if dtype is None else data.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"<checked {self.dataset!r} of {self.owner.path}>"
+
+
+def _as_float32(data: np.ndarray, device: Any) -> Rows:
+    """Checked values as float32: numpy, or a torch tensor on ``device``."""
+    if device is None:
+        return data.astype(np.float32, copy=False)
+
+    return torch.from_numpy(np.ascontiguousarray(data)).to(device).float()
+
+
+def _selection(key: Any, shape: tuple[int, ...]) -> list | None:
+    """Per axis of a dataset of ``shape``, what ``dataset[key]`` reads: an int (the axis is dropped from the
+    result) or the array of indices kept; None for keys h5py takes that this does not follow (masks, fields)."""
+    key = key if isinstance(key, tuple) else (key,)
+    ellipses = [i for i, k in enumerate(key) if k is Ellipsis]
+    if len(ellipses) > 1:
+        return None
+    if ellipses:
+        i = ellipses[0]
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1:]
+    if len(key) > len(shape):
+        return None
+    out: list = []
+    for k, size in zip(key + (slice(None),) * (len(shape) - len(key)), shape):
+        if isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
+            out.append(int(k) % size if size else int(k))
+        elif isinstance(k, slice):
+            out.append(np.arange(*k.indices(size)))
+        elif isinstance(k, (list, np.ndarray)) and np.ndim(k) == 1 and np.asarray(k).dtype.kind in "iu":
+            out.append(np.asarray(k) % size)
+        else:
+            return None
+    return out
+
+
+def _take(values: np.ndarray, selection: list) -> np.ndarray:
+    """``values[key]`` for the key :func:`_selection` described."""
+    for axis in reversed(range(len(selection))):
+        values = np.take(values, selection[axis], axis=axis)
+    return values
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape)) if mask.ndim else ()
+
+
+def _nonfinite(data: Any) -> tuple[str, tuple[int, ...]] | None:
+    if hasattr(data, "cpu"):  # a torch tensor: one float64 sum says whether all is finite
+
+        if bool(torch.isfinite(data.sum(dtype=torch.float64))):
+            return None
+        data = data.cpu().numpy()
+    finite = np.isfinite(data)
+    if finite.all():
+        return None
+    return "holds NaN or infinite values", _first(~finite)
+
+
+def _not_fraction(data: Any) -> tuple[str, tuple[int, ...]] | None:
+    """Object fractions: in [0, 1] (bilinear resampling of a 0/1 mask), or NaN for an image without a mask."""
+    values = data.cpu().numpy() if hasattr(data, "cpu") else np.asarray(data)
+    if np.isinf(values).any():
+        return "holds infinite values", _first(np.isinf(values))
+    outside = (values < -1e-4) | (values > 1 + 1e-4)  # NaN compares false
+    if outside.any():
+        return f"holds {values[_first(outside)]:.3g}, not an object fraction in [0, 1]", _first(outside)
+    return None
+
+
+class Cache(_AttnflowFile):
+    """A finished attention cache (``attnflow extract``)."""
+
+    schema = SCHEMA
+    hint = " (run `attnflow metrics` on a cache, `attnflow compare` on metrics files)"
+    attributes = CACHE_ATTRS
+    datasets = CACHE_DATASETS
+
+    @classmethod
+    def required_datasets(cls, attrs: dict[str, Any]) -> list[str]:
+        maps = [MAPS_DATASET[attrs["store"]]] if attrs["store"] in MAPS_DATASET else []
+        return [*super().required_datasets(attrs), MAGNITUDE, *maps, *([TOKENS] if attrs.get("has_tokens") else [])]
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """timm's resolved eval data config the images were preprocessed with."""
+        return _preprocessing(self.path, self.attrs)
+
+    @property
+    def store(self) -> str:
+        """Which attention maps the cache keeps: ``full``, ``rows`` (the prefix rows) or ``none``."""
+        return self.attrs["store"]
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Whether the model's final LayerNorm is recorded, so that :meth:`tokens` can apply it."""
+        return FINAL_NORM_WEIGHT in self.file and FINAL_NORM_BIAS in self.file and FINAL_NORM_EPS in self.attrs
+
+    def attention(self, start: int = 0, stop: int | None = None, layer: int | None = None, *, device: Any = None) -> Rows:
+        """Post-softmax attention of images ``start:stop``, rows summing to 1: (n, L, H, T, T) float32, or
+        (n, H, T, T) of one ``layer`` (negative counts from the last). Needs ``store=full``."""
+        self._need(ATTN, f"full attention maps (store={self.store})", "--store full")
+        return self._of_layers(ATTN, start, stop, layer, device)
+
+    def prefix_rows(self, start: int = 0, stop: int | None = None, layer: int | None = None, *, device: Any = None) -> Rows:
+        """The attention rows of the p prefix queries (cls, then registers) of images ``start:stop``:
+        (n, L, H, p, T) float32, or (n, H, p, T) of one ``layer``; from ``store=full`` or ``store=rows``."""
+        if self.store == "rows":
+            return self._of_layers(ATTN_ROWS, start, stop, layer, device)
+        self._need(ATTN, f"attention maps (store={self.store})", "--store rows or full")
+        p = self.layout.num_prefix_tokens
+        if p == 0:
+            raise AttnflowError(f"{self.path}: the model has neither a cls token nor registers, so there are no prefix rows")
+        # A chunk holds every query's row of a layer: all are read anyway, so all are checked, then cut.
+        rows = self._of_layers(ATTN, start, stop, layer, device)[..., :p, :]
+        return rows.contiguous() if device is not None else np.ascontiguousarray(rows)  # not a view of all rows
+
+    def _of_layers(self, name: str, start: int, stop: int | None, layer: int | None, device: Any) -> Rows:
+        """Images ``start:stop`` of a dataset with a layer axis after the image axis: every layer, or one."""
+        if layer is None:
+            return self._rows(name, start, stop, device)
+        return self._rows(name, start, stop, device, self._layer(layer))
+
+    def magnitude(self, start: int = 0, stop: int | None = None, *, device: Any = None) -> Rows:
+        """Per block and token, the norm of the block's residual update over the norm of its input, of images
+        ``start:stop``: (n, L, T) float32."""
+        return self._rows(MAGNITUDE, start, stop, device)
+
+    def tokens(self, start: int = 0, stop: int | None = None, *, normalised: bool = True, device: Any = None) -> Rows:
+        """The last block's output tokens of images ``start:stop``: (n, T, D) float32; ``normalised`` with the
+        model's final LayerNorm applied, as users of the model read them (the cls token is ``[:, 0]``).
+        Needs ``--save-tokens``."""
+
+        self._need(TOKENS, "tokens", "--save-tokens")
+        if normalised and not self.has_final_norm:
+            raise AttnflowError(f"{self.path} records no final LayerNorm to apply; read tokens(normalised=False)")
+        data = self._rows(TOKENS, start, stop, device)
+        if not normalised:
+            return data
+        tokens = torch.from_numpy(data) if device is None else data
+        weight, bias = (torch.from_numpy(self[name][()]).float().to(tokens.device) for name in (FINAL_NORM_WEIGHT, FINAL_NORM_BIAS))
+        normed = F.layer_norm(tokens, tokens.shape[-1:], weight, bias, float(self.attrs[FINAL_NORM_EPS]))
+        return normed if device is not None else normed.numpy()
+
+
+class MetricsFile(_AttnflowFile):
+    """A finished metrics file (``attnflow metrics`` or ``attnflow extract --metrics``)."""
+
+    schema = METRICS_SCHEMA
+    hint = " (compute one with `attnflow metrics CACHE -o METRICS.h5`)"
+    attributes = METRICS_ATTRS
+    datasets = METRICS_DATASETS
+
+    @property
+    def metric_names(self) -> list[str]:
+        group = self.file.get(METRICS_GROUP)
+        return sorted(group) if group is not None else []
+
+    def metric(self, name: str) -> CheckedDataset:
+        """``metrics/<name>``; its reads are checked (finite, NaN only where the metric can be undefined)."""
+        key = metric_dataset(name)
+        if key not in self.file:
+            raise AttnflowError(f"{self.path} has no metric '{name}' (it has {', '.join(self.metric_names)})")
+        return self[key]
+
+    def values(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Metric ``name`` of images ``start:stop``, float32: (n, L, H) for a head metric, (n, L) for a layer
+        metric, (n,) for an image metric; NaN only where the metric is undefined."""
+        return self._rows(self.metric(name).name, start, stop, None)
+
+    def rollout_maps(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Attention rollout's readout over patches after each block of images ``start:stop``: (n, L, P)
+        float32, each row summing to 1. Metrics files computed from full maps have them."""
+        self._need(ROLLOUT_MAP, "rollout maps", "--store full (or compute the metrics while extracting)")
+        return self._rows(ROLLOUT_MAP, start, stop, None)
+
+
+# -- dimension scales ---------------------------------------------------------------------------------
+# netCDF-4's mark of a dimension scale that is only a dimension, without values of its own: xarray and netCDF
+# readers then show the dimension by name and no coordinate variable for it.
+_DIMENSION_ONLY = "This is a netCDF dimension but not a netCDF variable."
+
+
+def _expectation(name: str) -> Expect | None:
+    """What dataset ``name`` of either kind of attnflow file holds (None for a name attnflow does not write)."""
+    if name.startswith(METRICS_GROUP + "/"):
+        return _metric_expect(name)
+    return CACHE_DATASETS.get(name) or METRICS_DATASETS.get(name)
+
+
+def attach_dimension_scales(f: h5py.File) -> None:
+    """Name the axes of every dataset of an assembled attnflow file with HDF5 dimension scales.
+
+    Each dimension (``image``, ``layer``, ``head``, ``token``, ``query``, ``key``, ``row``, ``patch``,
+    ``channel``, ``class``, ``skipped_input``; see :class:`Expect`'s ``dims``) becomes an empty dataset of
+    that name at the root, marked as a netCDF dimension, attached to every axis it names and set as the axis'
+    label. h5py users then read ``dataset.dims[i].label``, and ``xarray.open_dataset(path,
+    engine="h5netcdf")`` shows named dimensions (``group="metrics"`` for the metrics). Attaching writes only
+    attributes, so virtual datasets (distributed runs) get them too. Calling it again changes nothing.
+    Raises ValueError where two datasets disagree on the size of a dimension (a bug in the writer).
+    """
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and not h5py.h5ds.is_scale(obj.id) else None)
+    sizes: dict[str, int] = {}
+    axes: list[tuple[h5py.Dataset, int, str]] = []
+    for name in names:
+        expect = _expectation(name)
+        if expect is None:
+            continue
+        dataset = f[name]
+        fixed = len(expect.shape) - (expect.shape[-1] == "...")
+        for axis, dim in enumerate(expect.dims[:min(fixed, dataset.ndim)]):
+            size = dataset.shape[axis]
+            if sizes.setdefault(dim, size) != size:
+                raise ValueError(f"{name}: axis {axis} ({dim}) has {size} entries, other datasets {sizes[dim]}")
+            axes.append((dataset, axis, dim))
+    for dim, size in sizes.items():
+        if dim not in f:
+            f.create_dataset(dim, shape=(size,), dtype=">f4").make_scale(f"{_DIMENSION_ONLY}{size:10d}")
+        elif f[dim].shape != (size,) or not h5py.h5ds.is_scale(f[dim].id):
+            raise ValueError(f"'{dim}' is in the way of the dimension scale of {size} entries")
+    for dataset, axis, dim in axes:
+        if not h5py.h5ds.is_attached(dataset.id, f[dim].id, axis):
+            dataset.dims[axis].attach_scale(f[dim])
+        dataset.dims[axis].label = dim
+
+
+def _dimension_names(dataset: h5py.Dataset) -> list[str]:
+    """The dimension names of a dataset's axes ("" for an unnamed axis)."""
+    return [dim.label for dim in dataset.dims]
+
+
+def open_cache(path: str | Path) -> Cache:
+    """Open and validate an attention cache written by ``attnflow extract``."""
+    return Cache(path)
+
+
+def open_metrics(path: str | Path) -> MetricsFile:
+    """Open and validate a metrics file written by ``attnflow metrics``."""
+    return MetricsFile(path)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Attributes, dataset shapes (and dimension names) and dimensions of any attnflow HDF5 file (for
+    ``attnflow info``), also of a broken one: what validation finds wrong is said as a warning and listed
+    under ``problems``."""
+
+    path = Path(path)
+    with open_hdf5(path) as f:
+        if "schema" not in f.attrs:
+            raise AttnflowError(f"{path} is not an attnflow file (no 'schema' attribute)")
+        datasets: dict[str, Any] = {}
+        dimensions: dict[str, int] = {}  # dimension scales (files of attnflow 0.1 have none)
+
+        def visit(name: str, obj: Any) -> None:
+            if not isinstance(obj, h5py.Dataset):
+                return
+            if h5py.h5ds.is_scale(obj.id):
+                dimensions[name] = int(obj.shape[0]) if obj.ndim else 0
+                return
+            datasets[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype) if obj.dtype.kind != "O" else "utf-8"}
+            named = _dimension_names(obj)
+            if any(named):
+                datasets[name]["dims"] = named
+
+        problems = []
+        try:
+            f.visititems(visit)
+        except OSError as e:
+            problems.append(f"{path} is damaged: HDF5 cannot list all of it ({e})")
+        attrs: dict[str, Any] = {}
+        for key in f.attrs:
+            try:
+                attrs[key] = _plain(f.attrs[key])
+            except (OSError, TypeError, ValueError):
+                attrs[key] = "<unreadable>"
+        kind = {SCHEMA: Cache, METRICS_SCHEMA: MetricsFile}.get(attrs["schema"]) if isinstance(attrs["schema"], str) else None
+        if kind is not None:
+            try:
+                validate(path, f, _read_attrs(path, f), kind)
+            except AttnflowError as e:
+                problems.append(str(e))
+        for problem in problems:
+            warnings.warn(problem, stacklevel=2)
+        return {"path": str(path), "attrs": attrs, "datasets": datasets, "dimensions": dimensions, "problems": problems}

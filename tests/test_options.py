@@ -1,0 +1,52 @@
+"""Option objects: each group checks itself once; flat keywords reach the group that owns them; the CLI
+reports a value that can never work as a usage error naming the flag."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from attnflow.errors import OptionError
+from attnflow.options import ExtractOptions, InputOptions, MetricsOptions, RolloutOptions, RunOptions, StoreOptions
+
+
+def test_flat_keywords_reach_their_group_and_leave_the_rest():
+    base = ExtractOptions()
+    options = base.replace(store="rows", dtype="float32", fusion="max", crop_pct=0.9, batch_size=7, resume=True)
+    assert options.store == StoreOptions(store="rows", dtype="float32")
+    assert options.rollout == RolloutOptions(fusion="max")
+    assert options.inputs == InputOptions(crop_pct=0.9)
+    assert options.run == RunOptions(batch_size=7, resume=True)
+    assert base == ExtractOptions()  # frozen: replace makes a copy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.run.batch_size = 3
+    with pytest.raises(TypeError, match="no option 'bach_size'"):
+        base.replace(bach_size=3)
+    assert MetricsOptions().run.batch_size == 16 and MetricsOptions().replace(batch_size=4).run.batch_size == 4
+    with pytest.raises(TypeError, match="no option 'store'"):
+        MetricsOptions().replace(store="rows")  # a metrics run has no store options
+
+
+@pytest.mark.parametrize("values,flag", [
+    (dict(store="some"), "--store"), (dict(dtype="int8"), "--dtype"), (dict(compression="zip"), "--compression"),
+    (dict(fusion="median"), "--fusion"), (dict(discard_ratio=1.0), "--discard-ratio"),
+    (dict(discard_ratio=-0.1), "--discard-ratio"), (dict(crop_pct=0.0), "--crop-pct"),
+    (dict(crop_pct=float("nan")), "--crop-pct"), (dict(interpolation="cubic"), "--interpolation"),
+    (dict(batch_size=0), "--batch-size"), (dict(workers=-1), "--workers"), (dict(device="gpu"), "--device"),
+    (dict(resume=True, overwrite=True), "--resume"),
+])
+def test_a_value_that_cannot_work_names_its_flag(values, flag):
+    with pytest.raises(OptionError, match=f"^{flag}: ") as caught:
+        ExtractOptions().replace(**values)
+    assert caught.value.flag == flag
+
+
+def test_the_cli_reports_option_errors_as_usage_errors(run_cli, tmp_path):
+    (tmp_path / "img.png").write_bytes(b"")
+    result = run_cli("extract", "vit_tiny_patch16_224", tmp_path / "img.png", "-o", tmp_path / "c.h5", "--random-init",
+                     "--resume", "--overwrite")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("attnflow: error: --resume: continues a run and --overwrite starts one afresh: "
+                                     "give one of them")
+    assert not Path(str(tmp_path / "c.h5") + ".partial").exists()
