@@ -69,6 +69,9 @@ class BlockFamily:
             update the attention branch adds to the residual stream, after the output projection and layer
             scale (the numerator of the magnitude).
         problem: block -> why this block, although of this kind, cannot be captured; None when it can.
+        unscaled_update: block -> ``(module, finish)`` as ``branch_update``, but the update before the layer
+            scale (after the output projection); None for blocks without a layer scale, whose update is
+            ``branch_update``'s.
     """
 
     name: str
@@ -77,6 +80,7 @@ class BlockFamily:
     attention: Callable[[nn.Module], nn.Module]
     branch_update: Callable[[nn.Module], tuple[nn.Module, Finish]]
     problem: Callable[[nn.Module], str | None] = _no_problem
+    unscaled_update: Callable[[nn.Module], tuple[nn.Module, Finish]] | None = None
 
     def describe(self) -> str:
         """``'Block with Attention'``; just the name for blocks that compute attention inline."""
@@ -92,6 +96,11 @@ def _attention_submodule(block: nn.Module) -> nn.Module:
 def _output_of(name: str) -> Callable[[nn.Module], tuple[nn.Module, Finish]]:
     """The branch update is the output of the block's submodule ``name`` as it is (ls1, or a post-norm)."""
     return lambda block: (getattr(block, name), _unchanged)
+
+
+def _attention_output(block: nn.Module) -> tuple[nn.Module, Finish]:
+    # the attention module's output is after its output projection and before any layer scale
+    return block.attn, _unchanged
 
 
 def _gamma_1_times_attention(block: nn.Module) -> tuple[nn.Module, Finish]:
@@ -117,7 +126,10 @@ def _fused_output_projection(block: nn.Module) -> str | None:
 # Each attention class below was checked in timm's source: with fused_attn off it computes softmax(q k^T *
 # scale + bias) and passes it through attn_drop (identity in eval mode) before multiplying with v.
 EVA_ATTENTION = (eva.EvaAttention, AttentionRope)
-VIT_BLOCK = BlockFamily("Block", (vision_transformer.Block,), (Attention,), _attention_submodule, _output_of("ls1"))
+VIT_BLOCK = BlockFamily(
+    "Block", (vision_transformer.Block,), (Attention,), _attention_submodule, _output_of("ls1"),
+    unscaled_update=_attention_output,
+)
 VIT_RESPOST_BLOCK = BlockFamily(
     "ResPostBlock", (vision_transformer.ResPostBlock,), (Attention,), _attention_submodule, _output_of("norm1")
 )
@@ -128,13 +140,20 @@ VIT_PARALLEL_BLOCK = BlockFamily(
     lambda block: block,
     _parallel_attention_update,
     _fused_output_projection,
+    unscaled_update=_output_of("attn_out_proj"),
 )
-EVA_BLOCK = BlockFamily("EvaBlock", (eva.EvaBlock,), EVA_ATTENTION, _attention_submodule, _gamma_1_times_attention)
+EVA_BLOCK = BlockFamily(
+    "EvaBlock", (eva.EvaBlock,), EVA_ATTENTION, _attention_submodule, _gamma_1_times_attention,
+    unscaled_update=_attention_output,
+)
 EVA_POST_NORM_BLOCK = BlockFamily(
     "EvaBlockPostNorm", (eva.EvaBlockPostNorm,), EVA_ATTENTION, _attention_submodule, _output_of("norm1")
 )
 # BEiT's attention adds the relative position bias (its own table and/or the model's shared one) before the softmax.
-BEIT_BLOCK = BlockFamily("Block", (beit.Block,), (beit.Attention,), _attention_submodule, _gamma_1_times_attention)
+BEIT_BLOCK = BlockFamily(
+    "Block", (beit.Block,), (beit.Attention,), _attention_submodule, _gamma_1_times_attention,
+    unscaled_update=_attention_output,
+)
 
 
 class Signature(NamedTuple):
@@ -255,10 +274,14 @@ class ModelAdapter:
         """The module whose forward output is block ``i``'s post-softmax map (B, H, T, T), rows are queries."""
         return self.attention(i).attn_drop
 
-    def branch_update(self, i: int) -> tuple[nn.Module, Finish]:
+    def branch_update(self, i: int, *, before_layer_scale: bool = False) -> tuple[nn.Module, Finish]:
         """``(module, finish)``: ``finish(module's output)`` is the (B, T, D) update block ``i``'s attention
-        branch adds to the residual stream, after the output projection and layer scale."""
-        return self._families[i].branch_update(self.blocks[i])
+        branch adds to the residual stream, after the output projection and layer scale; with
+        ``before_layer_scale``, the same update before the layer scale (the same for blocks without one)."""
+        family = self._families[i]
+        if before_layer_scale and family.unscaled_update is not None:
+            return family.unscaled_update(self.blocks[i])
+        return family.branch_update(self.blocks[i])
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 

@@ -34,12 +34,13 @@ import numpy as np
 
 from .errors import AttnflowError
 from .layout import TokenLayout
+from .metrics import ArtifactRule
 from .version import __version__
 from .schema import (  # noqa: F401  (the readers, re-exported: ``attnflow.cache`` is where users import them from)
     ATTN, ATTN_ROWS, CACHE_DATASETS, CLASS_NAMES, COMPRESSIONS, DTYPES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS,
     FINAL_NORM_WEIGHT, IMAGE_IDS, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
-    PARTIAL_SUFFIX, ROLLOUT_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS, STORE_MODES,
-    TOKENS, Cache, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
+    PARTIAL_SUFFIX, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS, STORE_MODES,
+    TOKEN_NORM, TOKENS, Cache, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
     layout_attrs, layout_from_attrs, metric_dataset, open_cache, open_hdf5, open_metrics, partial_path, validate,
 )
 from .schema import _plain, hdf5_reason
@@ -48,7 +49,7 @@ from .schema import _plain, hdf5_reason
 RESUME_KEYS = (
     "model", "checkpoint_sha256", "weights", "store", "dtype", "img_size", "num_tokens", "preprocessing",
     "inputs_sha256", "n_inputs", "has_labels", "has_tokens", "has_masks", "fusion", "discard_ratio",
-    "compression", "amp",
+    "compression", "amp", "artifact_factor", "artifact_norm", "magnitude_update",
 )
 # Per-run bookkeeping a metrics file does not inherit from its cache.
 _OWN_ATTRS = ("schema", "created", "complete", "n_images", "n_inputs_done", "n_skipped", "compression")
@@ -121,7 +122,8 @@ class CacheSpec:
 
     def row_datasets(self) -> dict[str, RowDataset]:
         L, H, T, p = self.num_layers, self.num_heads, self.layout.num_tokens, self.layout.num_prefix_tokens
-        rows = {MAGNITUDE: RowDataset((L, T), "float32", (64, L, T))}
+        # token_norm too under store=none: a few KB per image, and the artifact metrics need it
+        rows = {MAGNITUDE: RowDataset((L, T), "float32", (64, L, T)), TOKEN_NORM: RowDataset((L, T), "float32", (64, L, T))}
         if self.store == "full":
             # One chunk per image and layer: reading an image or a layer never decompresses other images.
             rows[ATTN] = RowDataset((L, H, T, T), self.dtype, (1, 1, H, T, T))
@@ -158,6 +160,8 @@ class MetricsSpec:
     discard_ratio: float
     source: str  # the cache the metrics were computed from
     class_names: list[str] | None = None
+    artifact_rule: ArtifactRule = field(default_factory=ArtifactRule)  # recorded as artifact_factor or artifact_norm
+    flow_layers: tuple[int, ...] = ()  # 0-based blocks of flow/map (--flow), recorded as flow_layers; () none
 
     def root_attrs(self) -> dict[str, Any]:
         inherited = {k: v for k, v in self.source_attrs.items() if k not in _OWN_ATTRS}
@@ -168,6 +172,8 @@ class MetricsSpec:
             "created": _now(),
             "fusion": self.fusion,
             "discard_ratio": float(self.discard_ratio),
+            **self.artifact_rule.attrs,
+            **({"flow_layers": list(self.flow_layers)} if self.flow_layers else {}),
             "source": self.source,
         }
 
@@ -181,6 +187,9 @@ class MetricsSpec:
         }
         if self.has_rollout:
             rows[ROLLOUT_MAP] = RowDataset((L, P), "float32", (64, L, P))
+        if self.flow_layers:
+            F = len(self.flow_layers)
+            rows[FLOW_MAP] = RowDataset((F, P), "float32", (64, F, P))
         if self.source_attrs.get("has_masks"):
             rows[FG] = RowDataset((P,), "float32", (256, P))
         return rows

@@ -11,7 +11,10 @@ Captured quantities, per forward of a (B, C, H, W) batch with L blocks, heads H_
 
 - ``attn``: (B, L, H_, T, T) float32, rows are queries;
 - ``magnitude``: (B, L, T) float32, ``||attention-branch update added to the residual|| / ||residual
-  entering the block||`` per token, the update taken after the output projection and layer scale;
+  entering the block||`` per token, the update taken after the output projection and layer scale (or, with
+  ``magnitude="before-layer-scale"``, before the layer scale, as the Beyond [cls] code takes it);
+- ``token_norm``: (B, L, T) float32, the L2 norm of every token of every block's output (the residual
+  stream after the block, before the model's final norm): what high-norm artifact tokens are found by;
 - ``tokens``: (B, T, D), the last block's output before the model's final norm (as computed, not upcast).
 """
 from __future__ import annotations
@@ -26,6 +29,9 @@ from .architectures import Finish, adapter_for
 from .errors import AttnflowError
 
 ROW_SUM_TOLERANCE = 1e-3
+# Where the magnitude's update is taken (a cache's ``magnitude_update`` attribute): after the block's layer
+# scale (what the residual stream receives) or before it (the Beyond [cls] code's).
+MAGNITUDE_UPDATES = ("after-layer-scale", "before-layer-scale")
 
 
 def attention_problem(attn: torch.Tensor, tolerance: float = ROW_SUM_TOLERANCE) -> tuple[str, tuple[int, ...]] | None:
@@ -67,6 +73,7 @@ class Captured:
     attn: torch.Tensor  # (B, L, H, T, T) float32
     magnitude: torch.Tensor  # (B, L, T) float32
     tokens: torch.Tensor  # (B, T, D) last block output, before the final norm
+    token_norm: torch.Tensor  # (B, L, T) float32 norms of every block's output tokens
 
 
 class AttentionCapture:
@@ -78,12 +85,17 @@ class AttentionCapture:
             model.forward_features(images)
             captured = capture.pop()   # Captured(attn=(B, L, H, T, T), magnitude=(B, L, T))
 
-    Hooks are removed and each attention module's ``fused_attn`` flag is restored on exit.
+    Hooks are removed and each attention module's ``fused_attn`` flag is restored on exit. ``magnitude``
+    (one of :data:`~attnflow.schema.MAGNITUDE_UPDATES`) says where the magnitude's update is taken: after the
+    block's layer scale (what the residual stream receives) or before it.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, magnitude: str = MAGNITUDE_UPDATES[0]):
+        if magnitude not in MAGNITUDE_UPDATES:
+            raise ValueError(f"magnitude must be one of {', '.join(MAGNITUDE_UPDATES)}, not '{magnitude}'")
         self.adapter = adapter_for(model)  # refuses, in one line, a model attnflow cannot capture
         self.blocks = self.adapter.blocks
+        self.before_layer_scale = magnitude == "before-layer-scale"
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved_fused: list[bool] = []
         self._clear()
@@ -94,11 +106,12 @@ class AttentionCapture:
             attention = self.adapter.attention(i)
             self._saved_fused.append(bool(attention.fused_attn))
             attention.fused_attn = False
-            source, finish = self.adapter.branch_update(i)
+            source, finish = self.adapter.branch_update(i, before_layer_scale=self.before_layer_scale)
             self._handles += [
                 block.register_forward_pre_hook(self._residual_hook(i), with_kwargs=True),
                 self.adapter.softmax_output(i).register_forward_hook(self._attn_hook(i)),
                 source.register_forward_hook(self._update_hook(i, finish)),
+                block.register_forward_hook(self._output_hook(i)),
             ]
         self._handles.append(self.blocks[-1].register_forward_hook(self._tokens_hook))
         return self
@@ -117,6 +130,7 @@ class AttentionCapture:
         self._attn: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self._residual_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self._update_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._output_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self._tokens: list[torch.Tensor] = []
         self._low_precision: torch.dtype | None = None
 
@@ -144,13 +158,20 @@ class AttentionCapture:
 
         return hook
 
+    def _output_hook(self, i: int):
+        def hook(module, inputs, output):
+            self._output_norm[i].append(output.detach().float().norm(dim=-1))
+
+        return hook
+
     def _tokens_hook(self, module, inputs, output):
         self._tokens.append(output.detach())
 
     def pop(self) -> Captured:
         """Return what the last forward captured and reset; raise if any block did not deliver exactly once."""
         try:
-            for name, per_block in (("attention", self._attn), ("residual", self._residual_norm), ("update", self._update_norm)):
+            for name, per_block in (("attention", self._attn), ("residual", self._residual_norm), ("update", self._update_norm),
+                                   ("output", self._output_norm)):
                 counts = [len(x) for x in per_block]
                 if any(c != 1 for c in counts):
                     bad = [i for i, c in enumerate(counts) if c != 1]
@@ -171,6 +192,7 @@ class AttentionCapture:
                 raise AttnflowError(f"captured attention {problem[0]}: the hooked tensor is not a post-softmax map")
             residual = torch.stack([x[0] for x in self._residual_norm], dim=1)
             update = torch.stack([x[0] for x in self._update_norm], dim=1)
-            return Captured(attn=attn, magnitude=update / residual, tokens=self._tokens[-1])
+            token_norm = torch.stack([x[0] for x in self._output_norm], dim=1)
+            return Captured(attn=attn, magnitude=update / residual, tokens=self._tokens[-1], token_norm=token_norm)
         finally:
             self._clear()

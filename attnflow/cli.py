@@ -21,8 +21,9 @@ from .version import __version__
 from .errors import AttnflowError, AttnflowNote, OptionError
 from .cache import COMPRESSIONS, DTYPES, STORE_MODES
 from .families import FAMILIES
-from .images import INTERPOLATIONS
-from .metrics import FUSIONS, REGISTRY
+from .images import INTERPOLATIONS, PREPROCESS_PRESETS
+from .capture import MAGNITUDE_UPDATES
+from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EVALUATORS, POOLS
 from .render import Format, Table
 
@@ -47,6 +48,8 @@ Compression = _choices("Compression", COMPRESSIONS)
 Family = _choices("Family", FAMILIES)
 Reduction = _choices("Reduction", FUSIONS)  # how heads are combined: rollout's --fusion and compare's --heads
 Interpolation = _choices("Interpolation", INTERPOLATIONS)
+MagnitudeUpdate = _choices("MagnitudeUpdate", MAGNITUDE_UPDATES)
+Preprocess = _choices("Preprocess", PREPROCESS_PRESETS)
 Pool = _choices("Pool", POOLS)
 Evaluator = _choices("Evaluator", EVALUATORS)
 InfoFormat = _choices("InfoFormat", ("table", "json"))
@@ -182,6 +185,9 @@ def extract(
     metrics: Optional[Path] = typer.Option(None, help="Also compute the metrics file in the same pass, from the float32 maps (works with --store none)."),
     fusion: Reduction = typer.Option(Reduction("mean"), help="Rollout head fusion, with --metrics."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries per image and layer, with --metrics."),
+    artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block with --metrics (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
+    artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
+    magnitude: MagnitudeUpdate = typer.Option(MagnitudeUpdate(MAGNITUDE_UPDATES[0]), help="Take the magnitude's attention update after the block's layer scale (what the residual stream receives) or before it (as the Beyond [cls] code does; differs on layer-scale models such as DINOv2)."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
@@ -189,6 +195,7 @@ def extract(
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on the GPU; attention is still captured in float32."),
     crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
     interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
+    preprocess: Preprocess = typer.Option(Preprocess("timm"), help="timm: each model's own eval config; beyond-cls: the Beyond [cls] paper's Resize 256 (bicubic), CenterCrop 224, ImageNet mean/std for every model (built at 224)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
     limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted extraction of the same inputs into the same output."),
@@ -204,7 +211,7 @@ def extract(
 
     from . import distributed
     from .extract import extract as run_extract
-    from .images import list_images
+    from .images import build_size, list_images
     from .models import build_model
     from .options import ExtractOptions, resolve_device
 
@@ -213,8 +220,10 @@ def extract(
         store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
         fusion=fusion.value, discard_ratio=discard_ratio, crop_pct=crop_pct,
         interpolation=interpolation.value if interpolation else None, labels_from_dirs=labels_from_dirs, masks=masks,
+        preprocess=preprocess.value, artifact_factor=artifact_factor, artifact_norm=artifact_norm, magnitude=magnitude.value,
         strict=strict, batch_size=batch_size, workers=workers, device=device, amp=amp, resume=resume, overwrite=overwrite,
     )
+    img_size = build_size(preprocess.value, img_size)
     if img_size is not None:
         patch_size = _patch_size_of(model)
         if patch_size is not None:  # else build_model reports the name; the built model is checked below
@@ -285,6 +294,10 @@ def metrics_command(
     output: Path = typer.Option(..., "-o", "--output", help="Metrics file to write (HDF5)."),
     fusion: Reduction = typer.Option(Reduction("mean"), help="How rollout fuses heads: mean, max or min."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries of each image's fused map."),
+    artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
+    artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
+    flow: bool = typer.Option(False, "--flow", help="Also compute exact attention flow (flow/map and the flow_* metrics; a max-flow per patch: seconds per ViT-S/16 image). Needs --store full."),
+    flow_layers: Optional[str] = typer.Option(None, "--flow-layers", help="With --flow: the 0-based blocks after which flow is read out, comma-separated (negative from the end), or last (the default)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Per-layer summary on stdout: table, markdown, csv, tsv or json."),
@@ -303,12 +316,13 @@ def metrics_command(
 
     from .cache import open_metrics
     from .measure import compute_metrics, layer_summary
-    from .options import MetricsOptions, resolve_device
+    from .options import FlowOptions, MetricsOptions, resolve_device
 
     console = _stderr_console()
     options = MetricsOptions().replace(
         fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, resume=resume,
-        overwrite=overwrite,
+        overwrite=overwrite, artifact_factor=artifact_factor, artifact_norm=artifact_norm,
+        flow=flow, flow_layers=None if flow_layers is None else FlowOptions.parse_layers(flow_layers),
     )
     resolve_device(device)
     progress = Progress(
@@ -526,15 +540,18 @@ def plot_maps_command(
     output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
     layer: int = typer.Option(-1, help="Block whose attention is drawn (0-based; negative from the end)."),
     heads: bool = typer.Option(False, "--heads", help="Also draw each head's map."),
+    flow: bool = typer.Option(False, "--flow", help="Also draw the exact attention flow map to --layer (computed from the cache's full maps)."),
+    scale: str = typer.Option("log", help="Colour scale shared by all maps, in units of the uniform share (1 = uniform): log (1/8 to 16, clipped) or linear (0 to the largest share drawn)."),
 ) -> None:
     """Attention maps over one image: a row per model.
 
     The image, the head-mean cls attention (or, without cls, the mean patch row) of --layer, the rollout
-    map, and with --heads each head; the object mask outlined when the cache has one.
+    map, and with --heads each head; the object mask outlined when the cache has one. Every map is drawn
+    as attention x P (1 = the uniform share) on one colour scale, with a colour bar.
     """
     from .plot import plot_maps
 
-    path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads)
+    path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads, scale=scale, flow=flow)
     _print_notes(notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 
@@ -553,7 +570,11 @@ def info(
         sys.stdout.write("\n")
         return
     rows = [{"key": k, "value": v} for k, v in described["attrs"].items()]
-    rows += [{"key": f"/{name}", "value": f"{'x'.join(map(str, d['shape'])) or 'scalar'} {d['dtype']}"} for name, d in described["datasets"].items()]
+    rows += [
+        {"key": f"/{name}", "value": f"{'x'.join(map(str, d['shape'])) or 'scalar'} {d['dtype']}"
+                                     + (f" ({', '.join(d['dims'])})" if d.get("dims") else "")}
+        for name, d in described["datasets"].items()
+    ]
     _deliver(Table(rows, ["key", "value"], str(path)), Format.table)
 
 

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest
-from .capture import AttentionCapture
+from .capture import MAGNITUDE_UPDATES, AttentionCapture
 from .errors import AttnflowError, AttnflowNote
 from .images import ImageBatch, ImageDataset, Preprocessing, class_of, collate_images, folder_classes, index_masks, resolve_preprocessing
 from .metrics import available_metrics, batch_metrics
 from .models import LoadedModel
 from .options import ExtractOptions, resolve_device
-from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, ROLLOUT_MAP, TOKENS, metric_dataset
+from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, ROLLOUT_MAP, TOKEN_NORM, TOKENS, metric_dataset
 
 
 @dataclass
@@ -186,6 +186,8 @@ class _Plan:
                 "checkpoint_sha256": loaded.checkpoint_sha256,
                 "preprocessing": json.dumps(self.preprocessing.as_dict(), sort_keys=True),
                 "amp": self.amp,
+                # only when not the default: absent means after the layer scale, as in every cache of attnflow 0.1
+                **({"magnitude_update": store.magnitude} if store.magnitude != MAGNITUDE_UPDATES[0] else {}),
                 "working_dir": os.getcwd(),
                 "inputs_sha256": inputs_digest([str(p) for p in self.paths]),
                 "n_inputs": len(self.paths),
@@ -195,12 +197,15 @@ class _Plan:
     def metrics_spec(self, cache: CacheSpec, output: str | Path) -> MetricsSpec:
         return MetricsSpec(
             source_attrs=cache.root_attrs(),
-            metric_levels=available_metrics(self.loaded.layout, full_maps=True, has_fg=self.mask_paths is not None),
+            metric_levels=available_metrics(
+                self.loaded.layout, full_maps=True, has_fg=self.mask_paths is not None, has_token_norm=True
+            ),
             has_rollout=True,
             fusion=self.options.rollout.fusion,
             discard_ratio=self.options.rollout.discard_ratio,
             source=str(Path(output).resolve()),
             class_names=self.class_names,
+            artifact_rule=self.options.artifacts.rule,
         )
 
 
@@ -216,7 +221,9 @@ def _plan(loaded: LoadedModel, paths: Sequence[Path], options: ExtractOptions, c
         options=options,
         device=device,
         amp=amp,
-        preprocessing=resolve_preprocessing(loaded.model, crop_pct=inputs.crop_pct, interpolation=inputs.interpolation),
+        preprocessing=resolve_preprocessing(
+            loaded.model, crop_pct=inputs.crop_pct, interpolation=inputs.interpolation, preset=inputs.preprocess
+        ),
         class_names=(list(class_names) if class_names is not None else folder_classes(paths)) if inputs.labels_from_dirs else None,
         mask_paths=_match_masks(paths, inputs.masks) if inputs.masks is not None else None,
     )
@@ -249,7 +256,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
     )
     background = BackgroundWriter(writers)
     try:
-        with AttentionCapture(model) as capture, torch.inference_mode():
+        with AttentionCapture(model, magnitude=options.store.magnitude) as capture, torch.inference_mode():
             for batch in loader:
                 skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
                 for path, reason in skipped:
@@ -372,7 +379,7 @@ def _process(
         model.forward_features(pixels)
     captured = capture.pop()
     storage = torch.float16 if spec.dtype == "float16" else torch.float32
-    cache_rows = {MAGNITUDE: captured.magnitude}
+    cache_rows = {MAGNITUDE: captured.magnitude, TOKEN_NORM: captured.token_norm}
     if spec.store == "full":
         cache_rows[ATTN] = captured.attn.to(storage)
     elif spec.store == "rows":
@@ -386,7 +393,8 @@ def _process(
         fg = None if batch.fg is None else batch.fg.to(device)
         values, maps = batch_metrics(
             spec.layout, captured.magnitude, attn=captured.attn, fg=fg, fusion=plan.options.rollout.fusion,
-            discard_ratio=plan.options.rollout.discard_ratio,
+            discard_ratio=plan.options.rollout.discard_ratio, token_norm=captured.token_norm,
+            artifact_rule=plan.options.artifacts.rule,
         )
         metric_rows = {metric_dataset(name): value.float() for name, value in values.items()}
         metric_rows[ROLLOUT_MAP] = maps.float()

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
-from timm.data import create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 from .architectures import adapter_for
-from .errors import AttnflowError
+from .errors import AttnflowError, OptionError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -35,6 +35,25 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # attends to; far below 1 every image is upscaled enormously (0.001 at 224 px: 224,000 px a side) for a
 # crop of a tiny centre. Accepted: [CROP_PCT_MIN, 1].
 CROP_PCT_MIN = 0.1
+
+# ``--preprocess``: ``timm`` resolves each model's own eval data config at the resolution it was built at;
+# ``beyond-cls`` is what the Beyond [cls] code (gmum/beyond_cls: util/datasets.py, the validation transform of
+# build_dataset_v2 that main_attention_stats.py measures on) feeds every model whatever its config says:
+# Resize(int(224 * 16 / 14) = 256, bicubic) of the shorter side, CenterCrop(224), ImageNet mean and std. In
+# timm's terms that is crop_pct 224 / 256 = 0.875 (floor(224 / 0.875) = 256 exactly), on models built at 224.
+PREPROCESS_PRESETS = ("timm", "beyond-cls")
+BEYOND_CLS_SIZE = 224
+BEYOND_CLS_RESIZE = 256
+
+
+def build_size(preset: str, img_size: int | None) -> int | None:
+    """The ``--img-size`` to build the model at under ``preset``: as given for ``timm``; 224 for
+    ``beyond-cls``, whose inputs are 224 x 224 (another --img-size is an :class:`OptionError`)."""
+    if preset != "beyond-cls":
+        return img_size
+    if img_size is not None and img_size != BEYOND_CLS_SIZE:
+        raise OptionError("--img-size", f"--preprocess beyond-cls feeds 224 x 224 inputs; drop --img-size {img_size} or give 224")
+    return BEYOND_CLS_SIZE
 
 
 def list_images(
@@ -135,8 +154,10 @@ class Preprocessing:
     std: tuple[float, ...]
     crop_pct: float
     crop_mode: str
+    preset: str = "timm"  # the --preprocess preset this config came from
 
     def as_dict(self) -> dict:
+        """The JSON-able form a cache stores in its ``preprocessing`` attribute."""
         return {
             "input_size": list(self.input_size),
             "interpolation": self.interpolation,
@@ -144,7 +165,18 @@ class Preprocessing:
             "std": list(self.std),
             "crop_pct": self.crop_pct,
             "crop_mode": self.crop_mode,
+            "preset": self.preset,
         }
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "Preprocessing":
+        """Back from :meth:`as_dict`; caches written before presets existed have no ``preset`` key and were
+        all preprocessed with the model's timm config."""
+        return cls(
+            input_size=tuple(config["input_size"]), interpolation=config["interpolation"], mean=tuple(config["mean"]),
+            std=tuple(config["std"]), crop_pct=float(config["crop_pct"]), crop_mode=config["crop_mode"],
+            preset=config.get("preset", "timm"),
+        )
 
     def transform(self, *, normalized: bool = True) -> Callable[[Image.Image], torch.Tensor]:
         """timm's eval transform: a normalised float tensor, or with ``normalized=False`` the resized and
@@ -172,11 +204,27 @@ class Preprocessing:
 
 
 def resolve_preprocessing(
-    model: nn.Module, *, crop_pct: float | None = None, interpolation: str | None = None
+    model: nn.Module, *, crop_pct: float | None = None, interpolation: str | None = None, preset: str = "timm"
 ) -> Preprocessing:
-    """The model's timm data config with ``input_size`` forced to the resolution the model was built at."""
-    config = resolve_data_config({}, model=model)
+    """The preprocessing for ``model``: with ``preset="timm"`` its timm data config with ``input_size`` forced
+    to the resolution the model was built at (``crop_pct`` and ``interpolation`` override the config); with
+    ``"beyond-cls"`` the Beyond [cls] paper's fixed transform (see :data:`PREPROCESS_PRESETS`), which needs a
+    model built at 224 x 224 and takes no overrides."""
+    if preset not in PREPROCESS_PRESETS:
+        raise AttnflowError(f"unknown preprocessing preset '{preset}' (choose from {', '.join(PREPROCESS_PRESETS)})")
     channels, height, width = adapter_for(model).input_size
+    if preset == "beyond-cls":
+        if (height, width) != (BEYOND_CLS_SIZE, BEYOND_CLS_SIZE):
+            raise AttnflowError(
+                f"--preprocess beyond-cls feeds 224 x 224 inputs, but the model was built at {height} x {width}: "
+                f"build it at 224 (--img-size 224)"
+            )
+        if crop_pct is not None or interpolation is not None:
+            raise AttnflowError("--preprocess beyond-cls fixes the crop and the interpolation: drop --crop-pct and --interpolation")
+        config = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "crop_pct": BEYOND_CLS_SIZE / BEYOND_CLS_RESIZE,
+                  "interpolation": "bicubic", "crop_mode": "center"}
+    else:
+        config = resolve_data_config({}, model=model)
     mean, std = tuple(config["mean"]), tuple(config["std"])
     if len(mean) != channels:
         # A greyscale model whose config still carries RGB statistics: use their average per channel.
@@ -192,6 +240,7 @@ def resolve_preprocessing(
         std=std,
         crop_pct=float(crop_pct if crop_pct is not None else config.get("crop_pct", 0.875)),
         crop_mode=config.get("crop_mode", "center"),
+        preset=preset,
     )
 
 

@@ -13,8 +13,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .cache import MetricsFile, MetricsSpec, open_cache
-from .errors import AttnflowError
-from .schema import FG, LABELS, ROLLOUT_MAP, metric_dataset
+from .errors import AttnflowError, AttnflowNote
+from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, metric_dataset
+from .flow import attention_flow
 from .extract import warn_about_layout
 from .options import MetricsOptions, resolve_device
 from .metrics import REGISTRY, available_metrics, batch_metrics
@@ -53,15 +54,28 @@ def compute_metrics(
             )
         full_maps = store == "full"
         has_fg = FG in cache
+        has_token_norm = cache.has_token_norm
+        if options.flow.flow and not full_maps:
+            raise AttnflowError(f"--flow needs every query's attention, but {cache.path} stores only the cls/register "
+                                "rows (store=rows); extract with --store full")
+        flow_layers = options.flow.layers(int(cache.attrs["num_layers"]))  # () without --flow
         warn_about_layout(layout, full_maps=full_maps)
+        if not has_token_norm:
+            warnings.warn(AttnflowNote(
+                f"{cache.path} holds no block output token norms (written by attnflow 0.1): the artifact metrics "
+                "are left out; re-extract to get them"
+            ), stacklevel=2)
         spec = MetricsSpec(
             source_attrs=cache.attrs,
-            metric_levels=available_metrics(layout, full_maps=full_maps, has_fg=has_fg),
+            metric_levels=available_metrics(layout, full_maps=full_maps, has_fg=has_fg, has_token_norm=has_token_norm,
+                                            has_flow=bool(flow_layers)),
             has_rollout=full_maps,
             fusion=fusion,
             discard_ratio=discard_ratio,
             source=str(cache.path.resolve()),
             class_names=cache.class_names,
+            artifact_rule=options.artifacts.rule,
+            flow_layers=flow_layers,
         )
         writer = spec.writer(output, resume=options.run.resume, overwrite=options.run.overwrite)
         if writer.complete_attrs is not None:  # --resume of a run that had finished, on the same cache
@@ -77,13 +91,19 @@ def compute_metrics(
                 maps = read_maps(start, stop, device=torch_device)
                 magnitude = cache.magnitude(start, stop, device=torch_device)
                 fg = cache.fg(start, stop, device=torch_device) if has_fg else None
+                token_norm = cache.token_norm(start, stop, device=torch_device) if has_token_norm else None
+                # exact attention flow (opt-in): a max-flow per patch, on the CPU whatever the device
+                flow_maps = attention_flow(maps, layout, flow_layers, fusion, discard_ratio) if flow_layers else None
                 values, rollout_maps = batch_metrics(
-                    layout, magnitude, fg=fg, fusion=fusion, discard_ratio=discard_ratio,
+                    layout, magnitude, fg=fg, fusion=fusion, discard_ratio=discard_ratio, token_norm=token_norm,
+                    artifact_rule=options.artifacts.rule, flow_maps=flow_maps, flow_layers=flow_layers,
                     **({"attn": maps} if full_maps else {"attn_rows": maps}),
                 )
                 rows = {metric_dataset(name): value.float().cpu().numpy() for name, value in values.items()}
                 if rollout_maps is not None:
                     rows[ROLLOUT_MAP] = rollout_maps.float().cpu().numpy()
+                if flow_maps is not None:
+                    rows[FLOW_MAP] = flow_maps.float().numpy()
                 if has_fg:
                     rows[FG] = fg.cpu().numpy()
                 writer.append(

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -102,6 +102,8 @@ class Batch:
         maps: (B, L, H, T, T) full maps, or (B, L, H, p, T) the prefix rows only (``full_maps`` False).
         magnitude: (B, L, T) per-token magnitude ratios.
         fg: (B, P) fraction of each patch that is object, or None without masks.
+        token_norm: (B, L, T) every block's output token norms, or None (caches of attnflow 0.1).
+        artifact_rule: which patch tokens count as high-norm artifacts (:class:`ArtifactRule`).
     """
 
     layout: TokenLayout
@@ -111,6 +113,10 @@ class Batch:
     fg: torch.Tensor | None = None
     fusion: Fusion = "mean"
     discard_ratio: float = 0.0
+    token_norm: torch.Tensor | None = None
+    artifact_rule: "ArtifactRule" = field(default_factory=lambda: ArtifactRule())
+    flow_maps: torch.Tensor | None = None  # (B, F, P) attention flow maps (attnflow.flow), read out after flow_layers
+    flow_layers: tuple[int, ...] = ()
 
     @cached_property
     def fg_per_head(self) -> torch.Tensor | None:
@@ -196,28 +202,52 @@ def patch_metrics(attn: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Te
     """Metrics of the patch queries' rows of full maps ``attn`` (..., T, T).
 
     Returns (...) tensors: ``patch_to_cls`` (NaN without cls), ``patch_self``, ``patch_entropy``,
-    ``patch_entropy_norm`` and ``attn_distance`` (pixels).
+    ``patch_entropy_norm``, ``attn_distance`` (pixels) and ``patch_nmi`` (:func:`query_key_nmi`).
     """
-    # These touch all P x P entries, so they run in the input's precision (at least float32; torch sums
-    # a row pairwise, about 1e-7 relative) and go to float64 once each row is reduced to one number. Q is
-    # never materialised: with s_i = sum_{k in S} A[i, k],
-    # H(Q_i) = ln s_i - (1 / s_i) sum_j A[i, j] ln A[i, j] and sum_j Q_i(j) d_ij = (sum_j A[i, j] d_ij) / s_i.
-    a = attn if attn.dtype == torch.float64 else attn.float()
-    p = layout.num_prefix_tokens
-    patch_rows = a[..., p:, :]  # (..., P, T)
-    to_patches = patch_rows[..., p:]  # (..., P, P)
-    mass = to_patches.sum(-1).double()
-    plogp = torch.special.xlogy(to_patches, to_patches).sum(-1).double()
+    # Everything runs in float64. In float32, H(Q_i) = ln s_i - (1 / s_i) sum_j A[i, j] ln A[i, j] cancels
+    # on near-one-hot rows: ln s_i carries an absolute error of about 1e-7 (s_i is a float32 sum), while
+    # H(Q_i) may be 1e-6 nats (a trained DINOv2's layer 0); in float64 that error is 1e-16. Q is never
+    # materialised: with s_i = sum_{k in S} A[i, k], sum_j Q_i(j) d_ij = (sum_j A[i, j] d_ij) / s_i and
+    # patch_nmi's key marginal p(k) = (1 / P) sum_i A[i, k] / s_i is a vector-matrix product.
+    p, P = layout.num_prefix_tokens, layout.num_patches
+    to_patches = attn[..., p:, p:].double()  # (..., P, P), contiguous
+    mass = to_patches.sum(-1)  # (..., P)
+    plogp = torch.special.xlogy(to_patches, to_patches).sum(-1)
     h = (mass.log() - plogp / mass).mean(-1)
-    distances = patch_distances(layout, a.device).to(a.dtype)
-    reach = (to_patches * distances).sum(-1).double() / mass
+    key_marginal = (mass.reciprocal()[..., None, :] @ to_patches).squeeze(-2) / P  # (..., P)
+    reach = (to_patches * patch_distances(layout, attn.device)).sum(-1) / mass
     return {
-        "patch_to_cls": patch_rows[..., 0].double().mean(-1) if layout.has_cls else torch.full_like(h, math.nan),
-        "patch_self": torch.diagonal(to_patches, dim1=-2, dim2=-1).double().mean(-1),
+        "patch_to_cls": attn[..., p:, 0].double().mean(-1) if layout.has_cls else torch.full_like(h, math.nan),
+        "patch_self": torch.diagonal(to_patches, dim1=-2, dim2=-1).mean(-1),
         "patch_entropy": h,
-        "patch_entropy_norm": _normalised_entropy(h, layout.num_patches),
+        "patch_entropy_norm": _normalised_entropy(h, P),
         "attn_distance": reach.mean(-1),
+        "patch_nmi": query_key_nmi(h, entropy(key_marginal), P),
     }
+
+
+def query_key_nmi(row_entropy: torch.Tensor, key_entropy: torch.Tensor, P: int) -> torch.Tensor:
+    """Normalised mutual information between query and key patches (Park et al., ICLR 2023), from entropies.
+
+    With a uniform prior over the P queries, p(q) = 1/P, and the key marginal p(k) = mean_q Q_q(k),
+    ``MI = sum_q sum_k p(q) Q_q(k) ln(Q_q(k) / p(k)) = H(p) - mean_q H(Q_q)`` exactly (with 0 ln 0 = 0 on
+    both sides), so the patch-rows group gets it from the mean row entropy it already has and one more
+    entropy; in float64 the subtraction loses about 1e-15 nats. ``NMI = MI / sqrt(ln P · H(p))``.
+
+    Args:
+        row_entropy: (...) mean_q H(Q_q), in nats.
+        key_entropy: (...) H(p), in nats.
+    Returns:
+        (...) float64 in [0, 1]: 0 when every query attends the same way (collapse), 1 for a permutation.
+        0 where H(p) = 0 (every query puts all its mass on the same key): the limit, as NMI <= sqrt(H(p) / ln P).
+        NaN for P = 1 (ln P = 0) and where the inputs are NaN (a query row without mass on patches).
+    """
+    row_entropy, key_entropy = row_entropy.double(), key_entropy.double()
+    if P < 2:
+        return torch.full_like(row_entropy, math.nan)
+    # MI >= 0; a negative value is float64 rounding of a collapsed map (torch.where keeps NaN)
+    mi = torch.where(key_entropy - row_entropy < 0, 0.0, key_entropy - row_entropy)
+    return torch.where(key_entropy == 0, 0.0, mi / torch.sqrt(math.log(P) * key_entropy))
 
 
 PATCH_ROWS = MetricGroup(
@@ -238,6 +268,12 @@ PATCH_ROWS = MetricGroup(
                "mean_{i in S} sum_{j in S} Q_i(j) ‖pos_i - pos_j‖, pos = (row · patch_h, col · patch_w) "
                "(the ViT paper's mean attention distance, over patches)", default=True, summary=True,
                nan_when=("undefined",)),
+        Metric("patch_nmi", "head", {Need.full_maps}, "MI / sqrt(ln P · H(p))", "query–key NMI",
+               "attention depends more on the query",
+               "MI / sqrt(ln P · H(p)), MI = sum_{i in S} sum_{k in S} (1/P) Q_i(k) ln(Q_i(k) / p(k)) = "
+               "H(p) - mean_{i in S} H(Q_i), p(k) = mean_{i in S} Q_i(k) (Park et al. 2023; 0 = collapse: every "
+               "query attends alike; 1 = a permutation; 0 when H(p) = 0)", default=True,
+               nan_when=("undefined", "one_patch")),
     ),
 )
 
@@ -298,6 +334,26 @@ def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     return out
 
 
+def readout_vector(layout: TokenLayout, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T,) what rollout and attention flow read out: the cls token (one-hot) for models with one, else the
+    mean of the patch tokens (1 / P on each patch: what global average pooling reads)."""
+    start = torch.zeros(layout.num_tokens, dtype=dtype, device=device)
+    if layout.has_cls:
+        start[0] = 1.0
+    else:
+        start[layout.num_prefix_tokens:] = 1.0 / layout.num_patches
+    return start
+
+
+def mixing_matrix(attn: torch.Tensor, fusion: Fusion = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+    """(..., H, T, T) one layer's attention -> (..., T, T) ``M = 0.5 F + 0.5 I`` with each row renormalised to
+    sum 1 (rows, not columns), F the head-fused map with ``discard_ratio`` of its off-diagonal entries zeroed
+    per map: rollout's and attention flow's per-layer matrix, in the input's dtype."""
+    fused = discard_lowest(fuse_heads(attn, fusion), discard_ratio)
+    mixed = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    return mixed / mixed.sum(-1, keepdim=True)
+
+
 def rollout(
     attn: torch.Tensor, layout: TokenLayout, fusion: Fusion = "mean", discard_ratio: float = 0.0
 ) -> torch.Tensor:
@@ -314,22 +370,14 @@ def rollout(
     B, L, _, T, _ = attn.shape
     p = layout.num_prefix_tokens
     work = attn.dtype if attn.dtype == torch.float64 else torch.float32
-    eye = torch.eye(T, dtype=work, device=attn.device)
     # Only the readout row of each R_l = M_l ... M_1 is needed: start from the readout vector at every
     # layer and multiply downwards, so a layer costs one (B, L, T) x (B, T, T) product instead of a T^3
     # matrix product, and no (B, L, T, T) stack is ever held. float32 keeps about 1e-6 relative here: the
     # products are of row-stochastic matrices and every row sum runs pairwise.
-    start = torch.zeros(T, dtype=work, device=attn.device)
-    if layout.has_cls:
-        start[0] = 1.0
-    else:
-        start[p:] = 1.0 / (T - p)
+    start = readout_vector(layout, work, attn.device)
     readout = start.expand(B, L, T).clone()  # row l becomes start^T M_l M_{l-1} ... M_1
     for k in reversed(range(L)):
-        fused = discard_lowest(fuse_heads(attn[:, k].to(work), fusion), discard_ratio)  # (B, T, T)
-        mixed = 0.5 * fused + 0.5 * eye
-        mixed = mixed / mixed.sum(-1, keepdim=True)  # rows, not columns
-        readout[:, k:] = readout[:, k:] @ mixed
+        readout[:, k:] = readout[:, k:] @ mixing_matrix(attn[:, k].to(work), fusion, discard_ratio)  # (B, T, T)
     return renormalise_over_patches(readout, layout)
 
 
@@ -364,6 +412,43 @@ def mask_metrics(fg: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"fg_frac": fg.double().mean(-1)}
 
 
+def flow_metrics(
+    maps: torch.Tensor, layers: Sequence[int], num_layers: int, fg: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """(B, F, P) attention flow maps read out after ``layers`` (F of the ``num_layers`` blocks, 0-based) ->
+    ``flow_entropy_norm``, ``flow_top10_mass`` and, with fg (B, P), ``flow_fg_mass``, each (B, L): NaN at
+    the layers not among ``layers``."""
+    stats = distribution_stats(maps)
+    values = {"flow_entropy_norm": stats["entropy_norm"], "flow_top10_mass": stats["top10_mass"]}
+    if fg is not None:
+        values["flow_fg_mass"] = (maps.double() * fg.double()[:, None, :]).sum(-1)
+    out = {}
+    for name, value in values.items():
+        full = torch.full((maps.shape[0], num_layers), math.nan, dtype=torch.float64, device=maps.device)
+        full[:, list(layers)] = value.to(full.device)
+        out[name] = full
+    return out
+
+
+FLOW_SHARE = "share of the flow map"
+FLOW = MetricGroup(
+    "attention flow",
+    compute=lambda batch: flow_metrics(batch.flow_maps, batch.flow_layers, batch.maps.shape[1], batch.fg),
+    metrics=(
+        Metric("flow_entropy_norm", "layer", {Need.full_maps, Need.flow}, NORMALISED_ENTROPY,
+               "normalised flow entropy", "attention flow more uniform",
+               "H(f_l) / ln P of the attention flow map f_l after layer l (see Attention flow; NaN at layers "
+               "--flow-layers did not choose)", nan_when=("not_flow_layer", "undefined")),
+        Metric("flow_top10_mass", "layer", {Need.full_maps, Need.flow}, FLOW_SHARE, "flow mass on the top 10% patches",
+               "attention flow more concentrated", "sum of the ceil(0.1 P) largest values of f_l",
+               nan_when=("not_flow_layer", "undefined")),
+        Metric("flow_fg_mass", "layer", {Need.full_maps, Need.flow, Need.masks}, FLOW_SHARE, "flow mass on the object",
+               "attention flow puts more mass on the object", "sum_{j in S} f_l(j) fg_j",
+               nan_when=("not_flow_layer", "undefined")),
+    ),
+)
+
+
 MASKS = MetricGroup(
     "masks",
     compute=lambda batch: mask_metrics(batch.fg),
@@ -374,17 +459,116 @@ MASKS = MetricGroup(
     ),
 )
 
+# The default artifact rule's factor: Darcet et al. (2024) find the output norms of a ViT's patch tokens
+# bimodal, the artifacts' about 10x the others'; 4x the image's median patch norm lies between the two modes
+# (their geometric midpoint is sqrt(10) = 3.2x; see the README's "High-norm artifact tokens").
+DEFAULT_ARTIFACT_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class ArtifactRule:
+    """Which patch tokens of a block's output are high-norm artifacts (Darcet et al., "Vision Transformers Need
+    Registers", ICLR 2024): those whose norm exceeds ``factor`` times the median patch norm of the same image at
+    the same block, or, with ``norm`` (and ``factor`` None), an absolute norm. Exactly one of the two is set.
+    """
+
+    factor: float | None = DEFAULT_ARTIFACT_FACTOR
+    norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.factor is None) == (self.norm is None):
+            raise ValueError("an artifact rule takes exactly one of factor and norm")
+        if self.factor is not None and not (math.isfinite(self.factor) and self.factor > 1):
+            raise ValueError(f"must be a finite number above 1 (times the median patch norm), not {self.factor}")
+        if self.norm is not None and not (math.isfinite(self.norm) and self.norm > 0):
+            raise ValueError(f"must be a finite positive norm, not {self.norm}")
+
+    @property
+    def attrs(self) -> dict[str, float]:
+        """The rule as a metrics file's root attributes: ``artifact_factor`` or ``artifact_norm``."""
+        return {"artifact_factor": float(self.factor)} if self.factor is not None else {"artifact_norm": float(self.norm)}
+
+    def threshold(self, patch_norms: torch.Tensor) -> torch.Tensor:
+        """(..., P) patch token norms -> (...) float64: the norm above which a patch is an artifact."""
+        if self.norm is not None:
+            return torch.full(patch_norms.shape[:-1], self.norm, dtype=torch.float64, device=patch_norms.device)
+        s = patch_norms.double().sort(dim=-1).values
+        P = s.shape[-1]
+        median = 0.5 * (s[..., (P - 1) // 2] + s[..., P // 2])  # the middle value, or the mean of the two
+        return self.factor * median
+
+
+def artifact_mask(token_norm: torch.Tensor, layout: TokenLayout, rule: ArtifactRule = ArtifactRule()) -> torch.Tensor:
+    """(..., T) token norms of block outputs -> (..., P) bool: which patches are artifacts under ``rule``."""
+    patches = token_norm.double()[..., layout.num_prefix_tokens:]
+    return patches > rule.threshold(patches)[..., None]
+
+
+def artifact_metrics(
+    token_norm: torch.Tensor,
+    layout: TokenLayout,
+    rule: ArtifactRule = ArtifactRule(),
+    *,
+    cls_rows: torch.Tensor | None = None,
+    fg: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """High-norm artifact patches and the attention they receive.
+
+    Args:
+        token_norm: (B, L, T) the norm of every token of every block's output.
+        cls_rows: (B, L, H, T) the cls query's attention of every layer and head.
+        fg: (B, P) fraction of each patch that is object.
+    Returns ``artifact_frac`` (B, L); with ``cls_rows``, ``cls_artifact_mass`` (B, L, H): the cls row's
+    patch-renormalised mass on the artifacts (0 without any, NaN without a cls token); with ``fg``,
+    ``artifact_fg_overlap`` (B, L): the mean object fraction of the artifacts (NaN without any).
+    """
+    mask = artifact_mask(token_norm, layout, rule)  # (B, L, P)
+    count = mask.sum(-1).double()
+    out = {"artifact_frac": count / layout.num_patches}
+    if cls_rows is not None:
+        q = renormalise_over_patches(cls_rows, layout)  # (B, L, H, P)
+        mass = torch.where(mask[:, :, None, :], q, 0.0).sum(-1)  # an empty sum is 0, whatever q is
+        out["cls_artifact_mass"] = mass if layout.has_cls else torch.full_like(mass, math.nan)
+    if fg is not None:
+        on_object = torch.where(mask, fg.double()[:, None, :], 0.0).sum(-1)
+        out["artifact_fg_overlap"] = on_object / count  # 0 / 0 = NaN where no patch is an artifact
+    return out
+
+
+ARTIFACT_SET = "A_l = {j in S : ‖x_lj‖ > f · median_{k in S} ‖x_lk‖}"
+ARTIFACTS = MetricGroup(
+    "artifacts",
+    compute=lambda batch: artifact_metrics(
+        batch.token_norm, batch.layout, batch.artifact_rule, cls_rows=batch.maps[:, :, :, 0, :], fg=batch.fg,
+    ),
+    metrics=(
+        Metric("artifact_frac", "layer", {Need.token_norm}, "share of patches", "high-norm artifact patches",
+               "more patches are high-norm artifacts",
+               f"#A_l / P, {ARTIFACT_SET}, x_l the output of block l, f = {DEFAULT_ARTIFACT_FACTOR:g} "
+               "(--artifact-factor; or ‖x_lj‖ > --artifact-norm)", summary=True),
+        Metric("cls_artifact_mass", "head", {Need.prefix_rows, Need.token_norm}, CLS_SHARE,
+               "cls mass on artifact patches", "cls attention puts more mass on high-norm artifacts",
+               "sum_{j in A_l} Q_0(j) (0 when A_l is empty)", default=True, summary=True,
+               nan_when=("no_cls", "cls_mass")),
+        Metric("artifact_fg_overlap", "layer", {Need.token_norm, Need.masks}, "share of artifact patches",
+               "object share of artifact patches", "artifacts lie more on the object",
+               "sum_{j in A_l} fg_j / #A_l", nan_when=("no_artifact", "no_mask")),
+    ),
+)
+
 # Every metric, in the order tables, files and the README list them.
-REGISTRY = Registry((CLS_ROW, PATCH_ROWS, ROLLOUT, MAGNITUDES, MASKS))
+REGISTRY = Registry((CLS_ROW, PATCH_ROWS, ROLLOUT, FLOW, MAGNITUDES, ARTIFACTS, MASKS))
 HEAD_METRICS = REGISTRY.names("head")
 LAYER_METRICS = REGISTRY.names("layer")
 IMAGE_METRICS = REGISTRY.names("image")
 
 
-def available_metrics(layout: TokenLayout, *, full_maps: bool, has_fg: bool) -> dict[str, Level]:
+def available_metrics(
+    layout: TokenLayout, *, full_maps: bool, has_fg: bool, has_token_norm: bool = False, has_flow: bool = False
+) -> dict[str, Level]:
     """Name -> level (``head``, ``layer`` or ``image``) of every metric computable for this layout from full
-    maps or only from cls/register rows, with or without object masks."""
-    return REGISTRY.available(layout, full_maps=full_maps, has_fg=has_fg)
+    maps or only from cls/register rows, with or without object masks, block output token norms and flow maps."""
+    return REGISTRY.available(layout, full_maps=full_maps, has_fg=has_fg, has_token_norm=has_token_norm, has_flow=has_flow)
 
 
 def batch_metrics(
@@ -396,6 +580,10 @@ def batch_metrics(
     fg: torch.Tensor | None = None,
     fusion: Fusion = "mean",
     discard_ratio: float = 0.0,
+    token_norm: torch.Tensor | None = None,
+    artifact_rule: ArtifactRule = ArtifactRule(),
+    flow_maps: torch.Tensor | None = None,
+    flow_layers: Sequence[int] = (),
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Every available metric for a batch of images, as a metrics file stores them.
 
@@ -403,14 +591,20 @@ def batch_metrics(
         magnitude: (B, L, T).
         attn: (B, L, H, T, T) full maps; or ``attn_rows`` (B, L, H, p, T), the prefix rows only.
         fg: (B, P) fraction of each patch that is object.
+        token_norm: (B, L, T) every block's output token norms (the artifact metrics need them).
+        artifact_rule: which patches are high-norm artifacts.
+        flow_maps: (B, F, P) attention flow maps (:func:`attnflow.flow.attention_flow`) read out after the
+            0-based blocks ``flow_layers``; the flow metrics need them (full maps only).
     Returns:
         ``{name: (B, L, H) | (B, L) | (B,)}`` float64 as listed by :func:`available_metrics`, and the
         rollout maps (B, L, P) (``None`` without full maps).
     """
     if (attn is None) == (attn_rows is None):
         raise ValueError("pass exactly one of attn and attn_rows")
-    batch = Batch(layout, attn if attn is not None else attn_rows, attn is not None, magnitude, fg, fusion, discard_ratio)
-    wanted = available_metrics(layout, full_maps=batch.full_maps, has_fg=fg is not None)
+    batch = Batch(layout, attn if attn is not None else attn_rows, attn is not None, magnitude, fg, fusion, discard_ratio,
+                  token_norm, artifact_rule, flow_maps, tuple(flow_layers))
+    wanted = available_metrics(layout, full_maps=batch.full_maps, has_fg=fg is not None, has_token_norm=token_norm is not None,
+                               has_flow=flow_maps is not None)
     groups = [g for g in REGISTRY.groups if any(m.name in wanted for m in g.metrics)]
     out: dict[str, torch.Tensor] = {}
     per_layer = [g for g in groups if g.per_layer]

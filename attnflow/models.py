@@ -145,7 +145,8 @@ def load_model(
     random_init: bool = False,
     trust_checkpoint: bool = False,
 ) -> nn.Module:
-    """Return the timm model ``name`` in eval mode with its weights loaded.
+    """The timm model ``name`` alone, in eval mode with its weights loaded; :func:`build_model` gives it with
+    its name, label, family, token layout and adapter, as the pipeline uses it.
 
     Args:
         name: timm model name, with or without a pretrained tag (``vit_small_patch16_224.dino``).

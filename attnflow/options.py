@@ -17,8 +17,9 @@ import torch
 
 from .cache import COMPRESSIONS, DTYPES, STORE_MODES
 from .errors import AttnflowError, OptionError
-from .images import CROP_PCT_MIN, INTERPOLATIONS
-from .metrics import FUSIONS
+from .images import CROP_PCT_MIN, INTERPOLATIONS, PREPROCESS_PRESETS
+from .capture import MAGNITUDE_UPDATES
+from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, ArtifactRule
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -31,15 +32,17 @@ def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class StoreOptions:
     """What a cache keeps: maps (``full``: every map, ``rows``: the cls/register query rows, ``none``), their
-    storage type and compression, and the last block's tokens."""
+    storage type and compression, the last block's tokens, and where the magnitude's update is taken."""
 
     store: str = "full"
     dtype: str = "float16"
     compression: str = "gzip"
     save_tokens: bool = False
+    magnitude: str = MAGNITUDE_UPDATES[0]
 
     def __post_init__(self) -> None:
         _choice("--store", self.store, STORE_MODES)
+        _choice("--magnitude", self.magnitude, MAGNITUDE_UPDATES)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--compression", self.compression, COMPRESSIONS)
 
@@ -58,16 +61,85 @@ class RolloutOptions:
 
 
 @dataclass(frozen=True)
+class ArtifactOptions:
+    """Which patch tokens are high-norm artifacts: above ``artifact_factor`` times the image's median patch norm
+    at that block (default :data:`~attnflow.metrics.DEFAULT_ARTIFACT_FACTOR`), or above the absolute
+    ``artifact_norm``; not both."""
+
+    artifact_factor: float | None = None
+    artifact_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.artifact_factor is not None and self.artifact_norm is not None:
+            raise OptionError("--artifact-norm", "is an absolute threshold and --artifact-factor one relative to the median: give one of them")
+        try:
+            self.rule
+        except ValueError as e:
+            raise OptionError("--artifact-norm" if self.artifact_norm is not None else "--artifact-factor", str(e)) from None
+
+    @property
+    def rule(self) -> ArtifactRule:
+        if self.artifact_norm is not None:
+            return ArtifactRule(factor=None, norm=self.artifact_norm)
+        return ArtifactRule(factor=DEFAULT_ARTIFACT_FACTOR if self.artifact_factor is None else self.artifact_factor)
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Exact attention flow (``--flow``, opt-in: it costs a max-flow per patch), read out after the 0-based
+    blocks ``flow_layers`` (negative from the end; None: the last block)."""
+
+    flow: bool = False
+    flow_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.flow_layers is not None:
+            object.__setattr__(self, "flow_layers", tuple(self.flow_layers))  # the CLI and Python may pass a list
+            if not self.flow:
+                raise OptionError("--flow-layers", "chooses the layers of attention flow: add --flow")
+            if not self.flow_layers:
+                raise OptionError("--flow-layers", "names no layer")
+
+    @staticmethod
+    def parse_layers(text: str) -> tuple[int, ...]:
+        """``--flow-layers``' text: ``last`` or comma-separated 0-based block indices (negative from the end)."""
+        if text.strip() == "last":
+            return (-1,)
+        try:
+            return tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise OptionError("--flow-layers", f"takes last or comma-separated layer indices, not '{text}'") from None
+
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        """The chosen blocks of a ``num_layers``-block model, 0-based, sorted, each once; () without ``--flow``."""
+        if not self.flow:
+            return ()
+        wanted = self.flow_layers if self.flow_layers is not None else (-1,)
+        bad = [layer for layer in wanted if not -num_layers <= layer < num_layers]
+        if bad:
+            raise OptionError("--flow-layers", f"layer {bad[0]} is out of range for {num_layers} blocks "
+                              f"(0 to {num_layers - 1}, or negative from the end)")
+        return tuple(sorted({layer % num_layers for layer in wanted}))
+
+
+@dataclass(frozen=True)
 class InputOptions:
-    """How images are read: preprocessing overrides, labels from folders, object masks, strictness."""
+    """How images are read: the preprocessing preset and overrides, labels from folders, object masks,
+    strictness."""
 
     crop_pct: float | None = None
     interpolation: str | None = None
     labels_from_dirs: bool = False
     masks: Path | None = None
     strict: bool = False
+    preprocess: str = "timm"  # images.PREPROCESS_PRESETS
 
     def __post_init__(self) -> None:
+        _choice("--preprocess", self.preprocess, PREPROCESS_PRESETS)
+        if self.preprocess == "beyond-cls" and (self.crop_pct is not None or self.interpolation is not None):
+            # the preset is the paper's transform; an override would make it something else under its name
+            flag = "--crop-pct" if self.crop_pct is not None else "--interpolation"
+            raise OptionError(flag, "--preprocess beyond-cls fixes the crop (256 -> 224) and the interpolation (bicubic); drop it")
         if self.crop_pct is not None and not (math.isfinite(self.crop_pct) and CROP_PCT_MIN <= self.crop_pct <= 1):
             raise OptionError("--crop-pct", f"must be in [{CROP_PCT_MIN}, 1], not {self.crop_pct}")
         if self.interpolation is not None:
@@ -124,10 +196,12 @@ class ExtractOptions(_Groups):
 
     GROUPS: ClassVar[dict[str, type]] = {
         "store": StoreOptions, "rollout": RolloutOptions, "inputs": InputOptions, "run": RunOptions,
+        "artifacts": ArtifactOptions,
     }
 
     store: StoreOptions = field(default_factory=StoreOptions)
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    artifacts: ArtifactOptions = field(default_factory=ArtifactOptions)
     inputs: InputOptions = field(default_factory=InputOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
@@ -136,9 +210,13 @@ class ExtractOptions(_Groups):
 class MetricsOptions(_Groups):
     """Everything ``attnflow metrics`` can be told, besides the cache and the output path."""
 
-    GROUPS: ClassVar[dict[str, type]] = {"rollout": RolloutOptions, "run": RunOptions}
+    GROUPS: ClassVar[dict[str, type]] = {
+        "rollout": RolloutOptions, "run": RunOptions, "artifacts": ArtifactOptions, "flow": FlowOptions,
+    }
 
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    artifacts: ArtifactOptions = field(default_factory=ArtifactOptions)
+    flow: FlowOptions = field(default_factory=FlowOptions)
     run: RunOptions = field(default_factory=lambda: RunOptions(batch_size=16))
 
 

@@ -7,7 +7,7 @@ dependency: ``pip install 'attnflow[plot]'``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,8 +16,9 @@ import torch
 
 from .cache import open_cache
 from .compare import Comparison, compare_files
-from .errors import AttnflowError
+from .errors import AttnflowError, OptionError
 from .families import get_family
+from .flow import attention_flow
 from .images import Preprocessing, decode_image
 from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .schema import FG
@@ -27,6 +28,14 @@ PANEL_SIZE = (4.2, 3.2)  # inches per curve panel
 MAP_SIZE = 2.2  # inches per map panel
 FORMATS = (".png", ".svg", ".pdf")
 MAP_COLORMAP = "inferno"  # perceptually uniform
+# Maps are drawn in units of the uniform share: a patch's attention x P, so 1 is what every patch gets from a
+# uniform map, whatever the grid; one colour scale serves every panel of a figure, so a flat map looks flat.
+MAP_SCALES = ("log", "linear")
+# The log scale's limits: fixed rather than fitted to the figure, so that two figures read alike; shares
+# outside are drawn in the end colours (the colour bar's arrows).
+LOG_SHARE_LIMITS = (1 / 8, 16.0)
+SHARE_LABEL = "attention / uniform share (value x P; 1 = uniform)"
+COLORBAR_WIDTH = 0.95  # inches at the right of the maps figure: the bar, its ticks and its label
 MASK_COLOR = "cyan"
 
 
@@ -149,7 +158,8 @@ def _family_colours(comparison: Comparison) -> dict[str, Any]:
 
 @dataclass
 class MapData:
-    """What one row of the maps figure shows for one model and image; maps are (grid_h, grid_w)."""
+    """What one row of the maps figure shows for one model and image; maps are (grid_h, grid_w) and sum to 1,
+    ``panels`` hold them as drawn, in units of the uniform share."""
 
     label: str
     family: str
@@ -162,6 +172,53 @@ class MapData:
     heads: np.ndarray | None  # (H, grid_h, grid_w) per-head readout attention
     fg: np.ndarray | None  # object fraction per patch
     notes: list[str]
+    flow: np.ndarray | None = None  # attention flow (attnflow.flow) read out after ``layer``, sums to 1; with ``flow``
+    panels: list["MapPanel"] = field(default_factory=list)  # the map panels of the row, in drawing order
+    scale: "MapScale | None" = None  # the figure's shared colour scale, set by plot_maps (one object per figure)
+
+
+@dataclass
+class MapPanel:
+    """One map panel: its title and the map in units of the uniform share."""
+
+    title: str
+    share: np.ndarray | None  # (grid_h, grid_w) map x P (1 = uniform share; mean 1); None: not in the cache
+
+
+@dataclass(frozen=True)
+class MapScale:
+    """The colour scale every map panel of one figure is drawn on, in units of the uniform share."""
+
+    kind: str  # "log" or "linear"
+    vmin: float
+    vmax: float
+    label: str = SHARE_LABEL
+
+    def norm(self):
+        """The matplotlib normalisation of this scale."""
+        from matplotlib.colors import LogNorm, Normalize
+
+        return LogNorm(self.vmin, self.vmax) if self.kind == "log" else Normalize(self.vmin, self.vmax)
+
+
+def uniform_share(attention: np.ndarray | None) -> np.ndarray | None:
+    """(..., grid_h, grid_w) maps that each sum to 1 -> the same in units of the uniform share (x P)."""
+    return None if attention is None else attention * (attention.shape[-2] * attention.shape[-1])
+
+
+def _check_scale(kind: str) -> None:
+    if kind not in MAP_SCALES:
+        raise OptionError("--scale", f"choose from {', '.join(MAP_SCALES)}, not '{kind}'")
+
+
+def shared_scale(rows: Sequence[MapData], kind: str = "log") -> MapScale:
+    """The one colour scale for all of ``rows``' panels: ``log`` from 1/8 to 16 times the uniform share
+    (fixed); ``linear`` from 0 to the largest share any panel holds (at least 1, the uniform level)."""
+    _check_scale(kind)
+    if kind == "log":
+        return MapScale("log", *LOG_SHARE_LIMITS)
+    peaks = [float(np.max(panel.share)) for row in rows for panel in row.panels if panel.share is not None]
+    return MapScale("linear", 0.0, max([1.0, *peaks]))
 
 
 def find_image(image_ids: Sequence[str], image: str | int) -> int:
@@ -185,8 +242,9 @@ def _readout(rows: np.ndarray, layout) -> np.ndarray:
     return renormalise_over_patches(torch.from_numpy(np.asarray(rows)), layout).numpy()
 
 
-def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads: bool = False) -> MapData:
-    """The maps of one image from one cache: readout attention at ``layer``, its rollout, and per head."""
+def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads: bool = False, flow: bool = False) -> MapData:
+    """The maps of one image from one cache: readout attention at ``layer``, its rollout, with ``flow`` its
+    exact attention flow (computed here from the full maps, mean head fusion as for the rollout), and per head."""
     with open_cache(cache_path) as cache:
         layout, a = cache.layout, cache.attrs
         ids = cache.image_ids
@@ -196,13 +254,15 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
             raise AttnflowError(f"--layer {layer} is out of range for {a['label']} ({L} blocks)")
         layer %= L
         notes: list[str] = []
-        attention = head_maps = rollout_map = None
+        attention = head_maps = rollout_map = flow_map = None
         readout = "cls" if layout.has_cls else "mean of patch rows"
         if cache.store == "full":
             attn = cache.attention(index, index + 1)[0].astype(np.float64)  # (L, H, T, T)
             rows = attn[layer, :, 0, :] if layout.has_cls else None
             per_head = _readout(rows, layout) if rows is not None else _readout(attn[layer, :, layout.num_prefix_tokens:, :], layout).mean(-2)
             rollout_map = rollout(torch.from_numpy(attn[None]), layout)[0, layer].numpy()
+            if flow:
+                flow_map = attention_flow(torch.from_numpy(attn[None]), layout, (layer,))[0, 0].numpy().reshape(layout.grid_size)
         elif cache.store == "rows" and layout.has_cls:
             per_head = _readout(cache.prefix_rows(index, index + 1, layer)[0, :, 0, :].astype(np.float64), layout)
             notes.append(f"{a['label']}: the cache keeps only cls/register rows, so there is no rollout map")
@@ -215,13 +275,17 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
             head_maps = per_head.reshape(-1, *grid) if heads else None
         if rollout_map is not None:
             rollout_map = rollout_map.reshape(grid)
+        panels = [MapPanel(f"{readout} attention, block {layer}", uniform_share(attention)),
+                  MapPanel(f"rollout to block {layer}", uniform_share(rollout_map))]
+        if flow:
+            panels.append(MapPanel(f"flow to block {layer}", uniform_share(flow_map)))
+            if flow_map is None and per_head is not None:
+                notes.append(f"{a['label']}: the cache keeps only cls/register rows, so there is no flow map")
+        if head_maps is not None:
+            panels += [MapPanel(f"head {h}", share) for h, share in enumerate(uniform_share(head_maps))]
         fg = cache.fg(index, index + 1)[0].reshape(grid) if FG in cache else None
         path = _image_path(ids[index], a.get("working_dir", ""))
-        pre = cache.preprocessing
-        preprocessing = Preprocessing(
-            input_size=tuple(pre["input_size"]), interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
-            std=tuple(pre["std"]), crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"],
-        )
+        preprocessing = Preprocessing.from_dict(cache.preprocessing)
         try:
             pixels = preprocessing.transform(normalized=False)(decode_image(path, preprocessing.input_size[0]))
         except Exception as e:  # the image moved or broke since extraction: say which
@@ -230,6 +294,7 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         return MapData(
             label=a["label"], family=a["family"], image_id=ids[index], image=shown[..., 0] if shown.shape[-1] == 1 else shown,
             layer=layer, readout=readout, attention=attention, rollout=rollout_map, heads=head_maps, fg=fg, notes=notes,
+            flow=flow_map, panels=panels,
         )
 
 
@@ -241,39 +306,82 @@ def _image_path(image_id: str, working_dir: str) -> Path:
 
 
 def plot_maps(
-    caches: Sequence[str | Path], image: str | int, output: str | Path, *, layer: int = -1, heads: bool = False
+    caches: Sequence[str | Path], image: str | int, output: str | Path, *, layer: int = -1, heads: bool = False,
+    scale: str = "log", flow: bool = False,
 ) -> tuple[Path, list[MapData], list[str]]:
-    """A row per cache: the image, the head-mean readout attention of ``layer``, the rollout map and, with
-    ``heads``, each head's map, upsampled onto the image; the object mask outlined when the cache has one."""
+    """A row per cache: the image, the head-mean readout attention of ``layer``, the rollout map, with
+    ``flow`` the attention flow map and, with ``heads``, each head's map, over the image's extent; the object mask outlined when the cache has one.
+
+    Every map is drawn in units of the uniform share (x P) on one colour scale for the whole figure
+    (:func:`shared_scale`: ``log`` or ``linear``), with a labelled colour bar. Returns the path, the rows
+    drawn (each with its ``panels`` and the shared ``scale``) and the notes about the inputs.
+    """
+    _check_scale(scale)  # before any work
     output = _check_output(output)
     plt = pyplot()
-    rows = [map_data(c, image, layer=layer, heads=heads) for c in caches]
-    ncols = 3 + (max(len(r.heads) for r in rows if r.heads is not None) if heads and any(r.heads is not None for r in rows) else 0)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(MAP_SIZE * ncols, MAP_SIZE * len(rows) + 0.5), dpi=DPI, squeeze=False)
+    rows = [map_data(c, image, layer=layer, heads=heads, flow=flow) for c in caches]
+    shared = shared_scale(rows, scale)
+    for row in rows:
+        row.scale = shared
+    ncols = 1 + max(len(r.panels) for r in rows)
+    width = MAP_SIZE * ncols
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(width, MAP_SIZE * len(rows) + 0.5), dpi=DPI, squeeze=False)
     for ax_row, row in zip(axes, rows):
-        panels = [("image", None), (f"{row.readout} attention, block {row.layer}", row.attention), (f"rollout to block {row.layer}", row.rollout)]
-        if row.heads is not None:
-            panels += [(f"head {h}", m) for h, m in enumerate(row.heads)]
-        for i, (ax, (title, values)) in enumerate(zip(ax_row, panels)):
-            _draw_map(ax, row, values, placeholder=i > 0)
-            ax.set_title(title, fontsize=8)
-        for ax in ax_row[len(panels):]:
+        _draw_image(ax_row[0], row)
+        _finish_panel(ax_row[0], row)
+        ax_row[0].set_title("image", fontsize=8)
+        for ax, panel in zip(ax_row[1:], row.panels):
+            _draw_map(ax, row, panel.share, shared)
+            ax.set_title(panel.title, fontsize=8)
+        for ax in ax_row[1 + len(row.panels):]:
             ax.set_visible(False)
         ax_row[0].set_ylabel(f"{row.label}\n({row.family})", fontsize=8)
-    fig.suptitle(f"{Path(rows[0].image_id).name}: attention over patches (brighter = more)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{Path(rows[0].image_id).name}: attention over patches, one {scale} colour scale for all maps", fontsize=9)
+    right = 1 - COLORBAR_WIDTH / width
+    fig.tight_layout(rect=(0, 0, right, 1))
+    top, bottom = axes[0, 0].get_position().y1, axes[-1, 0].get_position().y0
+    cax = fig.add_axes((right + 0.1 * COLORBAR_WIDTH / width, bottom, 0.15 * COLORBAR_WIDTH / width, top - bottom))
+    _draw_colorbar(fig, cax, shared)
     fig.savefig(output, dpi=DPI)
     plt.close(fig)
     return output, rows, [n for r in rows for n in r.notes]
 
 
-def _draw_map(ax, row: MapData, values: np.ndarray | None, placeholder: bool) -> None:
+def _draw_colorbar(fig, cax, scale: MapScale) -> None:
+    from matplotlib.cm import ScalarMappable
+
+    bar = fig.colorbar(ScalarMappable(norm=scale.norm(), cmap=MAP_COLORMAP), cax=cax,
+                       extend="both" if scale.kind == "log" else "neither")  # linear reaches the largest share: nothing clipped
+    if scale.kind == "log":
+        ticks = [2.0**k for k in range(round(math.log2(scale.vmin)), round(math.log2(scale.vmax)) + 1)]
+        bar.set_ticks(ticks, labels=[f"1/{round(1 / t)}" if t < 1 else f"{t:g}" for t in ticks])
+        bar.minorticks_off()
+    bar.ax.axhline(1.0, color="white", linewidth=1.2)  # the uniform level
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(scale.label, fontsize=7)
+
+
+def _draw_image(ax, row: MapData, alpha: float = 1.0) -> None:
     height, width = row.image.shape[:2]
-    ax.imshow(row.image, cmap="gray" if row.image.ndim == 2 else None, extent=(0, width, height, 0))
-    if values is not None:
-        ax.imshow(values, cmap=MAP_COLORMAP, alpha=0.6, extent=(0, width, height, 0), interpolation="bilinear")
-    elif placeholder:
-        ax.text(0.5, 0.5, "not in cache", transform=ax.transAxes, ha="center", va="center", color="white", fontsize=8)
+    ax.imshow(row.image, cmap="gray" if row.image.ndim == 2 else None, extent=(0, width, height, 0), alpha=alpha)
+
+
+def _draw_map(ax, row: MapData, share: np.ndarray | None, scale: MapScale) -> None:
+    """One map, opaque (so that its colour is the colour bar's), a square per patch; or, when the cache
+    lacks it, the greyed image with a note."""
+    height, width = row.image.shape[:2]
+    if share is None:
+        _draw_image(ax, row, alpha=0.4)
+        ax.text(0.5, 0.5, "not in cache", transform=ax.transAxes, ha="center", va="center", fontsize=8)
+    else:
+        # clipped into the scale's range: out-of-range shares take the end colours (a log norm would blank zeros)
+        ax.imshow(np.clip(share, scale.vmin, scale.vmax), cmap=MAP_COLORMAP, norm=scale.norm(),
+                  extent=(0, width, height, 0), interpolation="nearest")
+    _finish_panel(ax, row)
+
+
+def _finish_panel(ax, row: MapData) -> None:
+    height, width = row.image.shape[:2]
     if row.fg is not None and row.fg.min() < 0.5 < row.fg.max():
         gh, gw = row.fg.shape
         xs = (np.arange(gw) + 0.5) * width / gw

@@ -30,6 +30,8 @@ class Need(str, Enum):
     masks = "masks"  # object masks (--masks): the cache's fg
     registers = "registers"  # a model with register tokens
     magnitude = "magnitudes"  # the per-token magnitude ratios every cache holds
+    token_norm = "token norms"  # every block's output token norms: every cache but those of attnflow 0.1
+    flow = "flow (--flow)"  # attention flow maps: opt-in (attnflow metrics --flow), from full maps
 
 
 # Why a metric's value may be NaN (the codes of :attr:`Metric.nan_when`); any other NaN is an error.
@@ -39,6 +41,8 @@ NAN_REASONS = {
     "no_mask": "for an image without an object mask",
     "one_patch": "with a single patch",
     "undefined": "where its distribution over patches is undefined",
+    "no_artifact": "where no patch is an artifact (artifact_frac is 0)",
+    "not_flow_layer": "at a layer --flow-layers did not choose",
 }
 
 
@@ -150,9 +154,15 @@ class Registry:
         return tuple(m.name for m in self if m.summary)
 
     @staticmethod
-    def provided(layout: TokenLayout, *, full_maps: bool, has_fg: bool) -> frozenset[Need]:
+    def provided(
+        layout: TokenLayout, *, full_maps: bool, has_fg: bool, has_token_norm: bool = False, has_flow: bool = False
+    ) -> frozenset[Need]:
         """The needs a batch meets. Prefix rows and magnitudes are in every cache that has maps."""
         have = {Need.prefix_rows, Need.magnitude}
+        if has_flow:
+            have.add(Need.flow)
+        if has_token_norm:
+            have.add(Need.token_norm)
         if full_maps:
             have.add(Need.full_maps)
         if has_fg:
@@ -161,9 +171,11 @@ class Registry:
             have.add(Need.registers)
         return frozenset(have)
 
-    def available(self, layout: TokenLayout, *, full_maps: bool, has_fg: bool) -> dict[str, Level]:
-        """Name -> level of every metric whose needs this layout, store mode and masks meet."""
-        have = self.provided(layout, full_maps=full_maps, has_fg=has_fg)
+    def available(
+        self, layout: TokenLayout, *, full_maps: bool, has_fg: bool, has_token_norm: bool = False, has_flow: bool = False
+    ) -> dict[str, Level]:
+        """Name -> level of every metric whose needs this layout, store mode, masks, token norms and flow maps meet."""
+        have = self.provided(layout, full_maps=full_maps, has_fg=has_fg, has_token_norm=has_token_norm, has_flow=has_flow)
         return {m.name: m.level for m in self if m.needs <= have}
 
     def markdown(self) -> str:

@@ -10,10 +10,10 @@ as given, ``labels`` (n,) int64 into ``class_names`` (K,) when extracted with la
 ``skipped_reason`` (m,) UTF-8, and ``fg`` (n, P) float32 object fractions with ``--masks``.
 
 Attention cache (``schema = attnflow.cache/1``):
-    ``magnitude`` (n, L, T) float32; ``attn`` (n, L, H, T, T) for ``store=full``; ``attn_rows``
+    ``magnitude`` (n, L, T) float32; ``token_norm`` (n, L, T) float32 (not in caches of attnflow 0.1); ``attn`` (n, L, H, T, T) for ``store=full``; ``attn_rows``
     (n, L, H, p, T) for ``store=rows``; ``tokens`` (n, T, D) float32 with ``--save-tokens``, with the model's
     final LayerNorm as ``final_norm_weight`` (D,), ``final_norm_bias`` (D,) and attr ``final_norm_eps``.
-    Read with :meth:`Cache.attention`, :meth:`Cache.prefix_rows`, :meth:`Cache.magnitude`,
+    Read with :meth:`Cache.attention`, :meth:`Cache.prefix_rows`, :meth:`Cache.magnitude`, :meth:`Cache.token_norm`,
     :meth:`Cache.tokens` (final norm applied), ``labels``, ``fg``, ``image_ids``, ``class_names``, ``skipped``.
 Metrics file (``schema = attnflow.metrics/1``):
     ``metrics/<name>`` (n, L, H), (n, L) or (n,) float32 by the metric's level; ``rollout/map`` (n, L, P)
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import ROW_SUM_TOLERANCE, attention_problem
+from .capture import MAGNITUDE_UPDATES, ROW_SUM_TOLERANCE, attention_problem
 from .errors import AttnflowError
 from .layout import TokenLayout
 from .metrics import REGISTRY
@@ -71,6 +71,7 @@ FG = "fg"
 ATTN = "attn"
 ATTN_ROWS = "attn_rows"
 MAGNITUDE = "magnitude"
+TOKEN_NORM = "token_norm"
 TOKENS = "tokens"
 FINAL_NORM_WEIGHT = "final_norm_weight"
 FINAL_NORM_BIAS = "final_norm_bias"
@@ -78,6 +79,7 @@ FINAL_NORM_EPS = "final_norm_eps"  # a root attribute
 # Datasets of a metrics file.
 METRICS_GROUP = "metrics"
 ROLLOUT_MAP = "rollout/map"
+FLOW_MAP = "flow/map"  # (n, F, P): attention flow read out after the blocks of the root attribute flow_layers
 
 # The dataset of attention maps a store mode keeps.
 MAPS_DATASET = {"full": ATTN, "rows": ATTN_ROWS}
@@ -222,7 +224,7 @@ class Expect(NamedTuple):
     ``shape`` is spelled in the symbols of the module docstring: n, L, H, T, p and P come from the root
     attributes, D, K and m from the first dataset (or ``n_skipped``) that fixes them, and ``...`` allows any
     further axes. ``kind`` is ``float``, ``int`` or ``text``. ``values`` is what every read is checked for:
-    ``attention`` (rows of a post-softmax map), ``finite``, ``fraction`` (in [0, 1], or NaN for an image
+    ``attention`` (rows of a post-softmax map), ``finite``, ``norm`` (finite and >= 0), ``fraction`` (in [0, 1], or NaN for an image
     without a mask), ``metric`` (finite, NaN only where the metric's declaration allows it).
     ``dims`` names every axis (the file's HDF5 dimension scales, see :func:`attach_dimension_scales`);
     messages name the first ``located`` of them (all by default): a bad value of a map is located by its row.
@@ -251,6 +253,7 @@ _FILE_DATASETS = {
 CACHE_DATASETS = {
     **_FILE_DATASETS,
     MAGNITUDE: Expect(("n", "L", "T"), "float", "finite", ("image", "layer", "token")),
+    TOKEN_NORM: Expect(("n", "L", "T"), "float", "norm", ("image", "layer", "token")),
     ATTN: Expect(("n", "L", "H", "T", "T"), "float", "attention", ("image", "layer", "head", "query", "key"), located=4),
     ATTN_ROWS: Expect(("n", "L", "H", "p", "T"), "float", "attention", ("image", "layer", "head", "row", "key"), located=4),
     TOKENS: Expect(("n", "T", "D"), "float", "finite", ("image", "token", "channel")),
@@ -260,6 +263,7 @@ CACHE_DATASETS = {
 METRICS_DATASETS = {
     **_FILE_DATASETS,
     ROLLOUT_MAP: Expect(("n", "L", "P"), "float", "", ("image", "layer", "patch")),
+    FLOW_MAP: Expect(("n", "F", "P"), "float", "norm", ("image", "flow_layer", "patch")),
 }
 # ``metrics/<name>`` by the level of the metric (:data:`attnflow.metrics.HEAD_METRICS`, ``LAYER_METRICS``,
 # ``IMAGE_METRICS``); a name this attnflow does not know only needs a row per image.
@@ -283,6 +287,9 @@ _ATTR_KINDS = {
     "number": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))),
     "store": (f"one of {', '.join(STORE_MODES)}", lambda v: isinstance(v, str) and v in STORE_MODES),
     "dtype": (f"one of {', '.join(DTYPES)}", lambda v: isinstance(v, str) and v in DTYPES),
+    "magnitude_update": (f"one of {', '.join(MAGNITUDE_UPDATES)}", lambda v: isinstance(v, str) and v in MAGNITUDE_UPDATES),
+    "layers": ("increasing non-negative integers", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)
+               and all(a < b for a, b in zip(v, v[1:]))),
 }
 
 
@@ -330,6 +337,8 @@ ROOT_ATTRS: dict[str, Attr] = {
     "has_labels": Attr("bool", (), "whether labels and class_names are stored"),
     "has_tokens": Attr("bool", (), "whether tokens are stored"),
     "has_masks": Attr("bool", (), "whether fg (object masks) is stored"),
+    "magnitude_update": Attr("magnitude_update", (), "where magnitude's numerator is taken: before-layer-scale; "
+                             "absent: after-layer-scale (the default, and every file of attnflow 0.1)"),
     FINAL_NORM_EPS: Attr("number", (), "the eps of the final LayerNorm stored with tokens"),
     # bookkeeping
     "n_images": Attr("count", _BOTH, "n, the images stored"),
@@ -341,7 +350,10 @@ ROOT_ATTRS: dict[str, Attr] = {
     # a metrics file's own
     "fusion": Attr("text", _METRICS, "how rollout fused heads: mean, max or min"),
     "discard_ratio": Attr("number", _METRICS, "the share of lowest rollout weights dropped"),
+    "artifact_factor": Attr("number", (), "artifact rule: a patch whose norm exceeds this times the median patch norm"),
+    "artifact_norm": Attr("number", (), "artifact rule (instead of artifact_factor): a patch whose norm exceeds this"),
     "source": Attr("", (), "the cache the metrics were computed from"),
+    "flow_layers": Attr("layers", (), "the 0-based blocks after which flow/map reads attention flow out (--flow)"),
 }
 
 
@@ -717,6 +729,8 @@ class _AttnflowFile:
             problem = self._attention_problem(name, data, selection)
         elif expect.values == "finite":
             problem = _nonfinite(data)
+        elif expect.values == "norm":
+            problem = _not_norm(data)
         elif expect.values == "fraction":
             problem = _not_fraction(data)
         else:
@@ -760,6 +774,11 @@ class _AttnflowFile:
             if mass is None or selection is None or mass.shape != self.file[name].shape:
                 return None  # nothing to check it against
             allowed |= _take(mass[()], selection) == 0
+        if "no_artifact" in reasons:
+            count = self.file.get(metric_dataset("artifact_frac"))
+            if count is None or selection is None or count.shape != self.file[name].shape:
+                return None  # nothing to check it against
+            allowed |= _take(count[()], selection) == 0
         if "no_mask" in reasons:
             if FG not in self.file or selection is None:
                 return None
@@ -933,6 +952,17 @@ def _nonfinite(data: Any) -> tuple[str, tuple[int, ...]] | None:
     return "holds NaN or infinite values", _first(~finite)
 
 
+def _not_norm(data: Any) -> tuple[str, tuple[int, ...]] | None:
+    """Norms: finite and not negative."""
+    problem = _nonfinite(data)
+    if problem is not None:
+        return problem
+    values = data.cpu().numpy() if hasattr(data, "cpu") else np.asarray(data)
+    if values.min() < 0:
+        return f"holds {values.min():.3g}, not a norm (>= 0)", _first(values < 0)
+    return None
+
+
 def _not_fraction(data: Any) -> tuple[str, tuple[int, ...]] | None:
     """Object fractions: in [0, 1] (bilinear resampling of a 0/1 mask), or NaN for an image without a mask."""
     values = data.cpu().numpy() if hasattr(data, "cpu") else np.asarray(data)
@@ -1002,6 +1032,23 @@ class Cache(_AttnflowFile):
         ``start:stop``: (n, L, T) float32."""
         return self._rows(MAGNITUDE, start, stop, device)
 
+    @property
+    def magnitude_update(self) -> str:
+        """Where :meth:`magnitude`'s update was taken: ``after-layer-scale`` (also every cache without the
+        attribute) or ``before-layer-scale``."""
+        return self.attrs.get("magnitude_update", MAGNITUDE_UPDATES[0])
+
+    @property
+    def has_token_norm(self) -> bool:
+        """Whether the cache holds ``token_norm`` (caches written by attnflow 0.1 do not)."""
+        return TOKEN_NORM in self.file
+
+    def token_norm(self, start: int = 0, stop: int | None = None, *, device: Any = None) -> Rows:
+        """The L2 norm of every token of every block's output (the residual stream after the block, before the
+        model's final norm) of images ``start:stop``: (n, L, T) float32, finite and >= 0."""
+        self._need(TOKEN_NORM, "block output token norms (it was written by attnflow 0.1)", "this attnflow")
+        return self._rows(TOKEN_NORM, start, stop, device)
+
     def tokens(self, start: int = 0, stop: int | None = None, *, normalised: bool = True, device: Any = None) -> Rows:
         """The last block's output tokens of images ``start:stop``: (n, T, D) float32; ``normalised`` with the
         model's final LayerNorm applied, as users of the model read them (the cls token is ``[:, 0]``).
@@ -1049,6 +1096,18 @@ class MetricsFile(_AttnflowFile):
         float32, each row summing to 1. Metrics files computed from full maps have them."""
         self._need(ROLLOUT_MAP, "rollout maps", "--store full (or compute the metrics while extracting)")
         return self._rows(ROLLOUT_MAP, start, stop, None)
+
+    def flow_maps(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Attention flow of images ``start:stop``: ``(maps, layers)``, maps (n, F, P) float32 with each row
+        summing to 1, read out after the F 0-based blocks ``layers``. Metrics files computed with ``--flow``
+        have them."""
+        self._need(FLOW_MAP, "attention flow maps", "--store full, then `attnflow metrics CACHE -o METRICS --flow`")
+        layers = tuple(self.attrs.get("flow_layers", ()))
+        L, F = int(self.attrs["num_layers"]), self.file[FLOW_MAP].shape[1]
+        if len(layers) != F or any(layer >= L for layer in layers):
+            raise AttnflowError(f"{self.path}: attribute 'flow_layers' is {list(layers)}, but {FLOW_MAP} holds {F} "
+                                f"layers of {L} blocks")
+        return self._rows(FLOW_MAP, start, stop, None), layers
 
 
 # -- dimension scales ---------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_cache_carries_exactly_the_schema(tmp_path, image_dir, run_cli):
     with h5py.File(out, "r") as f:
         assert set(f.attrs) == CACHE_ATTRS | {"final_norm_eps"}  # --save-tokens records the final norm
         dimensions = {"image", "layer", "head", "query", "key", "token", "channel", "class", "skipped_input"}
-        assert set(f) == {"attn", "magnitude", "image_ids", "labels", "class_names", "skipped", "skipped_reason", "tokens",
+        assert set(f) == {"attn", "magnitude", "token_norm", "image_ids", "labels", "class_names", "skipped", "skipped_reason", "tokens",
                           "final_norm_weight", "final_norm_bias"} | dimensions  # and the scales that name the axes
         assert all(h5py.h5ds.is_scale(f[name].id) for name in dimensions)
         assert f["final_norm_weight"].shape == f["final_norm_bias"].shape == (192,) and f.attrs["final_norm_eps"] == 1e-6

@@ -29,7 +29,7 @@ def test_metrics_file_equals_the_loop_reference_on_the_cached_maps(tmp_path, ima
     with open_cache(tmp_path / "c.h5") as cache, open_metrics(tmp_path / "m.h5") as metrics:
         A = cache["attn"][()].astype(np.float64)
         ref, ref_maps = reference_metrics(A, cache.layout, fusion="max", discard=0.2)
-        assert set(metrics.metric_names) == set(available_metrics(cache.layout, full_maps=True, has_fg=False))
+        assert set(metrics.metric_names) == set(available_metrics(cache.layout, full_maps=True, has_fg=False, has_token_norm=True))
         for name in metrics.metric_names:
             got = metrics.metric(name)[()]
             assert got.dtype == np.float32

@@ -224,6 +224,11 @@ def test_batch_metrics_equal_the_float64_loop_reference(kind, fusion, discard):
             want = (ref_maps * fg.numpy()[:, None, :]).sum(-1)
         elif name == "fg_frac":
             want = fg.numpy().mean(-1)
+        elif name == "patch_nmi":
+            from test_nmi import loop_nmi  # its plain float64 loop reference
+
+            want = np.array([[[loop_nmi(A[b, l, h].numpy(), layout.num_prefix_tokens) for h in range(H)]
+                              for l in range(L)] for b in range(B)])
         else:
             raise AssertionError(f"no reference for {name}")
         np.testing.assert_allclose(value.numpy(), want, rtol=1e-4, atol=1e-7, err_msg=name)

@@ -17,6 +17,7 @@ from attnflow.errors import AttnflowError
 from attnflow.families import FAMILIES, infer_family
 from attnflow.layout import TokenLayout
 from attnflow.measure import SUMMARY_METRICS
+from attnflow.flow import attention_flow
 from attnflow.metrics import REGISTRY, batch_metrics, main
 from attnflow.plot import plot_curves
 from attnflow.registry import LEVEL_SHAPES, Metric, MetricGroup, Need, Registry, check_group_output
@@ -46,6 +47,8 @@ def expected_names(layout: TokenLayout, *, full_maps: bool, masks: bool) -> set[
             continue
         if Need.registers in metric.needs and not layout.num_registers:
             continue
+        if Need.flow in metric.needs and not full_maps:  # the test computes flow wherever it can: full maps
+            continue
         names.add(metric.name)
     return names
 
@@ -63,7 +66,12 @@ def test_every_metric_is_computed_wherever_its_needs_are_met(layouts, kind, stor
     magnitude = torch.rand(B, L, T, generator=gen) + 0.1
     fg = torch.rand(B, layout.num_patches, generator=gen) if masks else None
     maps = {"attn": attn} if store == "full" else {"attn_rows": attn[:, :, :, :p]}
-    values, rollout_maps = batch_metrics(layout, magnitude, fg=fg, **maps)
+    token_norm = torch.rand(B, L, T, generator=gen) + 1.0
+    token_norm[..., p] = 100.0  # one high-norm artifact patch in every image and layer
+    flow = {}
+    if store == "full":  # every layer's flow, so that no flow metric is NaN for want of a chosen layer
+        flow = dict(flow_maps=attention_flow(attn, layout, range(L)), flow_layers=range(L))
+    values, rollout_maps = batch_metrics(layout, magnitude, fg=fg, token_norm=token_norm, **maps, **flow)
     assert set(values) == expected_names(layout, full_maps=store == "full", masks=masks)
     assert (rollout_maps is not None) == (store == "full")
     for name, value in values.items():
@@ -76,7 +84,7 @@ def test_every_metric_is_computed_wherever_its_needs_are_met(layouts, kind, stor
 
 
 def test_every_metric_is_fully_declared():
-    assert len(REGISTRY) == 20 and len(set(REGISTRY.names())) == len(REGISTRY)
+    assert len(REGISTRY) == 27 and len(set(REGISTRY.names())) == len(REGISTRY)
     for metric in REGISTRY:
         assert re.fullmatch(r"[a-z][a-z0-9_]*", metric.name)
         assert metric.level in LEVEL_SHAPES and metric.needs

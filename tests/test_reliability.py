@@ -337,7 +337,7 @@ def test_the_space_reserved_for_assembly_holds_the_assembled_file(tmp_path, stor
         b = min(batch, 40 - start)
         attn = rng.random((b, L, H, T, T)).astype(np.float32)  # incompressible noise: the worst case for the bound
         rows = {"magnitude": rng.random((b, L, T), dtype=np.float32), "tokens": rng.random((b, T, 24), dtype=np.float32),
-                "fg": rng.random((b, layout.num_patches), dtype=np.float32)}
+                "fg": rng.random((b, layout.num_patches), dtype=np.float32), "token_norm": rng.random((b, L, T), dtype=np.float32)}
         if store == "full":
             rows["attn"] = attn
         elif store == "rows":

@@ -34,6 +34,7 @@ DIMS = {
     "attn": ("image", "layer", "head", "query", "key"),
     "attn_rows": ("image", "layer", "head", "row", "key"),
     "magnitude": ("image", "layer", "token"),
+    "token_norm": ("image", "layer", "token"),
     "tokens": ("image", "token", "channel"),
     "final_norm_weight": ("channel",),
     "final_norm_bias": ("channel",),
