@@ -40,8 +40,9 @@ from .schema import (  # noqa: F401  (the readers, re-exported: ``attnflow.cache
     ATTN, ATTN_ROWS, CACHE_DATASETS, CLASS_NAMES, COMPRESSIONS, DTYPES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS,
     FINAL_NORM_WEIGHT, IMAGE_IDS, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
     PARTIAL_SUFFIX, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS, STORE_MODES,
-    TOKEN_NORM, TOKENS, Cache, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
+    TOKEN_NORM, TOKENS, LAYER_TOKENS, Cache, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
     layout_attrs, layout_from_attrs, metric_dataset, open_cache, open_hdf5, open_metrics, partial_path, validate,
+    tokens_dataset,
 )
 from .schema import _plain, hdf5_reason
 
@@ -49,7 +50,7 @@ from .schema import _plain, hdf5_reason
 RESUME_KEYS = (
     "model", "checkpoint_sha256", "weights", "store", "dtype", "img_size", "num_tokens", "preprocessing",
     "inputs_sha256", "n_inputs", "has_labels", "has_tokens", "has_masks", "fusion", "discard_ratio",
-    "compression", "amp", "artifact_factor", "artifact_norm", "magnitude_update",
+    "compression", "amp", "artifact_factor", "artifact_norm", "magnitude_update", "token_layers", "tokens_dtype",
 )
 # Per-run bookkeeping a metrics file does not inherit from its cache.
 _OWN_ATTRS = ("schema", "created", "complete", "n_images", "n_inputs_done", "n_skipped", "compression")
@@ -93,17 +94,23 @@ class CacheSpec:
     dtype: str = "float16"
     compression: str = "gzip"
     token_dim: int | None = None  # set to store ``tokens``
+    token_layers: tuple[int, ...] | None = None  # 0-based increasing blocks whose tokens to store; None: the last
+    tokens_dtype: str = "float32"  # of the stored tokens
     class_names: list[str] | None = None  # set to store ``labels``
     has_masks: bool = False  # set to store ``fg``
     final_norm: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm (weight, bias, eps), with tokens
     attrs: dict[str, Any] = field(default_factory=dict)  # model identity, preprocessing, inputs
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.store, STORE_MODES, "store mode"), (self.dtype, DTYPES, "dtype"), (self.compression, COMPRESSIONS, "compression")):
+        for value, allowed, what in ((self.store, STORE_MODES, "store mode"), (self.dtype, DTYPES, "dtype"), (self.compression, COMPRESSIONS, "compression"),
+                                     (self.tokens_dtype, DTYPES, "tokens dtype")):
             if value not in allowed:
                 raise AttnflowError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
         if self.store == "rows" and self.layout.num_prefix_tokens == 0:
             raise AttnflowError("--store rows keeps the cls and register rows, and this model has neither; use full or none")
+        layers = self.stored_token_layers
+        if not layers or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.num_layers:
+            raise AttnflowError(f"token layers {list(layers)} are not increasing 0-based blocks of the model's {self.num_layers}")
 
     def root_attrs(self) -> dict[str, Any]:
         return {
@@ -118,7 +125,20 @@ class CacheSpec:
             "has_labels": self.class_names is not None,
             "has_tokens": self.token_dim is not None,
             "has_masks": self.has_masks,
+            # only when not the default (the last block, float32): absent in every cache before the options
+            **({"token_layers": list(self.stored_token_layers)} if self.stored_token_layers != (self.num_layers - 1,) else {}),
+            **({"tokens_dtype": self.tokens_dtype} if self.tokens_dtype != "float32" else {}),
         }
+
+    @property
+    def stored_token_layers(self) -> tuple[int, ...]:
+        """The 0-based blocks whose tokens the cache stores (when ``token_dim`` is set)."""
+        return tuple(self.token_layers) if self.token_layers is not None else (self.num_layers - 1,)
+
+    @property
+    def tokens_dataset(self) -> str:
+        """``tokens`` (n, T, D) for one stored block, ``layer_tokens`` (n, S, T, D) for several."""
+        return tokens_dataset(len(self.stored_token_layers))
 
     def row_datasets(self) -> dict[str, RowDataset]:
         L, H, T, p = self.num_layers, self.num_heads, self.layout.num_tokens, self.layout.num_prefix_tokens
@@ -130,7 +150,10 @@ class CacheSpec:
         elif self.store == "rows":
             rows[ATTN_ROWS] = RowDataset((L, H, p, T), self.dtype, (1, L, H, p, T))
         if self.token_dim is not None:
-            rows[TOKENS] = RowDataset((T, self.token_dim), "float32", (1, T, self.token_dim))
+            D, S = self.token_dim, len(self.stored_token_layers)
+            # one chunk per image and block: probing one block never decompresses the others
+            rows[self.tokens_dataset] = (RowDataset((T, D), self.tokens_dtype, (1, T, D)) if self.tokens_dataset == TOKENS
+                                         else RowDataset((S, T, D), self.tokens_dtype, (1, 1, T, D)))
         if self.has_masks:
             rows[FG] = RowDataset((self.layout.num_patches,), "float32", (256, self.layout.num_patches))
         return rows

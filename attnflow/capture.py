@@ -15,12 +15,13 @@ Captured quantities, per forward of a (B, C, H, W) batch with L blocks, heads H_
   ``magnitude="before-layer-scale"``, before the layer scale, as the Beyond [cls] code takes it);
 - ``token_norm``: (B, L, T) float32, the L2 norm of every token of every block's output (the residual
   stream after the block, before the model's final norm): what high-norm artifact tokens are found by;
-- ``tokens``: (B, T, D), the last block's output before the model's final norm (as computed, not upcast).
+- ``tokens``: (B, T, D), the last block's output before the model's final norm (as computed, not upcast);
+- ``layer_tokens``: (B, S, T, D), the outputs of the S blocks ``token_layers`` names (default: the last).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,6 +61,16 @@ def attention_problem(attn: torch.Tensor, tolerance: float = ROW_SUM_TOLERANCE) 
     return None
 
 
+def resolve_blocks(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Blocks named 0-based or negative from the last (``-1`` the last) as increasing distinct 0-based blocks;
+    ValueError when one is not a block of the ``num_layers``."""
+    bad = [b for b in layers if not -num_layers <= b < num_layers]
+    if not layers or bad:
+        raise ValueError(f"{bad[0] if bad else 'no block'} is not a block of the model's {num_layers} "
+                         f"(0 to {num_layers - 1}, or -1 to -{num_layers} from the last)")
+    return tuple(sorted({b % num_layers for b in layers}))
+
+
 def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
     index = []
     for size in reversed(shape):
@@ -74,6 +85,7 @@ class Captured:
     magnitude: torch.Tensor  # (B, L, T) float32
     tokens: torch.Tensor  # (B, T, D) last block output, before the final norm
     token_norm: torch.Tensor  # (B, L, T) float32 norms of every block's output tokens
+    layer_tokens: torch.Tensor  # (B, S, T, D) outputs of the capture's token_layers, before the final norm
 
 
 class AttentionCapture:
@@ -87,14 +99,16 @@ class AttentionCapture:
 
     Hooks are removed and each attention module's ``fused_attn`` flag is restored on exit. ``magnitude``
     (one of :data:`~attnflow.schema.MAGNITUDE_UPDATES`) says where the magnitude's update is taken: after the
-    block's layer scale (what the residual stream receives) or before it.
+    block's layer scale (what the residual stream receives) or before it. ``token_layers`` (0-based, negative
+    from the last block) are the blocks whose output tokens ``layer_tokens`` holds, in increasing order.
     """
 
-    def __init__(self, model: nn.Module, magnitude: str = MAGNITUDE_UPDATES[0]):
+    def __init__(self, model: nn.Module, magnitude: str = MAGNITUDE_UPDATES[0], token_layers: Sequence[int] = (-1,)):
         if magnitude not in MAGNITUDE_UPDATES:
             raise ValueError(f"magnitude must be one of {', '.join(MAGNITUDE_UPDATES)}, not '{magnitude}'")
         self.adapter = adapter_for(model)  # refuses, in one line, a model attnflow cannot capture
         self.blocks = self.adapter.blocks
+        self.token_layers = resolve_blocks(token_layers, len(self.blocks))
         self.before_layer_scale = magnitude == "before-layer-scale"
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved_fused: list[bool] = []
@@ -113,7 +127,8 @@ class AttentionCapture:
                 source.register_forward_hook(self._update_hook(i, finish)),
                 block.register_forward_hook(self._output_hook(i)),
             ]
-        self._handles.append(self.blocks[-1].register_forward_hook(self._tokens_hook))
+        for b in sorted({*self.token_layers, len(self.blocks) - 1}):
+            self._handles.append(self.blocks[b].register_forward_hook(self._tokens_hook(b)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,7 +146,7 @@ class AttentionCapture:
         self._residual_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self._update_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
         self._output_norm: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self._tokens: list[torch.Tensor] = []
+        self._tokens: dict[int, list[torch.Tensor]] = {}  # block -> its outputs (one per forward)
         self._low_precision: torch.dtype | None = None
 
     # Hooks keep float32 copies. Under CUDA autocast the softmax itself runs in float32 (it is on autocast's
@@ -164,8 +179,11 @@ class AttentionCapture:
 
         return hook
 
-    def _tokens_hook(self, module, inputs, output):
-        self._tokens.append(output.detach())
+    def _tokens_hook(self, block: int):
+        def hook(module, inputs, output):
+            self._tokens.setdefault(block, []).append(output.detach())
+
+        return hook
 
     def pop(self) -> Captured:
         """Return what the last forward captured and reset; raise if any block did not deliver exactly once."""
@@ -193,6 +211,10 @@ class AttentionCapture:
             residual = torch.stack([x[0] for x in self._residual_norm], dim=1)
             update = torch.stack([x[0] for x in self._update_norm], dim=1)
             token_norm = torch.stack([x[0] for x in self._output_norm], dim=1)
-            return Captured(attn=attn, magnitude=update / residual, tokens=self._tokens[-1], token_norm=token_norm)
+            last = self._tokens[len(self.blocks) - 1][-1]
+            # one block (the default): a view, no copy
+            layer_tokens = torch.stack([self._tokens[b][-1] for b in self.token_layers], dim=1) if len(self.token_layers) > 1 \
+                else self._tokens[self.token_layers[0]][-1][:, None]
+            return Captured(attn=attn, magnitude=update / residual, tokens=last, token_norm=token_norm, layer_tokens=layer_tokens)
         finally:
             self._clear()

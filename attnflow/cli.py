@@ -24,7 +24,7 @@ from .families import FAMILIES
 from .images import INTERPOLATIONS, PREPROCESS_PRESETS
 from .capture import MAGNITUDE_UPDATES
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
-from .probe import EVALUATORS, POOLS
+from .probe import EP_QUERIES, EVALUATORS, POOLS
 from .render import Format, Table
 
 app = typer.Typer(
@@ -181,6 +181,8 @@ def extract(
     dtype: DType = typer.Option(DType("float16"), help="Storage type of attention maps."),
     compression: Compression = typer.Option(Compression("gzip"), help="HDF5 compression of maps and tokens."),
     save_tokens: bool = typer.Option(False, "--save-tokens", help="Also store the last block's output tokens (before the final norm)."),
+    token_layers: Optional[str] = typer.Option(None, "--token-layers", help="With --save-tokens: the blocks whose output tokens are stored, comma-separated, 0-based or negative from the last (default -1, the last block; e.g. -1,-4,-7)."),
+    tokens_dtype: DType = typer.Option(DType("float32"), "--tokens-dtype", help="With --save-tokens: storage type of the tokens (float16 halves their size)."),
     masks: Optional[Path] = typer.Option(None, help="Folder of object masks (nonzero = object) matched to images by file stem; stores each patch's object fraction."),
     metrics: Optional[Path] = typer.Option(None, help="Also compute the metrics file in the same pass, from the float32 maps (works with --store none)."),
     fusion: Reduction = typer.Option(Reduction("mean"), help="Rollout head fusion, with --metrics."),
@@ -213,11 +215,12 @@ def extract(
     from .extract import extract as run_extract
     from .images import build_size, list_images
     from .models import build_model
-    from .options import ExtractOptions, resolve_device
+    from .options import ExtractOptions, StoreOptions, resolve_device
 
     console = _stderr_console()
     options = ExtractOptions().replace(
         store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
+        token_layers=(-1,) if token_layers is None else StoreOptions.parse_token_layers(token_layers), tokens_dtype=tokens_dtype.value,
         fusion=fusion.value, discard_ratio=discard_ratio, crop_pct=crop_pct,
         interpolation=interpolation.value if interpolation else None, labels_from_dirs=labels_from_dirs, masks=masks,
         preprocess=preprocess.value, artifact_factor=artifact_factor, artifact_norm=artifact_norm, magnitude=magnitude.value,
@@ -465,14 +468,17 @@ def probe_command(
     train: List[Path] = typer.Option([], "--train", help="Training cache of a model (repeatable, paired in order with --test)."),
     test: List[Path] = typer.Option([], "--test", help="Test cache of the same model."),
     split: Optional[float] = typer.Option(None, min=0.05, max=0.95, help="Fraction of each class for training when a cache is divided (stratified, seeded)."),
-    pool: List[Pool] = typer.Option([], "--pool", help="Aggregation (repeatable; default all): cls, mean, cls-attn, min-entropy-head, rollout, abmilp."),
+    pool: List[Pool] = typer.Option([], "--pool", help="Aggregation (repeatable; default all): cls, mean, cls-attn, min-entropy-head, rollout, abmilp, ep."),
     evaluator: List[Evaluator] = typer.Option([], "--evaluator", help="knn and/or linear (default both)."),
     abmilp_relu: bool = typer.Option(False, "--abmilp-relu", help="Score patches with a hidden ReLU layer instead of one linear layer."),
+    ep_queries: int = typer.Option(EP_QUERIES, "--ep-queries", min=1, help="Learned queries of the ep pool (must divide the token width)."),
+    ep_with_cls: bool = typer.Option(False, "--ep-with-cls", help="Let the ep pool attend over the cls token too, not only the patches."),
     epochs: int = typer.Option(100, min=1, help="Linear-probe epochs (the best on a held-out 10% of training images is kept)."),
     bootstrap: int = typer.Option(1000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the accuracy CIs."),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the split, the probes and the bootstrap (a non-negative integer)."),
     device: str = typer.Option("cpu", callback=_device_option, help="auto, cpu, cuda or cuda:N for the probes."),
-    with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's last-block cls_entropy_norm (csv/tsv column too)."),
+    with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's cls_entropy_norm of the probed block, the last by default (csv/tsv column too)."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Probe the output tokens of this block (0-based, negative from the last), stored with extract --token-layers, with its attention for cls-attn, min-entropy-head and rollout (up to it); adds a layer column (default: the deepest stored block, the last unless --token-layers said otherwise)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
@@ -499,10 +505,13 @@ def probe_command(
     records, notes = probe_caches(
         pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
         evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
-        epochs=epochs, relu=abmilp_relu, seed=seed, n_bootstrap=bootstrap, device=device,
+        epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
+        n_bootstrap=bootstrap, device=device, layer=layer,
     )
     _print_notes(notes)
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
+    if layer is not None:  # the 0-based block probed, after the model
+        columns.insert(columns.index("model") + 1, "layer")
     if format not in (Format.csv, Format.tsv):
         columns.insert(columns.index("n_train"), "gain_over_cls")
     _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images)"), format, output)

@@ -21,7 +21,7 @@ from .extract import extract
 from .images import list_images
 from .models import build_model
 from .plot import plot_curves, plot_maps, pyplot
-from .probe import PROBE_COLUMNS, probe_caches
+from .probe import PROBE_COLUMNS, pools_for_store, probe_caches
 from .render import Format, emit
 
 
@@ -109,16 +109,17 @@ def write_probe_images(folder: Path) -> list[Path]:
 
 def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, on_model) -> tuple[Path, list]:
     paths = write_probe_images(out / "probe_images")
-    caches = []
+    caches, store = [], "rows"  # the cls rows the attention pools need; rollout pooling would need full maps
     for name in DEMO_MODELS:
         if on_model:
             on_model(f"{name} (probe images)")
         short = name.split(":", 1)[1]
         caches.append(extract(
-            build_model(name), paths, out / f"{short}_probe.h5", store="rows", save_tokens=True, labels_from_dirs=True,
+            build_model(name), paths, out / f"{short}_probe.h5", store=store, save_tokens=True, labels_from_dirs=True,
             batch_size=100, workers=workers, device=device, overwrite=overwrite,
         ).path)
-    records, notes = probe_caches([(c, None) for c in caches], split=0.8, epochs=PROBE_EPOCHS, seed=0)
+    records, notes = probe_caches([(c, None) for c in caches], split=0.8, pools=pools_for_store(store),
+                                  epochs=PROBE_EPOCHS, seed=0)
     for note in notes:
         warnings.warn(AttnflowNote(note), stacklevel=3)
     probe_csv = out / "probe.csv"

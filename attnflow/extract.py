@@ -174,6 +174,8 @@ class _Plan:
             dtype=store.dtype,
             compression=store.compression,
             token_dim=adapter.width if store.save_tokens else None,
+            token_layers=store.token_blocks(adapter.num_layers),
+            tokens_dtype=store.tokens_dtype,
             class_names=self.class_names,
             has_masks=self.mask_paths is not None,
             final_norm=_final_layer_norm(adapter.final_norm) if store.save_tokens else None,
@@ -256,7 +258,8 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
     )
     background = BackgroundWriter(writers)
     try:
-        with AttentionCapture(model, magnitude=options.store.magnitude) as capture, torch.inference_mode():
+        capture = AttentionCapture(model, magnitude=options.store.magnitude, token_layers=spec.stored_token_layers)
+        with capture, torch.inference_mode():
             for batch in loader:
                 skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
                 for path, reason in skipped:
@@ -346,6 +349,19 @@ def _final_layer_norm(norm: torch.nn.Module) -> tuple[np.ndarray, np.ndarray, fl
     return None
 
 
+def _stored_tokens(tokens: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Tokens (any shape) as stored in ``dtype``; a value float16 cannot hold is refused rather than stored as
+    infinity (high-norm artifact tokens can be large)."""
+    tokens = tokens.float()
+    if dtype == "float32":
+        return tokens
+    largest = float(tokens.abs().amax()) if tokens.numel() else 0.0
+    if not largest <= torch.finfo(torch.float16).max:
+        raise AttnflowError(f"a token value ({largest:.4g}) exceeds what float16 holds ({torch.finfo(torch.float16).max:g}); "
+                            "store tokens with --tokens-dtype float32")
+    return tokens.half()
+
+
 def warn_about_layout(layout, *, full_maps: bool) -> None:
     """Say once what a layout or a store mode leaves out of a metrics file."""
     if not layout.has_cls:
@@ -385,7 +401,9 @@ def _process(
     elif spec.store == "rows":
         cache_rows[ATTN_ROWS] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage)
     if spec.token_dim is not None:
-        cache_rows[TOKENS] = captured.tokens.float()
+        # (B, S, T, D) for several blocks, (B, T, D) for one (the default, stored as every earlier cache)
+        tokens = captured.layer_tokens if spec.tokens_dataset != TOKENS else captured.layer_tokens[:, 0]
+        cache_rows[spec.tokens_dataset] = _stored_tokens(tokens, spec.tokens_dtype)
     if batch.fg is not None:
         cache_rows[FG] = batch.fg
     rows = {"cache": cache_rows}

@@ -18,7 +18,7 @@ import torch
 from .cache import COMPRESSIONS, DTYPES, STORE_MODES
 from .errors import AttnflowError, OptionError
 from .images import CROP_PCT_MIN, INTERPOLATIONS, PREPROCESS_PRESETS
-from .capture import MAGNITUDE_UPDATES
+from .capture import MAGNITUDE_UPDATES, resolve_blocks
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, ArtifactRule
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -32,19 +32,44 @@ def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class StoreOptions:
     """What a cache keeps: maps (``full``: every map, ``rows``: the cls/register query rows, ``none``), their
-    storage type and compression, the last block's tokens, and where the magnitude's update is taken."""
+    storage type and compression, the output tokens of the blocks ``token_layers`` (0-based, negative from the
+    last; default the last block) in ``tokens_dtype``, and where the magnitude's update is taken."""
 
     store: str = "full"
     dtype: str = "float16"
     compression: str = "gzip"
     save_tokens: bool = False
     magnitude: str = MAGNITUDE_UPDATES[0]
+    token_layers: tuple[int, ...] = (-1,)
+    tokens_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _choice("--store", self.store, STORE_MODES)
         _choice("--magnitude", self.magnitude, MAGNITUDE_UPDATES)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--compression", self.compression, COMPRESSIONS)
+        _choice("--tokens-dtype", self.tokens_dtype, DTYPES)
+        object.__setattr__(self, "token_layers", tuple(self.token_layers))  # the CLI and Python may pass a list
+        if not self.token_layers:
+            raise OptionError("--token-layers", "names no block")
+        if not self.save_tokens and (self.token_layers != (-1,) or self.tokens_dtype != "float32"):
+            flag = "--token-layers" if self.token_layers != (-1,) else "--tokens-dtype"
+            raise OptionError(flag, "chooses how tokens are stored: add --save-tokens")
+
+    @staticmethod
+    def parse_token_layers(text: str) -> tuple[int, ...]:
+        """``--token-layers``' text: comma-separated 0-based block indices (negative from the last)."""
+        try:
+            return tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise OptionError("--token-layers", f"takes comma-separated block indices such as -1,-4,-7, not '{text}'") from None
+
+    def token_blocks(self, num_layers: int) -> tuple[int, ...]:
+        """The blocks whose tokens a ``num_layers``-block model stores: 0-based, increasing, each once."""
+        try:
+            return resolve_blocks(self.token_layers, num_layers)
+        except ValueError as e:
+            raise OptionError("--token-layers", str(e)) from None
 
 
 @dataclass(frozen=True)

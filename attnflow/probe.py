@@ -11,7 +11,9 @@ tokens (T, D) into one vector:
 - ``min-entropy-head``: weights from the last block's head whose cls attention has the lowest entropy;
 - ``rollout``: weights from the attention-rollout readout after the last block;
 - ``abmilp``: attention-based MIL pooling trained with the classifier: a linear layer (or, with ``relu``,
-  a hidden ReLU layer) scores each patch token, a softmax over patches weighs them.
+  a hidden ReLU layer) scores each patch token, a softmax over patches weighs them;
+- ``ep``: efficient probing (Psomas et al. 2025), M learned queries cross-attending over the patch tokens
+  (optionally with cls) without query or key projections, trained with the classifier (:class:`EfficientProbe`).
 
 Evaluators: DINO's weighted k-NN (cosine, k = 20, temperature 0.07) and a linear probe (batch norm without
 affine parameters, then a linear layer; AdamW, cosine schedule, seeded, the best epoch chosen on a held-out
@@ -35,11 +37,21 @@ from .layout import TokenLayout
 from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .schema import LABELS, TOKENS
 
-POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp")
+POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp", "ep")
 EVALUATORS = ("knn", "linear")
 ATTENTION_POOLS = ("cls-attn", "min-entropy-head", "rollout")
+TRAINED_POOLS = ("abmilp", "ep")  # trained jointly with the linear classifier: no k-NN row
+# What each attention pool needs the cache to store (--store); the other pools need only the tokens.
+POOL_STORES = {"cls-attn": ("rows", "full"), "min-entropy-head": ("rows", "full"), "rollout": ("full",)}
+EP_QUERIES = 32  # the paper's default number of EP queries
+
 PROBE_COLUMNS = ("model", "family", "pool", "evaluator", "accuracy", "ci_low", "ci_high", "n_train", "n_test")
 KNN_K, KNN_TEMPERATURE = 20, 0.07
+
+
+def pools_for_store(store: str) -> tuple[str, ...]:
+    """The pools a cache extracted with ``--store store`` (and ``--save-tokens``) supports, in ``POOLS`` order."""
+    return tuple(pool for pool in POOLS if store in POOL_STORES.get(pool, (store,)))
 
 
 @dataclass
@@ -50,31 +62,38 @@ class ProbeSet:
     labels: torch.Tensor
     layout: TokenLayout
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # pool -> (n, P), rows sum to 1
-    cls_entropy_norm: float = math.nan  # last block, mean over images and heads
+    cls_entropy_norm: float = math.nan  # the probed block's, mean over images and heads
+    block: int | None = None  # the 0-based block whose tokens and attention these are (None: not from a cache)
 
     def subset(self, index: torch.Tensor) -> "ProbeSet":
         return ProbeSet(self.tokens[index], self.labels[index], self.layout, {k: v[index] for k, v in self.weights.items()},
-                        self.cls_entropy_norm)
+                        self.cls_entropy_norm, self.block)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str]) -> tuple[ProbeSet, dict[str, Any], list[str]]:
+def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
+                   layer: int | None = None) -> tuple[ProbeSet, dict[str, Any], list[str]]:
     """Read tokens, labels and what the attention pools need from a cache; returns the set, its attributes
-    and its class names."""
+    and its class names. ``layer`` is the block (0-based, negative from the last) whose output tokens are
+    probed and whose attention weighs them (rollout: up to that block); it must be one the cache stores tokens
+    of (:meth:`~attnflow.schema.Cache.token_layer`); None: the deepest stored, the last block by default."""
     with open_cache(path) as cache:
-        missing = [(flag, name) for flag, name in (("--save-tokens", TOKENS), ("--labels-from-dirs", LABELS)) if name not in cache]
+        missing = [(flag, name) for flag, name, there in (("--save-tokens", TOKENS, cache.has_tokens),
+                                                         ("--labels-from-dirs", LABELS, LABELS in cache)) if not there]
         if missing:
             raise AttnflowError(f"{cache.path} has no {' or '.join(name for _, name in missing)}; "
                                 f"extract it with {' '.join(flag for flag, _ in missing)}")
         layout, attrs = cache.layout, cache.attrs
+        block = cache.token_layer(layer)
         if not cache.has_final_norm:
             notes.append(f"{attrs['label']}: the cache records no final LayerNorm; tokens are used as stored")
-        tokens = torch.from_numpy(cache.tokens(normalised=cache.has_final_norm))
-        data = ProbeSet(tokens, torch.from_numpy(cache.labels()), layout)
+        # the final norm on an intermediate block's tokens too, as timm's and DINOv2's intermediate features do
+        tokens = torch.from_numpy(cache.tokens(layer=block, normalised=cache.has_final_norm))
+        data = ProbeSet(tokens, torch.from_numpy(cache.labels()), layout, block=block)
         if layout.has_cls and cache.store != "none":
-            rows = torch.from_numpy(cache.prefix_rows(layer=-1)[:, :, 0, :])  # (n, H, T): the last block's cls rows
+            rows = torch.from_numpy(cache.prefix_rows(layer=block)[:, :, 0, :])  # (n, H, T): the block's cls rows
             per_head = cls_metrics(rows, layout)
             q = renormalise_over_patches(rows, layout)
             data.weights["cls-attn"] = q.mean(1).float()
@@ -85,7 +104,7 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str]) -> 
             if cache.store == "full":
                 maps = []
                 for start in range(0, len(cache), 64):
-                    maps.append(rollout(torch.from_numpy(cache.attention(start, min(start + 64, len(cache)))), layout)[:, -1])
+                    maps.append(rollout(torch.from_numpy(cache.attention(start, min(start + 64, len(cache)))), layout)[:, block])
                 data.weights["rollout"] = torch.cat(maps).float()
             else:
                 notes.append(f"{attrs['label']}: rollout pooling needs full maps (--store full); skipped")
@@ -130,6 +149,40 @@ class AbMILP(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> (B, D)
         weights = self.score(patches).squeeze(-1).softmax(-1)
         return (weights[..., None] * patches).sum(1)
+
+
+def ep_fits(dim: int, queries: int) -> bool:
+    """Whether EP's values (width ``dim``) split into ``queries`` equal groups."""
+    return queries >= 1 and dim % queries == 0
+
+
+class EfficientProbe(nn.Module):
+    """Efficient probing (EP, Psomas et al. 2025, billpsomas/efficient-probing): a multi-query cross-attention
+    without query or key projections.
+
+    With tokens X (N, D), M learned queries Q (M, D) and one value map W_v (D, D, no bias):
+    A = softmax over the N tokens of (Q X^T / sqrt(D)), (M, N); V = X W_v split along D into M groups of D / M;
+    query m's output is A[m] @ V[:, group m], and the M outputs are concatenated into one (D,) vector.
+    Queries start as N(0, 0.02^2), as in the reference; no dropout. Parameters: M * D + D * D."""
+
+    def __init__(self, dim: int, queries: int = EP_QUERIES):
+        super().__init__()
+        if not ep_fits(dim, queries):
+            raise ValueError(f"EP splits the token width {dim} into {queries} value groups: it must be a multiple")
+        self.queries = nn.Parameter(torch.randn(queries, dim) * 0.02)
+        self.value = nn.Linear(dim, dim, bias=False)
+
+    def attention(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, M, N), rows sum to 1
+        """Each query's weights over the tokens: the keys are the tokens themselves."""
+        return (self.queries @ tokens.transpose(1, 2) * tokens.shape[-1] ** -0.5).softmax(-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, D)
+        b, _, d = tokens.shape
+        m = len(self.queries)
+        # The value map is linear: pooling the tokens first, A (X W_v) = (A X) W_v, costs B D^2 instead of B N D^2.
+        pooled_tokens = self.attention(tokens) @ tokens  # (B, M, D)
+        groups = self.value.weight.view(m, d // m, d)  # (M, D/M, D): the output rows that query m produces
+        return torch.einsum("bmd,mgd->bmg", pooled_tokens, groups).reshape(b, d)
 
 
 class LinearHead(nn.Module):
@@ -208,24 +261,39 @@ def bootstrap_accuracy(right: torch.Tensor, n_bootstrap: int, seed: int) -> tupl
     return float(r.mean()), float(low), float(high)
 
 
+def pool_tokens(data: ProbeSet, with_cls: bool = False) -> torch.Tensor:
+    """(n, P, D) patch tokens a trained pool reads, registers left out; with ``with_cls`` and a cls token,
+    (n, 1 + P, D) with cls first."""
+    p = data.layout.num_prefix_tokens
+    if with_cls and data.layout.has_cls:
+        return torch.cat([data.tokens[:, :1], data.tokens[:, p:]], 1)
+    return data.tokens[:, p:]
+
+
 def probe(
     train: ProbeSet, test: ProbeSet, *, pools: Sequence[str] = POOLS, evaluators: Sequence[str] = EVALUATORS,
-    classes: int, epochs: int = 100, relu: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu",
+    classes: int, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES, ep_with_cls: bool = False,
+    seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Accuracy of every available pool x evaluator (``abmilp`` only with the linear evaluator)."""
+    """Accuracy of every available pool x evaluator (the trained pools, ``abmilp`` and ``ep``, only with the
+    linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``)."""
     results = []
+    dim = train.tokens.shape[-1]
     for pool in pools:
         if pool in ATTENTION_POOLS and (pool not in train.weights or pool not in test.weights):
             continue
         if pool in ("cls",) and not train.layout.has_cls:
             continue
+        if pool == "ep" and not ep_fits(dim, ep_queries):
+            continue
         for evaluator in evaluators:
-            if pool == "abmilp":
+            if pool in TRAINED_POOLS:
                 if evaluator != "linear":
                     continue
-                p = train.layout.num_prefix_tokens
-                predictions = train_linear(train.tokens[:, p:], train.labels, test.tokens[:, p:], classes=classes,
-                                           pool=AbMILP(train.tokens.shape[-1], relu), epochs=epochs, seed=seed, device=device)
+                with_cls = pool == "ep" and ep_with_cls
+                head = AbMILP(dim, relu) if pool == "abmilp" else EfficientProbe(dim, ep_queries)
+                predictions = train_linear(pool_tokens(train, with_cls), train.labels, pool_tokens(test, with_cls),
+                                           classes=classes, pool=head, epochs=epochs, seed=seed, device=device)
                 right = predictions == test.labels
             elif evaluator == "knn":
                 right = knn_accuracy(pooled(train, pool), train.labels, pooled(test, pool), test.labels)
@@ -241,22 +309,29 @@ def probe(
 
 def probe_caches(
     pairs: Sequence[tuple[Path, Path | None]], *, split: float | None = None, pools: Sequence[str] = POOLS,
-    evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, seed: int = 0,
-    n_bootstrap: int = 1000, device: str = "cpu",
+    evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES,
+    ep_with_cls: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu", layer: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Probe every model: ``(train cache, test cache)`` pairs, or ``(cache, None)`` split by ``split``.
 
-    Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the last block's
-    ``cls_entropy_norm``) and notes."""
+    Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the probed block's
+    ``cls_entropy_norm``; with ``layer``, also ``layer``: the 0-based block probed, see :func:`load_probe_set`)
+    and notes."""
     notes: list[str] = []
     records: list[dict[str, Any]] = []
     labels_seen: dict[str, int] = {}
-    if "abmilp" in pools and "linear" not in evaluators:
-        notes.append("abmilp pooling is trained with the linear probe; without --evaluator linear it is skipped")
+    for pool in TRAINED_POOLS:
+        if pool in pools and "linear" not in evaluators:
+            notes.append(f"{pool} pooling is trained with the linear probe; without --evaluator linear it is skipped")
     for train_path, test_path in pairs:
-        train, attrs, names = load_probe_set(train_path, pools, notes)
+        train, attrs, names = load_probe_set(train_path, pools, notes, layer=layer)
         if "cls" in pools and not train.layout.has_cls:
             notes.append(f"{attrs.get('label', train_path)} has no cls token: cls pooling skipped (gain_over_cls is NaN)")
+        if "ep" in pools and ep_with_cls and not train.layout.has_cls:
+            notes.append(f"{attrs.get('label', train_path)} has no cls token: --ep-with-cls ignored, ep pools the patch tokens")
+        if "ep" in pools and not ep_fits(train.tokens.shape[-1], ep_queries):
+            notes.append(f"{attrs.get('label', train_path)}: ep pooling splits the token width {train.tokens.shape[-1]} into "
+                         f"--ep-queries {ep_queries} groups, which does not divide it; skipped")
         if test_path is None:
             if split is None:
                 raise AttnflowError("give --split to divide one cache into training and test images")
@@ -264,7 +339,7 @@ def probe_caches(
             first, rest = stratified_split(train.labels, split, seed)
             train, test = train.subset(first), train.subset(rest)
         else:
-            test, test_attrs, test_names = load_probe_set(test_path, pools, notes)
+            test, test_attrs, test_names = load_probe_set(test_path, pools, notes, layer=layer)
             if test_names != names:
                 raise AttnflowError(f"{train_path} and {test_path} have different classes "
                                     f"({_class_list(names)} vs {_class_list(test_names)})")
@@ -283,7 +358,8 @@ def probe_caches(
         _note_untested_classes(attrs.get("label", str(train_path)), train.labels, test.labels, names, notes,
                                "too few images to divide" if test_path is None else "none in the test cache")
         rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
-                     epochs=epochs, relu=relu, seed=seed, n_bootstrap=n_bootstrap, device=device)
+                     epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
+                     n_bootstrap=n_bootstrap, device=device)
         base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
         label = attrs.get("label", str(train_path))
         labels_seen[label] = labels_seen.get(label, 0) + 1
@@ -295,6 +371,7 @@ def probe_caches(
                 "model": label, "family": attrs.get("family", "unknown"), **r,
                 "gain_over_cls": r["accuracy"] - base[r["evaluator"]] if r["evaluator"] in base else math.nan,
                 "cls_entropy_norm": train.cls_entropy_norm,
+                **({"layer": train.block} if layer is not None else {}),
             })
     return records, list(dict.fromkeys(notes))
 

@@ -12,7 +12,9 @@ as given, ``labels`` (n,) int64 into ``class_names`` (K,) when extracted with la
 Attention cache (``schema = attnflow.cache/1``):
     ``magnitude`` (n, L, T) float32; ``token_norm`` (n, L, T) float32 (not in caches of attnflow 0.1); ``attn`` (n, L, H, T, T) for ``store=full``; ``attn_rows``
     (n, L, H, p, T) for ``store=rows``; ``tokens`` (n, T, D) float32 with ``--save-tokens``, with the model's
-    final LayerNorm as ``final_norm_weight`` (D,), ``final_norm_bias`` (D,) and attr ``final_norm_eps``.
+    final LayerNorm as ``final_norm_weight`` (D,), ``final_norm_bias`` (D,) and attr ``final_norm_eps``; with
+    ``--token-layers`` of several blocks ``layer_tokens`` (n, S, T, D) instead, the S 0-based blocks in attr
+    ``token_layers`` (one block other than the last: ``tokens`` and the attr); float16 with ``--tokens-dtype``.
     Read with :meth:`Cache.attention`, :meth:`Cache.prefix_rows`, :meth:`Cache.magnitude`, :meth:`Cache.token_norm`,
     :meth:`Cache.tokens` (final norm applied), ``labels``, ``fg``, ``image_ids``, ``class_names``, ``skipped``.
 Metrics file (``schema = attnflow.metrics/1``):
@@ -72,7 +74,8 @@ ATTN = "attn"
 ATTN_ROWS = "attn_rows"
 MAGNITUDE = "magnitude"
 TOKEN_NORM = "token_norm"
-TOKENS = "tokens"
+TOKENS = "tokens"  # (n, T, D): one block's tokens (the last block's unless the attribute token_layers says)
+LAYER_TOKENS = "layer_tokens"  # (n, S, T, D): the tokens of the S blocks of the attribute token_layers
 FINAL_NORM_WEIGHT = "final_norm_weight"
 FINAL_NORM_BIAS = "final_norm_bias"
 FINAL_NORM_EPS = "final_norm_eps"  # a root attribute
@@ -124,6 +127,19 @@ def layout_from_attrs(attrs: dict[str, Any]) -> TokenLayout:
         grid_size=tuple(attrs["grid_size"]),
         patch_size=tuple(attrs["patch_size"]),
     )
+
+
+def stored_token_layers(attrs: dict[str, Any]) -> tuple[int, ...]:
+    """The 0-based blocks, increasing, whose output tokens a cache with these attributes stores (when it stores
+    tokens): its attribute ``token_layers``, or the last block (the default, and every cache before the
+    attribute)."""
+    return tuple(int(b) for b in attrs["token_layers"]) if "token_layers" in attrs else (int(attrs["num_layers"]) - 1,)
+
+
+def tokens_dataset(num_blocks: int) -> str:
+    """The dataset that holds the tokens of ``num_blocks`` stored blocks: ``tokens`` (n, T, D) for one (as every
+    cache before ``--token-layers``), ``layer_tokens`` (n, S, T, D) for several."""
+    return TOKENS if num_blocks == 1 else LAYER_TOKENS
 
 
 class _ParallelGunzip:
@@ -257,6 +273,7 @@ CACHE_DATASETS = {
     ATTN: Expect(("n", "L", "H", "T", "T"), "float", "attention", ("image", "layer", "head", "query", "key"), located=4),
     ATTN_ROWS: Expect(("n", "L", "H", "p", "T"), "float", "attention", ("image", "layer", "head", "row", "key"), located=4),
     TOKENS: Expect(("n", "T", "D"), "float", "finite", ("image", "token", "channel")),
+    LAYER_TOKENS: Expect(("n", "S", "T", "D"), "float", "finite", ("image", "token_layer", "token", "channel")),
     FINAL_NORM_WEIGHT: Expect(("D",), "float", "finite", ("channel",)),
     FINAL_NORM_BIAS: Expect(("D",), "float", "finite", ("channel",)),
 }
@@ -336,6 +353,9 @@ ROOT_ATTRS: dict[str, Attr] = {
     "compression": Attr("", (), "the cache's compression: gzip, lzf or none"),
     "has_labels": Attr("bool", (), "whether labels and class_names are stored"),
     "has_tokens": Attr("bool", (), "whether tokens are stored"),
+    "token_layers": Attr("layers", (), "the 0-based blocks whose output tokens are stored (--token-layers); "
+                         "absent: the last block (the default, and every file before it)"),
+    "tokens_dtype": Attr("dtype", (), "the dtype of the stored tokens: float16 (--tokens-dtype); absent: float32"),
     "has_masks": Attr("bool", (), "whether fg (object masks) is stored"),
     "magnitude_update": Attr("magnitude_update", (), "where magnitude's numerator is taken: before-layer-scale; "
                              "absent: after-layer-scale (the default, and every file of attnflow 0.1)"),
@@ -571,6 +591,8 @@ def _validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_Attn
             key = metric_dataset(name)
             _check_dataset(path, key, group[name], _metric_expect(key), symbols)
     _check_virtual_sources(path, f)
+    if kind is Cache and (TOKENS in f or LAYER_TOKENS in f):
+        _check_tokens(path, f, attrs)
     if kind is Cache and attrs["store"] in MAPS_DATASET:
         maps = MAPS_DATASET[attrs["store"]]
         if str(f[maps].dtype) != attrs["dtype"]:
@@ -588,6 +610,23 @@ def _validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_Attn
             raise AttnflowError(
                 f"{path}: label {labels[i]} of image {i} is not an index into class_names ({symbols['K']} classes)"
             )
+
+
+def _check_tokens(path: Path, f: h5py.File, attrs: dict[str, Any]) -> None:
+    """The stored tokens agree with the attributes that describe them: ``token_layers`` (blocks of the
+    model, as many as stored, in the dataset :func:`tokens_dataset` names) and ``tokens_dtype``."""
+    layers, L = stored_token_layers(attrs), int(attrs["num_layers"])
+    if not layers or layers[-1] >= L:
+        raise AttnflowError(f"{path}: attribute 'token_layers' is {list(layers)}, not blocks of the model's {L}")
+    name = tokens_dataset(len(layers))
+    other = LAYER_TOKENS if name == TOKENS else TOKENS
+    if other in f:
+        raise AttnflowError(f"{path} holds '{other}', but the tokens of {len(layers)} block(s) ({list(layers)}) belong in '{name}'")
+    if name == LAYER_TOKENS and f[name].shape[1] != len(layers):
+        raise AttnflowError(f"{path}: '{name}' holds {f[name].shape[1]} blocks, attribute 'token_layers' lists {len(layers)}")
+    want = attrs.get("tokens_dtype", "float32")
+    if str(f[name].dtype) != want:
+        raise AttnflowError(f"{path}: dataset '{name}' holds {f[name].dtype}, but the tokens dtype is {want}")
 
 
 _KIND = {SCHEMA: "an attention cache", METRICS_SCHEMA: "a metrics file"}
@@ -985,7 +1024,8 @@ class Cache(_AttnflowFile):
     @classmethod
     def required_datasets(cls, attrs: dict[str, Any]) -> list[str]:
         maps = [MAPS_DATASET[attrs["store"]]] if attrs["store"] in MAPS_DATASET else []
-        return [*super().required_datasets(attrs), MAGNITUDE, *maps, *([TOKENS] if attrs.get("has_tokens") else [])]
+        tokens = [tokens_dataset(len(stored_token_layers(attrs)))] if attrs.get("has_tokens") else []
+        return [*super().required_datasets(attrs), MAGNITUDE, *maps, *tokens]
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -1049,15 +1089,46 @@ class Cache(_AttnflowFile):
         self._need(TOKEN_NORM, "block output token norms (it was written by attnflow 0.1)", "this attnflow")
         return self._rows(TOKEN_NORM, start, stop, device)
 
-    def tokens(self, start: int = 0, stop: int | None = None, *, normalised: bool = True, device: Any = None) -> Rows:
-        """The last block's output tokens of images ``start:stop``: (n, T, D) float32; ``normalised`` with the
-        model's final LayerNorm applied, as users of the model read them (the cls token is ``[:, 0]``).
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the cache stores output tokens (``--save-tokens``), of one block or several."""
+        return TOKENS in self.file or LAYER_TOKENS in self.file
+
+    @property
+    def token_layers(self) -> tuple[int, ...]:
+        """The 0-based blocks, increasing, whose output tokens the cache stores (the last block by default)."""
+        return stored_token_layers(self.attrs)
+
+    def token_layer(self, layer: int | None = None) -> int:
+        """The 0-based block ``layer`` names (negative counts from the last block; None: the deepest stored),
+        which must be one whose tokens the cache stores: one line naming the stored ones otherwise."""
+        stored, L = self.token_layers, int(self.attrs["num_layers"])
+        if layer is None:
+            return stored[-1]
+        if -L <= layer < L and layer % L in stored:
+            return layer % L
+        raise AttnflowError(f"{self.path} stores the tokens of block{'s' if len(stored) > 1 else ''} "
+                            f"{', '.join(map(str, stored))} (0-based, of {L}), not of layer {layer}; "
+                            "extract with --token-layers to store others")
+
+    def tokens(self, start: int = 0, stop: int | None = None, *, layer: int | None = None, normalised: bool = True,
+               device: Any = None) -> Rows:
+        """The output tokens of block ``layer`` (see :meth:`token_layer`; default the deepest stored, the last
+        block unless extracted with ``--token-layers``) of images ``start:stop``: (n, T, D) float32 (also when
+        stored as float16); ``normalised`` with the model's final LayerNorm applied, as users of the model read
+        them (the cls token is ``[:, 0]``); for an intermediate block too, as timm's
+        ``forward_intermediates(norm=True)`` and DINOv2's ``get_intermediate_layers(norm=True)`` do.
         Needs ``--save-tokens``."""
 
-        self._need(TOKENS, "tokens", "--save-tokens")
+        name = tokens_dataset(len(self.token_layers))
+        self._need(name, "tokens", "--save-tokens")
+        block = self.token_layer(layer)
         if normalised and not self.has_final_norm:
             raise AttnflowError(f"{self.path} records no final LayerNorm to apply; read tokens(normalised=False)")
-        data = self._rows(TOKENS, start, stop, device)
+        if name == TOKENS:
+            data = self._rows(TOKENS, start, stop, device)
+        else:
+            data = self._rows(LAYER_TOKENS, start, stop, device, self.token_layers.index(block))
         if not normalised:
             return data
         tokens = torch.from_numpy(data) if device is None else data
