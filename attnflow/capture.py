@@ -65,8 +65,10 @@ def resolve_blocks(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
     """Blocks named 0-based or negative from the last (``-1`` the last) as increasing distinct 0-based blocks;
     ValueError when one is not a block of the ``num_layers``."""
     bad = [b for b in layers if not -num_layers <= b < num_layers]
-    if not layers or bad:
-        raise ValueError(f"{bad[0] if bad else 'no block'} is not a block of the model's {num_layers} "
+    if not layers:
+        raise ValueError("names no block")
+    if bad:
+        raise ValueError(f"block {bad[0]} is out of range for the model's {num_layers} blocks "
                          f"(0 to {num_layers - 1}, or -1 to -{num_layers} from the last)")
     return tuple(sorted({b % num_layers for b in layers}))
 

@@ -59,17 +59,11 @@ class StoreOptions:
     @staticmethod
     def parse_token_layers(text: str) -> tuple[int, ...]:
         """``--token-layers``' text: comma-separated 0-based block indices (negative from the last)."""
-        try:
-            return tuple(int(part) for part in text.split(","))
-        except ValueError:
-            raise OptionError("--token-layers", f"takes comma-separated block indices such as -1,-4,-7, not '{text}'") from None
+        return _parse_blocks("--token-layers", text, "comma-separated block indices such as -1,-4,-7")
 
     def token_blocks(self, num_layers: int) -> tuple[int, ...]:
         """The blocks whose tokens a ``num_layers``-block model stores: 0-based, increasing, each once."""
-        try:
-            return resolve_blocks(self.token_layers, num_layers)
-        except ValueError as e:
-            raise OptionError("--token-layers", str(e)) from None
+        return _blocks("--token-layers", self.token_layers, num_layers)
 
 
 @dataclass(frozen=True)
@@ -130,21 +124,13 @@ class FlowOptions:
         """``--flow-layers``' text: ``last`` or comma-separated 0-based block indices (negative from the end)."""
         if text.strip() == "last":
             return (-1,)
-        try:
-            return tuple(int(part) for part in text.split(","))
-        except ValueError:
-            raise OptionError("--flow-layers", f"takes last or comma-separated layer indices, not '{text}'") from None
+        return _parse_blocks("--flow-layers", text, "last or comma-separated layer indices")
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         """The chosen blocks of a ``num_layers``-block model, 0-based, sorted, each once; () without ``--flow``."""
         if not self.flow:
             return ()
-        wanted = self.flow_layers if self.flow_layers is not None else (-1,)
-        bad = [layer for layer in wanted if not -num_layers <= layer < num_layers]
-        if bad:
-            raise OptionError("--flow-layers", f"layer {bad[0]} is out of range for {num_layers} blocks "
-                              f"(0 to {num_layers - 1}, or negative from the end)")
-        return tuple(sorted({layer % num_layers for layer in wanted}))
+        return _blocks("--flow-layers", self.flow_layers if self.flow_layers is not None else (-1,), num_layers)
 
 
 @dataclass(frozen=True)
@@ -191,6 +177,22 @@ class RunOptions:
             raise OptionError("--device", f"takes auto, cpu, cuda or cuda:N, not '{self.device}'")
         if self.resume and self.overwrite:
             raise OptionError("--resume", "continues a run and --overwrite starts one afresh: give one of them")
+
+
+def _parse_blocks(flag: str, text: str, what: str) -> tuple[int, ...]:
+    """Comma-separated block indices of a flag's text (0-based, negative from the last)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise OptionError(flag, f"takes {what}, not '{text}'") from None
+
+
+def _blocks(flag: str, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """A flag's blocks resolved for a ``num_layers``-block model (:func:`attnflow.capture.resolve_blocks`)."""
+    try:
+        return resolve_blocks(layers, num_layers)
+    except ValueError as e:
+        raise OptionError(flag, str(e)) from None
 
 
 class _Groups:
