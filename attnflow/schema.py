@@ -202,6 +202,8 @@ def open_hdf5(path: str | Path) -> h5py.File:
         if partial_path(path).exists():
             raise AttnflowError(f"{path} is not finished; {partial_path(path)} holds an interrupted run (continue it with --resume)")
         raise AttnflowError(f"no such file: {path}")
+    if path.is_dir():
+        raise AttnflowError(f"{path} is a directory, not an attnflow file")
     try:
         return h5py.File(path, "r")
     except OSError as e:

@@ -360,3 +360,12 @@ def test_good_files_of_every_layout_and_store_pass(base, tmp_path, run_cli):
     last = result.stderr.strip().splitlines()[-1]  # after the note on what store=rows leaves out
     assert last.startswith("attnflow: error: ") and result.stderr.count("error") == 1
     assert "attn_rows of image 1 (" in last and "layer 0, head 2, row 0: holds NaN or infinite values" in last
+
+
+def test_a_folder_given_as_a_file_is_named_as_such(tmp_path, run_cli):
+    (tmp_path / "folder").mkdir()
+    for command in (["metrics", tmp_path / "folder", "-o", tmp_path / "m.h5"], ["compare", tmp_path / "folder"],
+                    ["info", tmp_path / "folder"]):
+        result = run_cli(*command)
+        assert result.exit_code == 1 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert result.stderr.strip() == f"attnflow: error: {tmp_path / 'folder'} is a directory, not an attnflow file"
