@@ -478,6 +478,7 @@ def probe_command(
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the split, the probes and the bootstrap (a non-negative integer)."),
     device: str = typer.Option("cpu", callback=_device_option, help="auto, cpu, cuda or cuda:N for the probes."),
     with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's cls_entropy_norm of the probed block, the last by default (csv/tsv column too)."),
+    save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads here (an existing folder; one <model>.<pool>.pt each, for plot maps --heads-dir and attnflow.probe.load_head)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Probe the output tokens of this block (0-based, negative from the last), stored with extract --token-layers, with its attention for cls-attn, min-entropy-head and rollout (up to it); adds a layer column (default: the deepest stored block, the last unless --token-layers said otherwise)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
@@ -506,7 +507,7 @@ def probe_command(
         pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
         evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
         epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-        n_bootstrap=bootstrap, device=device, layer=layer,
+        n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads,
     )
     _print_notes(notes)
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
@@ -551,6 +552,8 @@ def plot_maps_command(
     heads: bool = typer.Option(False, "--heads", help="Also draw each head's map."),
     flow: bool = typer.Option(False, "--flow", help="Also draw the exact attention flow map to --layer (computed from the cache's full maps)."),
     scale: str = typer.Option("log", help="Colour scale shared by all maps, in units of the uniform share (1 = uniform): log (1/8 to 16, clipped) or linear (0 to the largest share drawn)."),
+    heads_dir: Optional[Path] = typer.Option(None, "--heads-dir", help="Also draw the attention of the probe heads saved here by probe --save-heads for each cache's model (abmilp; ep: the mean of its queries); the cache needs the tokens (--save-tokens) of the block they were trained on."),
+    ep_queries_each: bool = typer.Option(False, "--ep-queries-each", help="With --heads-dir, draw each ep query's map instead of their mean."),
 ) -> None:
     """Attention maps over one image: a row per model.
 
@@ -560,7 +563,8 @@ def plot_maps_command(
     """
     from .plot import plot_maps
 
-    path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads, scale=scale, flow=flow)
+    path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads, scale=scale, flow=flow,
+                               heads_dir=heads_dir, ep_queries_each=ep_queries_each)
     _print_notes(notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 

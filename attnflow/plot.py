@@ -242,9 +242,12 @@ def _readout(rows: np.ndarray, layout) -> np.ndarray:
     return renormalise_over_patches(torch.from_numpy(np.asarray(rows)), layout).numpy()
 
 
-def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads: bool = False, flow: bool = False) -> MapData:
+def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads: bool = False, flow: bool = False,
+             heads_dir: str | Path | None = None, ep_queries_each: bool = False) -> MapData:
     """The maps of one image from one cache: readout attention at ``layer``, its rollout, with ``flow`` its
-    exact attention flow (computed here from the full maps, mean head fusion as for the rollout), and per head."""
+    exact attention flow (computed here from the full maps, mean head fusion as for the rollout), with
+    ``heads_dir`` the attention of the probe heads saved there for this model (:func:`probe_head_panels`),
+    and per head."""
     with open_cache(cache_path) as cache:
         layout, a = cache.layout, cache.attrs
         ids = cache.image_ids
@@ -281,6 +284,8 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
             panels.append(MapPanel(f"flow to block {layer}", uniform_share(flow_map)))
             if flow_map is None and per_head is not None:
                 notes.append(f"{a['label']}: the cache keeps only cls/register rows, so there is no flow map")
+        if heads_dir is not None:
+            panels += probe_head_panels(cache, index, heads_dir, each=ep_queries_each, notes=notes)
         if head_maps is not None:
             panels += [MapPanel(f"head {h}", share) for h, share in enumerate(uniform_share(head_maps))]
         fg = cache.fg(index, index + 1)[0].reshape(grid) if FG in cache else None
@@ -298,6 +303,52 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         )
 
 
+def probe_head_panels(cache, index: int, heads_dir: str | Path, *, each: bool = False,
+                      notes: list[str] | None = None) -> list[MapPanel]:
+    """The attention of the probe heads in ``heads_dir`` (``attnflow probe --save-heads``) trained on this
+    cache's model, over image ``index``: computed from the cache's tokens of the block each head was trained
+    on, with the final norm as ``probe`` applies it, through the head's ``attention`` in float64. abmilp: its
+    weights over the patches; ep: the mean of its queries' maps (``each``: a panel per query). An ep head that
+    also attends to cls is shown over the patches, renormalised (the share it gives cls is noted). Each map
+    is (grid_h, grid_w) in uniform shares."""
+    from .probe import ProbeSet, load_head, pool_tokens
+
+    directory = Path(heads_dir)
+    if not directory.is_dir():
+        raise AttnflowError(f"--heads-dir {directory}: no such directory")
+    layout, a = cache.layout, cache.attrs
+    loaded = [(path, *load_head(path)) for path in sorted(directory.glob("*.pt"))]
+    same_model = [(path, head, c) for path, head, c in loaded
+                  if (c["model"], c["checkpoint_sha256"]) == (str(a.get("model")), str(a.get("checkpoint_sha256")))]
+    width = cache.tokens(index, index + 1, normalised=False).shape[-1]  # one line when the cache has no tokens
+    fitting = [(path, head, c) for path, head, c in same_model
+               if c["dim"] == width and c["num_prefix_tokens"] == layout.num_prefix_tokens and tuple(c["grid_size"]) == tuple(layout.grid_size)]
+    if not fitting:
+        held = ", ".join(f"{c['label']} ({c['dim']}-wide tokens)" for _, _, c in loaded) or "none"
+        raise AttnflowError(f"{directory} holds no probe heads for {a['label']} ({a.get('model')}, {width}-wide tokens, "
+                            f"{'x'.join(map(str, layout.grid_size))} patches); it holds: {held}")
+    grid, p = tuple(layout.grid_size), layout.num_prefix_tokens
+    panels = []
+    for path, head, config in fitting:
+        block = cache.token_layer(config["block"])  # one line when the cache lacks that block's tokens
+        tokens = torch.from_numpy(cache.tokens(index, index + 1, layer=block, normalised=cache.has_final_norm)).double()
+        seen = pool_tokens(ProbeSet(tokens, torch.zeros(1, dtype=torch.long), layout), config["with_cls"])
+        with torch.no_grad():
+            weights = head.double().attention(seen).reshape(-1, seen.shape[1]).numpy()  # (1 or M, N)
+        if config["with_cls"]:
+            if notes is not None:
+                notes.append(f"{a['label']}: the {config['pool']} head gives the cls token "
+                             f"{weights[:, 0].mean():.1%} of its attention; its map is renormalised over the patches")
+            weights = weights[:, 1:] / weights[:, 1:].sum(-1, keepdims=True)
+        maps = uniform_share(weights.reshape(-1, *grid))
+        name = f"{config['pool']} probe ({path.stem.rsplit('.', 1)[0]}), block {block}"
+        if config["pool"] == "ep" and each:
+            panels += [MapPanel(f"ep query {m}, block {block}", share) for m, share in enumerate(maps)]
+        else:
+            panels.append(MapPanel(name if len(maps) == 1 else f"{name}, mean of {len(maps)} queries", maps.mean(0)))
+    return panels
+
+
 def _image_path(image_id: str, working_dir: str) -> Path:
     path = Path(image_id)
     if not path.is_absolute() and not path.exists() and working_dir:
@@ -307,10 +358,11 @@ def _image_path(image_id: str, working_dir: str) -> Path:
 
 def plot_maps(
     caches: Sequence[str | Path], image: str | int, output: str | Path, *, layer: int = -1, heads: bool = False,
-    scale: str = "log", flow: bool = False,
+    scale: str = "log", flow: bool = False, heads_dir: str | Path | None = None, ep_queries_each: bool = False,
 ) -> tuple[Path, list[MapData], list[str]]:
     """A row per cache: the image, the head-mean readout attention of ``layer``, the rollout map, with
-    ``flow`` the attention flow map and, with ``heads``, each head's map, over the image's extent; the object mask outlined when the cache has one.
+    ``flow`` the attention flow map, with ``heads_dir`` the saved probe heads' attention (:func:`probe_head_panels`;
+    ``ep_queries_each``: each ep query) and, with ``heads``, each head's map, over the image's extent; the object mask outlined when the cache has one.
 
     Every map is drawn in units of the uniform share (x P) on one colour scale for the whole figure
     (:func:`shared_scale`: ``log`` or ``linear``), with a labelled colour bar. Returns the path, the rows
@@ -319,7 +371,8 @@ def plot_maps(
     _check_scale(scale)  # before any work
     output = _check_output(output)
     plt = pyplot()
-    rows = [map_data(c, image, layer=layer, heads=heads, flow=flow) for c in caches]
+    rows = [map_data(c, image, layer=layer, heads=heads, flow=flow, heads_dir=heads_dir, ep_queries_each=ep_queries_each)
+            for c in caches]
     shared = shared_scale(rows, scale)
     for row in rows:
         row.scale = shared

@@ -21,8 +21,9 @@ affine parameters, then a linear layer; AdamW, cosine schedule, seeded, the best
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +48,13 @@ EP_QUERIES = 32  # the paper's default number of EP queries
 
 PROBE_COLUMNS = ("model", "family", "pool", "evaluator", "accuracy", "ci_low", "ci_high", "n_train", "n_test")
 KNN_K, KNN_TEMPERATURE = 20, 0.07
+# Streaming: tokens are read from a cache this many images at a time (the bounded buffer holds
+# STREAM_BUFFER_CHUNKS such reads while the trained pools shuffle within it); k-NN compares this many
+# test images with this many training images at a time.
+STREAM_CHUNK, STREAM_BUFFER_CHUNKS, KNN_BLOCK = 256, 4, 1024
+# The tokens a trained pool reads are held in memory up to this many bytes (float32) and streamed from the
+# cache at every epoch above it, so peak memory stays bounded whatever the number of images.
+IN_MEMORY_BYTES = 1 << 30
 
 
 def pools_for_store(store: str) -> tuple[str, ...]:
@@ -54,11 +62,68 @@ def pools_for_store(store: str) -> tuple[str, ...]:
     return tuple(pool for pool in POOLS if store in POOL_STORES.get(pool, (store,)))
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Tokens (n, T, D) of one block of a cache, read in chunks instead of held: the images ``index`` (sorted
+    rows of the cache) of block ``layer``, with the final norm when ``normalised``. Stands where a (n, T, D)
+    tensor would: ``shape``, ``len`` and indexing by image (a subset, still unread)."""
+
+    path: Path
+    layer: int
+    normalised: bool
+    index: np.ndarray  # (n,) int64, increasing
+    token_shape: tuple[int, int]  # (T, D) as stored
+    columns: tuple[int, ...] | None = None  # the tokens kept of the T (None: all), as a trained pool reads them
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.index), len(self.columns) if self.columns is not None else self.token_shape[0], self.token_shape[1])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: torch.Tensor) -> "TokenSource":
+        chosen = self.index[np.asarray(index, dtype=np.int64)]
+        return replace(self, index=np.sort(chosen))
+
+    def chunks(self, chunk: int = STREAM_CHUNK, order: torch.Tensor | None = None):
+        """Yield ``(positions, tokens)``: positions (b,) into this source, tokens (b, T, D) float32, b <= ``chunk``.
+        A chunk is the wanted images among ``chunk`` consecutive cache rows, so no read exceeds ``chunk`` rows;
+        ``order`` (a permutation of the chunk numbers) sets the order they are read in."""
+        if len(self.index) == 0:
+            return
+        spans = np.unique(self.index // chunk)  # the cache-row windows holding wanted images
+        bounds = np.searchsorted(self.index, np.stack([spans * chunk, (spans + 1) * chunk]))
+        with open_cache(self.path) as cache:
+            for i in (range(len(spans)) if order is None else order.tolist()):
+                lo, hi = int(bounds[0, i]), int(bounds[1, i])
+                rows = self.index[lo:hi]
+                block = cache.tokens(int(rows[0]), int(rows[-1]) + 1, layer=self.layer, normalised=self.normalised)
+                block = block[rows - rows[0]] if self.columns is None else block[rows - rows[0]][:, list(self.columns)]
+                yield torch.arange(lo, hi), torch.from_numpy(np.ascontiguousarray(block))
+
+    def num_chunks(self, chunk: int = STREAM_CHUNK) -> int:
+        return len(np.unique(self.index // chunk))
+
+
+Tokens = torch.Tensor | TokenSource
+
+
+def token_chunks(tokens: Tokens, chunk: int = STREAM_CHUNK):
+    """``(positions, tokens)`` chunks of (b <= chunk, T, D) of held or streamed tokens, in image order."""
+    if isinstance(tokens, TokenSource):
+        yield from tokens.chunks(chunk)
+        return
+    for start in range(0, len(tokens), chunk):
+        yield torch.arange(start, min(start + chunk, len(tokens))), tokens[start:start + chunk]
+
+
 @dataclass
 class ProbeSet:
-    """One model's images for probing: normed tokens (n, T, D), labels (n,) and attention-based weights."""
+    """One model's images for probing: normed tokens (n, T, D), held or streamed from the cache
+    (:class:`TokenSource`), labels (n,) and attention-based weights."""
 
-    tokens: torch.Tensor
+    tokens: Tokens
     labels: torch.Tensor
     layout: TokenLayout
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # pool -> (n, P), rows sum to 1
@@ -90,16 +155,24 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
         if not cache.has_final_norm:
             notes.append(f"{attrs['label']}: the cache records no final LayerNorm; tokens are used as stored")
         # the final norm on an intermediate block's tokens too, as timm's and DINOv2's intermediate features do
-        tokens = torch.from_numpy(cache.tokens(layer=block, normalised=cache.has_final_norm))
+        # Tokens stay in the cache and are streamed in chunks: peak memory does not grow with the images.
+        first = cache.tokens(0, min(1, len(cache)), layer=block, normalised=cache.has_final_norm)
+        tokens = TokenSource(Path(cache.path), block, cache.has_final_norm, np.arange(len(cache), dtype=np.int64),
+                             tuple(first.shape[1:]))
         data = ProbeSet(tokens, torch.from_numpy(cache.labels()), layout, block=block)
         if layout.has_cls and cache.store != "none":
-            rows = torch.from_numpy(cache.prefix_rows(layer=block)[:, :, 0, :])  # (n, H, T): the block's cls rows
-            per_head = cls_metrics(rows, layout)
-            q = renormalise_over_patches(rows, layout)
-            data.weights["cls-attn"] = q.mean(1).float()
-            best = per_head["cls_entropy"].argmin(1)
-            data.weights["min-entropy-head"] = q[torch.arange(len(q)), best].float()
-            data.cls_entropy_norm = float(per_head["cls_entropy_norm"].mean())
+            mean_w, best_w, entropy = [], [], 0.0
+            for start in range(0, len(cache), STREAM_CHUNK):  # (b, H, T): the block's cls rows, a chunk at a time
+                rows = torch.from_numpy(cache.prefix_rows(start, min(start + STREAM_CHUNK, len(cache)), layer=block)[:, :, 0, :])
+                per_head = cls_metrics(rows, layout)
+                q = renormalise_over_patches(rows, layout)
+                mean_w.append(q.mean(1).float())
+                best = per_head["cls_entropy"].argmin(1)
+                best_w.append(q[torch.arange(len(q)), best].float())
+                entropy += float(per_head["cls_entropy_norm"].double().mean(1).sum())
+            data.weights["cls-attn"] = torch.cat(mean_w)
+            data.weights["min-entropy-head"] = torch.cat(best_w)
+            data.cls_entropy_norm = entropy / len(cache)
         if "rollout" in pools:
             if cache.store == "full":
                 maps = []
@@ -114,14 +187,18 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
         return data, attrs, cache.class_names or []
 
 
-def pooled(data: ProbeSet, pool: str) -> torch.Tensor:
-    """(n, D) features of a fixed (untrained) aggregation."""
+def pooled(data: ProbeSet, pool: str, chunk: int = STREAM_CHUNK) -> torch.Tensor:
+    """(n, D) features of a fixed (untrained) aggregation, each chunk of (b, T, D) tokens reduced as it is read."""
     p = data.layout.num_prefix_tokens
-    if pool == "cls":
-        return data.tokens[:, 0]
-    if pool == "mean":
-        return data.tokens[:, p:].mean(1)
-    return (data.weights[pool][:, :, None] * data.tokens[:, p:]).sum(1)
+    out = torch.empty(len(data), data.tokens.shape[-1])
+    for at, tokens in token_chunks(data.tokens, chunk):
+        if pool == "cls":
+            out[at] = tokens[:, 0]
+        elif pool == "mean":
+            out[at] = tokens[:, p:].mean(1)
+        else:
+            out[at] = (data.weights[pool][at][:, :, None] * tokens[:, p:]).sum(1)
+    return out
 
 
 def knn_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor,
@@ -132,10 +209,16 @@ def knn_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor,
     classes = int(max(train_y.max(), test_y.max())) + 1
     k = min(k, len(train))
     right = []
-    for start in range(0, len(test), 1024):
-        sims, idx = (test[start:start + 1024] @ train.T).topk(k, dim=1)
+    for start in range(0, len(test), KNN_BLOCK):
+        queries = test[start:start + KNN_BLOCK]
+        # The k nearest so far, merged block by block: never a (n_test, n_train) similarity matrix.
+        sims, idx = torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
+        for t in range(0, len(train), KNN_BLOCK):
+            block_sims = queries @ train[t:t + KNN_BLOCK].T
+            sims, pick = torch.cat([sims, block_sims], 1).topk(min(k, sims.shape[1] + block_sims.shape[1]), dim=1)
+            idx = torch.cat([idx, torch.arange(t, t + block_sims.shape[1]).expand(len(queries), -1)], 1).gather(1, pick)
         votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
-        right.append(votes.argmax(1) == test_y[start:start + 1024])
+        right.append(votes.argmax(1) == test_y[start:start + KNN_BLOCK])
     return torch.cat(right)
 
 
@@ -146,9 +229,12 @@ class AbMILP(nn.Module):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Linear(dim // 2, 1)) if relu else nn.Linear(dim, 1)
 
+    def attention(self, patches: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> (B, P), rows sum to 1
+        """The pooling weights over the patches: the softmax of the scores."""
+        return self.score(patches).squeeze(-1).softmax(-1)
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> (B, D)
-        weights = self.score(patches).squeeze(-1).softmax(-1)
-        return (weights[..., None] * patches).sum(1)
+        return (self.attention(patches)[..., None] * patches).sum(1)
 
 
 def ep_fits(dim: int, queries: int) -> bool:
@@ -185,6 +271,52 @@ class EfficientProbe(nn.Module):
         return torch.einsum("bmd,mgd->bmg", pooled_tokens, groups).reshape(b, d)
 
 
+HEAD_FORMAT = "attnflow-probe-head/1"  # the saved head file's format, checked when loading
+
+
+def make_head(config: dict[str, Any]) -> nn.Module:
+    """An untrained pooling head from its config (``pool``, ``dim``; ``relu`` for abmilp, ``queries`` for ep)."""
+    if config["pool"] == "abmilp":
+        return AbMILP(int(config["dim"]), bool(config["relu"]))
+    if config["pool"] == "ep":
+        return EfficientProbe(int(config["dim"]), int(config["queries"]))
+    raise AttnflowError(f"no trained pool '{config['pool']}' (have {', '.join(TRAINED_POOLS)})")
+
+
+def head_path(directory: str | Path, label: str, pool: str) -> Path:
+    """Where ``probe --save-heads`` puts a model's trained pool: ``DIR/<label>.<pool>.pt`` (label made file-safe)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+    return Path(directory) / f"{safe}.{pool}.pt"
+
+
+def save_head(path: str | Path, head: nn.Module, config: dict[str, Any]) -> Path:
+    """Write a trained pooling head: a plain dict of its tensors (on the CPU) and its JSON-able ``config``
+    (what :func:`make_head` needs, plus the model and block it was trained on); read it with :func:`load_head`."""
+    path = Path(path)
+    json.dumps(config)  # refuse what a plain reader could not load
+    torch.save({"format": HEAD_FORMAT, "config": config,
+                "state": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}}, path)
+    return path
+
+
+def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A head saved by :func:`save_head` (``probe --save-heads``): the module in eval mode, float32 on the CPU,
+    and its config (``pool``, ``dim``, ``relu``/``queries``, ``with_cls``, ``block``, ``model``, ``label``, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttnflowError(f"cannot read probe head {path}: no such file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a torch file; torch's own message runs to many lines
+        raise AttnflowError(f"cannot read probe head {path}: not a file torch.save wrote ({type(e).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
+        raise AttnflowError(f"{path} is not a probe head saved by attnflow probe --save-heads")
+    config = saved["config"]
+    head = make_head(config)
+    head.load_state_dict(saved["state"])
+    return head.eval(), config
+
+
 class LinearHead(nn.Module):
     def __init__(self, dim: int, classes: int, pool: nn.Module | None = None):
         super().__init__()
@@ -209,14 +341,56 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(first).sort().values, torch.cat(rest).sort().values
 
 
+def _streamed_batches(x: TokenSource, members: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """One epoch's ``(images, tokens)`` batches of ``members`` (sorted positions into ``x``): the chunks are read
+    in a seeded random order and shuffled within a buffer of ``STREAM_BUFFER_CHUNKS`` chunks (leftovers carried
+    to the next buffer, so every batch but the last is full); the buffer bounds memory."""
+    sub = x[members]  # sorted, so position j of ``sub`` is image members[j]
+    at_buffer, tok_buffer, held = [], [], 0
+    order = torch.randperm(sub.num_chunks(), generator=generator)
+    chunks = sub.chunks(order=order)
+    while True:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            at_buffer.append(chunk[0])
+            tok_buffer.append(chunk[1])
+            held += 1
+            if held < STREAM_BUFFER_CHUNKS:
+                continue
+        if not at_buffer:
+            return
+        at, tok = torch.cat(at_buffer), torch.cat(tok_buffer)
+        shuffle = torch.randperm(len(at), generator=generator)
+        at, tok = at[shuffle], tok[shuffle]
+        full = len(at) if chunk is None else len(at) // batch_size * batch_size
+        for start in range(0, full, batch_size):
+            yield members[at[start:start + batch_size]], tok[start:min(start + batch_size, full)]
+        at_buffer, tok_buffer, held = [at[full:]], [tok[full:]], 0
+        if chunk is None:
+            return
+
+
+def _predict(head: nn.Module, x: Tokens, device: str) -> torch.Tensor:
+    """(n,) predicted classes of held or streamed inputs, a chunk at a time."""
+    with torch.no_grad():
+        out = torch.empty(len(x), dtype=torch.long)
+        for at, chunk in token_chunks(x, KNN_BLOCK if not isinstance(x, TokenSource) else STREAM_CHUNK):
+            out[at] = head(chunk.to(device)).argmax(1).cpu()
+        return out
+
+
 def train_linear(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *, classes: int, pool: nn.Module | None = None,
+    train_x: Tokens, train_y: torch.Tensor, test_x: Tokens, *, classes: int, pool: nn.Module | None = None,
     epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
     device: str = "cpu",
 ) -> torch.Tensor:
     """Train a (pooling +) batch-norm + linear head on frozen inputs; returns test predictions (n_test,).
 
-    The epoch whose held-out 10% of the training images scores best is kept (early stopping)."""
+    The epoch whose held-out 10% of the training images scores best is kept (early stopping). Inputs streamed
+    from a cache (:class:`TokenSource`) are read a chunk at a time: each epoch shuffles the chunk order, then
+    the images within a bounded buffer (:func:`_streamed_batches`), from the same seeded generator as the
+    held-in-memory path's global permutation; the batches differ from that path's, the seed semantics do not
+    (same seed, same result), so accuracies agree statistically, not to the bit."""
     torch.manual_seed(seed)
     fit, held = stratified_split(train_y, 0.9, seed)
     if len(held) == 0:
@@ -227,29 +401,32 @@ def train_linear(
     steps_per_epoch = math.ceil(len(fit) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    x, y = train_x.to(device), train_y.to(device)
+    streamed = isinstance(train_x, TokenSource)
+    x, y = (train_x if streamed else train_x.to(device)), train_y.to(device)
+    held_x = x[held] if streamed else x[held.to(device)]
     best, best_state = -1.0, None
     for _ in range(epochs):
         head.train()
-        order = fit[torch.randperm(len(fit), generator=generator)]
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size].to(device)
+        if streamed:
+            batches = ((images.to(device), tokens.to(device)) for images, tokens in _streamed_batches(x, fit, batch_size, generator))
+        else:
+            order = fit[torch.randperm(len(fit), generator=generator)]
+            batches = ((batch, x[batch]) for batch in (order[s:s + batch_size].to(device) for s in range(0, len(order), batch_size)))
+        for batch, inputs in batches:
             if len(batch) < 2:
                 continue  # batch norm needs two samples
-            loss = F.cross_entropy(head(x[batch]), y[batch])
+            loss = F.cross_entropy(head(inputs), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
         head.eval()
-        with torch.no_grad():
-            score = (head(x[held.to(device)]).argmax(1) == y[held.to(device)]).float().mean().item()
+        score = (_predict(head, held_x, device) == train_y[held]).float().mean().item()
         if score > best:
             best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
     head.eval()
-    with torch.no_grad():
-        return torch.cat([head(test_x[i:i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(test_x), 1024)])
+    return _predict(head, test_x, device)
 
 
 def bootstrap_accuracy(right: torch.Tensor, n_bootstrap: int, seed: int) -> tuple[float, float, float]:
@@ -261,10 +438,18 @@ def bootstrap_accuracy(right: torch.Tensor, n_bootstrap: int, seed: int) -> tupl
     return float(r.mean()), float(low), float(high)
 
 
-def pool_tokens(data: ProbeSet, with_cls: bool = False) -> torch.Tensor:
+def pool_tokens(data: ProbeSet, with_cls: bool = False, memory_budget: int = IN_MEMORY_BYTES) -> torch.Tensor | TokenSource:
     """(n, P, D) patch tokens a trained pool reads, registers left out; with ``with_cls`` and a cls token,
-    (n, 1 + P, D) with cls first."""
+    (n, 1 + P, D) with cls first. Tokens still in their cache are read whole when they fit in
+    ``memory_budget`` bytes (float32), and streamed chunk by chunk at every epoch otherwise."""
     p = data.layout.num_prefix_tokens
+    if isinstance(data.tokens, TokenSource):  # still unread: the columns are picked as each chunk is read
+        keep = ([0] if with_cls and data.layout.has_cls else []) + list(range(p, data.tokens.token_shape[0]))
+        source = replace(data.tokens, columns=tuple(keep))
+        n, t, d = source.shape
+        if n * t * d * 4 > memory_budget:
+            return source
+        return torch.cat([tokens for _, tokens in source.chunks()]) if n else torch.empty(0, t, d)
     if with_cls and data.layout.has_cls:
         return torch.cat([data.tokens[:, :1], data.tokens[:, p:]], 1)
     return data.tokens[:, p:]
@@ -274,9 +459,11 @@ def probe(
     train: ProbeSet, test: ProbeSet, *, pools: Sequence[str] = POOLS, evaluators: Sequence[str] = EVALUATORS,
     classes: int, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES, ep_with_cls: bool = False,
     seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu",
+    trained: dict[str, tuple[nn.Module, dict[str, Any]]] | None = None, memory_budget: int = IN_MEMORY_BYTES,
 ) -> list[dict[str, Any]]:
     """Accuracy of every available pool x evaluator (the trained pools, ``abmilp`` and ``ep``, only with the
-    linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``)."""
+    linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``). With ``trained``,
+    each trained pool's head (its best epoch's weights) and config are put there by pool name."""
     results = []
     dim = train.tokens.shape[-1]
     for pool in pools:
@@ -290,10 +477,15 @@ def probe(
             if pool in TRAINED_POOLS:
                 if evaluator != "linear":
                     continue
-                with_cls = pool == "ep" and ep_with_cls
-                head = AbMILP(dim, relu) if pool == "abmilp" else EfficientProbe(dim, ep_queries)
-                predictions = train_linear(pool_tokens(train, with_cls), train.labels, pool_tokens(test, with_cls),
+                with_cls = pool == "ep" and ep_with_cls and train.layout.has_cls
+                config = {"pool": pool, "dim": dim, "relu": relu, "queries": ep_queries, "with_cls": with_cls}
+                head = make_head(config)
+                # trained in place: train_linear loads its best epoch's state into the LinearHead holding ``head``
+                predictions = train_linear(pool_tokens(train, with_cls, memory_budget), train.labels,
+                                           pool_tokens(test, with_cls, memory_budget),
                                            classes=classes, pool=head, epochs=epochs, seed=seed, device=device)
+                if trained is not None:
+                    trained[pool] = (head, {**config, "block": train.block})
                 right = predictions == test.labels
             elif evaluator == "knn":
                 right = knn_accuracy(pooled(train, pool), train.labels, pooled(test, pool), test.labels)
@@ -311,12 +503,15 @@ def probe_caches(
     pairs: Sequence[tuple[Path, Path | None]], *, split: float | None = None, pools: Sequence[str] = POOLS,
     evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES,
     ep_with_cls: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu", layer: int | None = None,
+    save_heads: Path | None = None, memory_budget: int = IN_MEMORY_BYTES,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Probe every model: ``(train cache, test cache)`` pairs, or ``(cache, None)`` split by ``split``.
 
     Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the probed block's
     ``cls_entropy_norm``; with ``layer``, also ``layer``: the 0-based block probed, see :func:`load_probe_set`)
-    and notes."""
+    and notes. With ``save_heads``, every trained pool's head goes to :func:`head_path` there (see :func:`load_head`)."""
+    if save_heads is not None and not Path(save_heads).is_dir():  # before hours of training, not after
+        raise AttnflowError(f"--save-heads {save_heads}: no such directory")
     notes: list[str] = []
     records: list[dict[str, Any]] = []
     labels_seen: dict[str, int] = {}
@@ -357,15 +552,21 @@ def probe_caches(
                           + (f" after --split {split}" if test_path is None else ""))
         _note_untested_classes(attrs.get("label", str(train_path)), train.labels, test.labels, names, notes,
                                "too few images to divide" if test_path is None else "none in the test cache")
+        trained: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
         rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
                      epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-                     n_bootstrap=n_bootstrap, device=device)
+                     n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget)
         base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
         label = attrs.get("label", str(train_path))
         labels_seen[label] = labels_seen.get(label, 0) + 1
         if labels_seen[label] > 1:  # as compare does: rows of two models must not share a name
             notes.append(f"two models are labelled '{label}'; {train_path} is shown as '{label}#{labels_seen[label]}'")
             label = f"{label}#{labels_seen[label]}"
+        for pool, (head, config) in trained.items() if save_heads is not None else ():
+            save_head(head_path(save_heads, label, pool), head, {
+                **config, "label": label, "model": str(attrs.get("model")), "checkpoint_sha256": str(attrs.get("checkpoint_sha256")),
+                "num_prefix_tokens": train.layout.num_prefix_tokens, "has_cls": train.layout.has_cls,
+                "grid_size": [int(g) for g in train.layout.grid_size], "trained_on": str(train_path)})
         for r in rows:
             records.append({
                 "model": label, "family": attrs.get("family", "unknown"), **r,

@@ -1,0 +1,92 @@
+"""Peak memory of `attnflow probe` against the number of images: tokens are streamed from the cache, so peak RSS
+should stay flat (issue 14). Writes synthetic caches with attnflow's own writer, then probes each in a fresh
+subprocess and reports its peak RSS (``ru_maxrss``).
+
+    python benchmarks/probe_memory.py [--sizes 2000 20000] [--dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GRID, DIM, CLASSES = (7, 7), 64, 10  # 50 tokens of width 64: 12.8 kB an image in float32
+
+
+def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, dim: int = DIM, classes: int = CLASSES,
+                          seed: int = 0, batch: int = 500) -> Path:
+    """A cache of ``n`` images with cls + grid patch tokens (n, 1 + gh * gw, dim), labels i % classes and an
+    identity final norm; the label is written into the tokens' first ``classes`` channels so probes can learn it."""
+    from attnflow.cache import CacheSpec
+    from attnflow.layout import TokenLayout
+
+    layout = TokenLayout(has_cls=True, num_prefix_tokens=1, grid_size=grid, patch_size=(16, 16))
+    T = layout.num_tokens
+    spec = CacheSpec(layout=layout, num_layers=2, num_heads=2, store="none", compression="none", token_dim=dim,
+                     class_names=[f"c{i}" for i in range(classes)],
+                     final_norm=(np.ones(dim, np.float32), np.zeros(dim, np.float32), 1e-6),
+                     attrs={"n_inputs": n, "label": "synthetic", "model": "synthetic", "family": "synthetic",
+                            "preprocessing": json.dumps({"input_size": [3, 16 * grid[0], 16 * grid[1]], "interpolation": "bicubic",
+                                                         "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "center"})})
+    writer = spec.writer(path)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        labels = [(start + i) % classes for i in range(b)]
+        tokens = rng.standard_normal((b, T, dim), dtype=np.float32)
+        tokens[np.arange(b), :, labels] += 2.0
+        norms = rng.random((b, 2, T), dtype=np.float32)  # per-layer rows every cache carries
+        writer.append({"tokens": tokens, "magnitude": norms, "token_norm": norms}, image_ids=[f"img_{start + i:06d}.png" for i in range(b)],
+                      n_inputs_done=start + b, labels=labels, skipped=[])
+    return writer.finish()
+
+
+def _probe(path: Path) -> dict:
+    """Run in a fresh process: probe one cache and report peak RSS."""
+    from attnflow.probe import probe_caches
+
+    began = time.perf_counter()
+    records, _ = probe_caches([(path, None)], split=0.5, pools=("cls", "mean", "abmilp"), evaluators=("knn", "linear"),
+                              epochs=2, n_bootstrap=100, memory_budget=0)  # stream at any size
+    return {"seconds": round(time.perf_counter() - began, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "accuracy": {f"{r['pool']}/{r['evaluator']}": round(r["accuracy"], 3) for r in records}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.write:
+        write_synthetic_cache(args.write, args.sizes[0])
+        return
+    if args.probe:
+        print(json.dumps(_probe(args.probe)))
+        return
+    root = args.dir or Path(tempfile.mkdtemp(prefix="attnflow-probe-memory-"))
+    rows = []
+    for n in args.sizes:
+        path = root / f"synthetic-{n}.h5"
+        if not path.exists():  # written in its own process, so the writer's memory is not counted
+            subprocess.run([sys.executable, __file__, "--write", str(path), "--sizes", str(n)], check=True)
+        out = subprocess.run([sys.executable, __file__, "--probe", str(path)], check=True, capture_output=True, text=True)
+        result = {"n_images": n, "tokens_mib": round(n * (1 + GRID[0] * GRID[1]) * DIM * 4 / 2**20, 1),
+                  **json.loads(out.stdout.strip().splitlines()[-1])}
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    low, high = min(r["peak_rss_mib"] for r in rows), max(r["peak_rss_mib"] for r in rows)
+    print(f"peak RSS spread: {100 * (high - low) / low:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
