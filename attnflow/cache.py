@@ -51,6 +51,7 @@ RESUME_KEYS = (
     "model", "checkpoint_sha256", "weights", "store", "dtype", "img_size", "num_tokens", "preprocessing",
     "inputs_sha256", "n_inputs", "has_labels", "has_tokens", "has_masks", "fusion", "discard_ratio",
     "compression", "amp", "artifact_factor", "artifact_norm", "magnitude_update", "token_layers", "tokens_dtype",
+    "flow_layers",
 )
 # Per-run bookkeeping a metrics file does not inherit from its cache.
 _OWN_ATTRS = ("schema", "created", "complete", "n_images", "n_inputs_done", "n_skipped", "compression")

@@ -208,3 +208,23 @@ def test_flow_metrics_are_declared_opt_in():
     layout = LAYOUTS["cls"]
     assert not names & set(REGISTRY.available(layout, full_maps=True, has_fg=True))
     assert names <= set(REGISTRY.available(layout, full_maps=True, has_fg=True, has_flow=True))
+
+
+def test_resume_with_other_flow_layers_is_refused(tmp_path, flow_cache):
+    from attnflow.errors import AttnflowError
+    from attnflow.measure import compute_metrics
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(done, total):
+        raise Interrupt
+
+    out = tmp_path / "m.h5"
+    with pytest.raises(Interrupt):
+        compute_metrics(flow_cache, out, batch_size=2, device="cpu", flow=True, flow_layers=(-1,), on_progress=stop)
+    with pytest.raises(AttnflowError, match=r"started with flow_layers=\[11\], this run has \[0\]"):
+        compute_metrics(flow_cache, out, batch_size=2, device="cpu", flow=True, flow_layers=(0,), resume=True)
+    compute_metrics(flow_cache, out, batch_size=2, device="cpu", flow=True, flow_layers=(-1,), resume=True)
+    with open_metrics(out) as metrics:
+        assert list(metrics.flow_maps()[1]) == [11]
