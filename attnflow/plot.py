@@ -342,7 +342,7 @@ def probe_head_panels(cache, index: int, heads_dir: str | Path, *, each: bool = 
             weights = weights[:, 1:] / weights[:, 1:].sum(-1, keepdims=True)
         maps = uniform_share(weights.reshape(-1, *grid))
         name = f"{config['pool']} probe ({path.stem.rsplit('.', 1)[0]}), block {block}"
-        if config["pool"] == "ep" and each:
+        if config["pool"] in ("ep", "ep+cls") and each:
             panels += [MapPanel(f"ep query {m}, block {block}", share) for m, share in enumerate(maps)]
         else:
             panels.append(MapPanel(name if len(maps) == 1 else f"{name}, mean of {len(maps)} queries", maps.mean(0)))

@@ -36,22 +36,27 @@ from .cache import open_cache
 from .errors import AttnflowError
 from .layout import TokenLayout
 from .metrics import cls_metrics, renormalise_over_patches, rollout
+from .options import resolve_device
 from .schema import LABELS, TOKENS
 
 POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp", "ep")
 EVALUATORS = ("knn", "linear")
 ATTENTION_POOLS = ("cls-attn", "min-entropy-head", "rollout")
 TRAINED_POOLS = ("abmilp", "ep")  # trained jointly with the linear classifier: no k-NN row
+EP_WITH_CLS = "ep+cls"  # the name (rows, saved head, maps) of the ep pool with --ep-with-cls: cls among its keys
 # What each attention pool needs the cache to store (--store); the other pools need only the tokens.
 POOL_STORES = {"cls-attn": ("rows", "full"), "min-entropy-head": ("rows", "full"), "rollout": ("full",)}
 EP_QUERIES = 32  # the paper's default number of EP queries
 
 PROBE_COLUMNS = ("model", "family", "pool", "evaluator", "accuracy", "ci_low", "ci_high", "n_train", "n_test")
 KNN_K, KNN_TEMPERATURE = 20, 0.07
-# Streaming: tokens are read from a cache this many images at a time (the bounded buffer holds
-# STREAM_BUFFER_CHUNKS such reads while the trained pools shuffle within it); k-NN compares this many
-# test images with this many training images at a time.
-STREAM_CHUNK, STREAM_BUFFER_CHUNKS, KNN_BLOCK = 256, 4, 1024
+# Streaming: tokens are read from a cache at most this many images a read; a trained pool's epoch reads
+# its shuffled images this many at a time (the bounded buffer, see _epoch_batches); k-NN compares this
+# many test images with this many training images at a time.
+STREAM_CHUNK, STREAM_BUFFER, KNN_BLOCK = 256, 1024, 1024
+# A read of scattered images also reads the rows between them while they are at most this many times the
+# images wanted: fewer, larger reads, at most this factor more bytes.
+READ_SPARSITY = 4
 # The tokens a trained pool reads are held in memory up to this many bytes (float32) and streamed from the
 # cache at every epoch above it, so peak memory stays bounded whatever the number of images.
 IN_MEMORY_BYTES = 1 << 30
@@ -86,24 +91,40 @@ class TokenSource:
         chosen = self.index[np.asarray(index, dtype=np.int64)]
         return replace(self, index=np.sort(chosen))
 
-    def chunks(self, chunk: int = STREAM_CHUNK, order: torch.Tensor | None = None):
-        """Yield ``(positions, tokens)``: positions (b,) into this source, tokens (b, T, D) float32, b <= ``chunk``.
-        A chunk is the wanted images among ``chunk`` consecutive cache rows, so no read exceeds ``chunk`` rows;
-        ``order`` (a permutation of the chunk numbers) sets the order they are read in."""
+    def read(self, positions: torch.Tensor, chunk: int = STREAM_CHUNK) -> torch.Tensor:
+        """(b, T, D) float32 tokens of ``positions`` (b,) into this source, in the order given
+        (any order): the cache is read in spans of at most ``chunk`` rows, each at least 1 / ``READ_SPARSITY`` rows
+        wanted, so a sparse selection reads little beyond the images it names."""
+        with open_cache(self.path) as cache:
+            return self._read(cache, positions, chunk)
+
+    def _read(self, cache: Any, positions: torch.Tensor, chunk: int) -> torch.Tensor:
+        rows = self.index[np.asarray(positions, dtype=np.int64)]
+        order = np.argsort(rows, kind="stable")
+        ranked = rows[order]
+        out = torch.empty((len(rows), *self.shape[1:]))
+        lo = 0
+        for hi in range(1, len(ranked) + 1):
+            # One read covers wanted rows while it stays within ``chunk`` rows and at most READ_SPARSITY rows a
+            # wanted one: a shuffled buffer of most of a cache is read in few calls, a sparse one row by row.
+            span = ranked[hi] - ranked[lo] + 1 if hi < len(ranked) else 0
+            if hi < len(ranked) and span <= chunk and span <= READ_SPARSITY * (hi - lo + 1):
+                continue
+            block = cache.tokens(int(ranked[lo]), int(ranked[hi - 1]) + 1, layer=self.layer, normalised=self.normalised)
+            block = block[ranked[lo:hi] - ranked[lo]]
+            out[torch.from_numpy(order[lo:hi])] = torch.from_numpy(block if self.columns is None else block[:, list(self.columns)])
+            lo = hi
+        return out
+
+    def chunks(self, chunk: int = STREAM_CHUNK):
+        """Yield ``(positions, tokens)`` in image order: positions (b,) into this source, tokens (b, T, D) float32,
+        b <= ``chunk``; no read exceeds ``chunk`` rows (see :meth:`read`)."""
         if len(self.index) == 0:
             return
-        spans = np.unique(self.index // chunk)  # the cache-row windows holding wanted images
-        bounds = np.searchsorted(self.index, np.stack([spans * chunk, (spans + 1) * chunk]))
         with open_cache(self.path) as cache:
-            for i in (range(len(spans)) if order is None else order.tolist()):
-                lo, hi = int(bounds[0, i]), int(bounds[1, i])
-                rows = self.index[lo:hi]
-                block = cache.tokens(int(rows[0]), int(rows[-1]) + 1, layer=self.layer, normalised=self.normalised)
-                block = block[rows - rows[0]] if self.columns is None else block[rows - rows[0]][:, list(self.columns)]
-                yield torch.arange(lo, hi), torch.from_numpy(np.ascontiguousarray(block))
-
-    def num_chunks(self, chunk: int = STREAM_CHUNK) -> int:
-        return len(np.unique(self.index // chunk))
+            for start in range(0, len(self.index), chunk):
+                at = torch.arange(start, min(start + chunk, len(self.index)))
+                yield at, self._read(cache, at, chunk)
 
 
 Tokens = torch.Tensor | TokenSource
@@ -187,39 +208,45 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
         return data, attrs, cache.class_names or []
 
 
-def pooled(data: ProbeSet, pool: str, chunk: int = STREAM_CHUNK) -> torch.Tensor:
-    """(n, D) features of a fixed (untrained) aggregation, each chunk of (b, T, D) tokens reduced as it is read."""
+def pooled(data: ProbeSet, pool: str, chunk: int = STREAM_CHUNK, device: str = "cpu") -> torch.Tensor:
+    """(n, D) features of a fixed (untrained) aggregation on ``device``, each chunk of (b, T, D) tokens reduced
+    there as it is read."""
     p = data.layout.num_prefix_tokens
-    out = torch.empty(len(data), data.tokens.shape[-1])
+    out = torch.empty(len(data), data.tokens.shape[-1], device=device)
     for at, tokens in token_chunks(data.tokens, chunk):
+        at, tokens = at.to(device), tokens.to(device)
         if pool == "cls":
             out[at] = tokens[:, 0]
         elif pool == "mean":
             out[at] = tokens[:, p:].mean(1)
         else:
-            out[at] = (data.weights[pool][at][:, :, None] * tokens[:, p:]).sum(1)
+            out[at] = (data.weights[pool].to(device)[at][:, :, None] * tokens[:, p:]).sum(1)
     return out
 
 
 def knn_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor,
-                 k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+                 k: int = KNN_K, temperature: float = KNN_TEMPERATURE, device: str = "cpu") -> torch.Tensor:
     """Per test image, whether DINO's weighted k-NN is right: cosine similarity, the k most similar training
-    images vote with weight exp(similarity / temperature). Returns a (n_test,) bool tensor."""
-    train, test = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
+    images (n_train, D) vote with weight exp(similarity / temperature), computed on ``device``. Returns a
+    (n_test,) bool tensor on the CPU."""
+    train, test = F.normalize(train.float().to(device), dim=1), F.normalize(test.float().to(device), dim=1)
+    train_y, test_y = train_y.to(device), test_y.to(device)
     classes = int(max(train_y.max(), test_y.max())) + 1
     k = min(k, len(train))
     right = []
     for start in range(0, len(test), KNN_BLOCK):
         queries = test[start:start + KNN_BLOCK]
         # The k nearest so far, merged block by block: never a (n_test, n_train) similarity matrix.
-        sims, idx = torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
+        sims = torch.empty(len(queries), 0, device=device)
+        idx = torch.empty(len(queries), 0, dtype=torch.long, device=device)
         for t in range(0, len(train), KNN_BLOCK):
             block_sims = queries @ train[t:t + KNN_BLOCK].T
             sims, pick = torch.cat([sims, block_sims], 1).topk(min(k, sims.shape[1] + block_sims.shape[1]), dim=1)
-            idx = torch.cat([idx, torch.arange(t, t + block_sims.shape[1]).expand(len(queries), -1)], 1).gather(1, pick)
-        votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
+            near = torch.arange(t, t + block_sims.shape[1], device=device).expand(len(queries), -1)
+            idx = torch.cat([idx, near], 1).gather(1, pick)
+        votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, train_y[idx], (sims / temperature).exp())
         right.append(votes.argmax(1) == test_y[start:start + KNN_BLOCK])
-    return torch.cat(right)
+    return torch.cat(right).cpu()
 
 
 class AbMILP(nn.Module):
@@ -275,33 +302,47 @@ HEAD_FORMAT = "attnflow-probe-head/1"  # the saved head file's format, checked w
 
 
 def make_head(config: dict[str, Any]) -> nn.Module:
-    """An untrained pooling head from its config (``pool``, ``dim``; ``relu`` for abmilp, ``queries`` for ep)."""
+    """An untrained pooling head from its config (``pool``, ``dim``; ``relu`` for abmilp, ``queries`` for ep
+    and ep+cls)."""
     if config["pool"] == "abmilp":
         return AbMILP(int(config["dim"]), bool(config["relu"]))
-    if config["pool"] == "ep":
+    if config["pool"] in ("ep", EP_WITH_CLS):
         return EfficientProbe(int(config["dim"]), int(config["queries"]))
     raise AttnflowError(f"no trained pool '{config['pool']}' (have {', '.join(TRAINED_POOLS)})")
 
 
 def head_path(directory: str | Path, label: str, pool: str) -> Path:
-    """Where ``probe --save-heads`` puts a model's trained pool: ``DIR/<label>.<pool>.pt`` (label made file-safe)."""
+    """Where ``probe --save-heads`` puts a model's trained head: ``DIR/<label>.<pool>.pt``, ``pool`` the row's
+    name (``abmilp``, ``ep``, ``ep+cls``; label made file-safe)."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
     return Path(directory) / f"{safe}.{pool}.pt"
 
 
 def save_head(path: str | Path, head: nn.Module, config: dict[str, Any]) -> Path:
-    """Write a trained pooling head: a plain dict of its tensors (on the CPU) and its JSON-able ``config``
-    (what :func:`make_head` needs, plus the model and block it was trained on); read it with :func:`load_head`."""
+    """Write a trained head: a plain dict of its tensors (on the CPU) and its JSON-able ``config`` (what
+    :func:`make_head` needs, plus the model and block it was trained on); read it with :func:`load_head`.
+    ``head`` is a whole probe (:class:`LinearHead` with a pool; ``config`` then also gives ``classes``),
+    stored as the pool's tensors (``state``) and the batch norm's and classifier's (``classifier``), or a
+    pooling module alone."""
     path = Path(path)
     json.dumps(config)  # refuse what a plain reader could not load
-    torch.save({"format": HEAD_FORMAT, "config": config,
-                "state": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}}, path)
+    saved: dict[str, Any] = {"format": HEAD_FORMAT, "config": config}
+    if isinstance(head, LinearHead):
+        if head.pool is None or "classes" not in config:
+            raise ValueError("a whole probe head is saved with its pool and its config's 'classes'")
+        saved["classifier"] = {k: v.detach().cpu().clone() for k, v in head.state_dict().items() if not k.startswith("pool.")}
+        head = head.pool
+    saved["state"] = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    torch.save(saved, path)
     return path
 
 
 def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A head saved by :func:`save_head` (``probe --save-heads``): the module in eval mode, float32 on the CPU,
-    and its config (``pool``, ``dim``, ``relu``/``queries``, ``with_cls``, ``block``, ``model``, ``label``, ...)."""
+    """A head saved by :func:`save_head` (``probe --save-heads``), in eval mode, float32 on the CPU, and its
+    config (``pool``, ``dim``, ``relu``/``queries``, ``with_cls``, ``classes``, ``block``, ``model``, ``label``,
+    ...). A whole probe (what ``--save-heads`` writes) loads as a :class:`LinearHead`: ``head(tokens)`` gives
+    (B, classes) logits whose argmax are the probe's predictions, ``head.attention(tokens)`` the pool's
+    weights; a pooling module saved alone loads as that module."""
     path = Path(path)
     if not path.is_file():
         raise AttnflowError(f"cannot read probe head {path}: no such file")
@@ -314,15 +355,25 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     config = saved["config"]
     head = make_head(config)
     head.load_state_dict(saved["state"])
+    if "classifier" in saved:
+        head = LinearHead(int(config["dim"]), int(config["classes"]), head)
+        head.load_state_dict({**saved["classifier"], **{f"pool.{k}": v for k, v in saved["state"].items()}})
     return head.eval(), config
 
 
 class LinearHead(nn.Module):
+    """The probe: an optional pool of (B, N, D) tokens to (B, D), batch norm without affine parameters, and a
+    linear classifier to (B, classes) logits."""
+
     def __init__(self, dim: int, classes: int, pool: nn.Module | None = None):
         super().__init__()
         self.pool = pool
         self.norm = nn.BatchNorm1d(dim, affine=False)
         self.linear = nn.Linear(dim, classes)
+
+    def attention(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pool's weights over the tokens: (B, N) for abmilp, (B, M, N) for ep."""
+        return self.pool.attention(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(self.pool(x) if self.pool is not None else x))
@@ -341,37 +392,27 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(first).sort().values, torch.cat(rest).sort().values
 
 
-def _streamed_batches(x: TokenSource, members: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """One epoch's ``(images, tokens)`` batches of ``members`` (sorted positions into ``x``): the chunks are read
-    in a seeded random order and shuffled within a buffer of ``STREAM_BUFFER_CHUNKS`` chunks (leftovers carried
-    to the next buffer, so every batch but the last is full); the buffer bounds memory."""
-    sub = x[members]  # sorted, so position j of ``sub`` is image members[j]
-    at_buffer, tok_buffer, held = [], [], 0
-    order = torch.randperm(sub.num_chunks(), generator=generator)
-    chunks = sub.chunks(order=order)
-    while True:
-        chunk = next(chunks, None)
-        if chunk is not None:
-            at_buffer.append(chunk[0])
-            tok_buffer.append(chunk[1])
-            held += 1
-            if held < STREAM_BUFFER_CHUNKS:
-                continue
-        if not at_buffer:
-            return
-        at, tok = torch.cat(at_buffer), torch.cat(tok_buffer)
-        shuffle = torch.randperm(len(at), generator=generator)
-        at, tok = at[shuffle], tok[shuffle]
-        full = len(at) if chunk is None else len(at) // batch_size * batch_size
-        for start in range(0, full, batch_size):
-            yield members[at[start:start + batch_size]], tok[start:min(start + batch_size, full)]
-        at_buffer, tok_buffer, held = [at[full:]], [tok[full:]], 0
-        if chunk is None:
-            return
+def _epoch_batches(x: Tokens, members: torch.Tensor, batch_size: int, generator: torch.Generator,
+                   buffer: int = STREAM_BUFFER):
+    """One epoch's ``(images, tokens)`` batches of ``members`` (positions into ``x``): one seeded permutation of
+    all of them, cut into batches of ``batch_size`` (the last may be short), whether ``x`` is held or streamed.
+    Streamed tokens are read (:meth:`TokenSource.read`) ``buffer`` images of the permutation at a time, rounded
+    down to whole batches: that bounds memory without changing the batches, so both paths draw the same batches
+    from the same seed.
+    (A shuffle within a buffer of consecutive cache rows would not do: caches of class folders store their
+    images class by class, so such batches hold a few classes and the batch norm learns their statistics.)"""
+    order = members[torch.randperm(len(members), generator=generator)]
+    streamed = isinstance(x, TokenSource)
+    span = max(1, buffer // batch_size) * batch_size if streamed else max(1, len(order))
+    for start in range(0, len(order), span):
+        part = order[start:start + span]
+        tokens = x.read(part) if streamed else x[part.to(x.device)]
+        for b in range(0, len(part), batch_size):
+            yield part[b:b + batch_size], tokens[b:b + batch_size]
 
 
-def _predict(head: nn.Module, x: Tokens, device: str) -> torch.Tensor:
-    """(n,) predicted classes of held or streamed inputs, a chunk at a time."""
+def predict(head: nn.Module, x: Tokens, device: str = "cpu") -> torch.Tensor:
+    """(n,) predicted classes (on the CPU) of held or streamed inputs (n, ...), a chunk at a time on ``device``."""
     with torch.no_grad():
         out = torch.empty(len(x), dtype=torch.long)
         for at, chunk in token_chunks(x, KNN_BLOCK if not isinstance(x, TokenSource) else STREAM_CHUNK):
@@ -379,24 +420,20 @@ def _predict(head: nn.Module, x: Tokens, device: str) -> torch.Tensor:
         return out
 
 
-def train_linear(
-    train_x: Tokens, train_y: torch.Tensor, test_x: Tokens, *, classes: int, pool: nn.Module | None = None,
-    epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-    device: str = "cpu",
-) -> torch.Tensor:
-    """Train a (pooling +) batch-norm + linear head on frozen inputs; returns test predictions (n_test,).
-
-    The epoch whose held-out 10% of the training images scores best is kept (early stopping). Inputs streamed
-    from a cache (:class:`TokenSource`) are read a chunk at a time: each epoch shuffles the chunk order, then
-    the images within a bounded buffer (:func:`_streamed_batches`), from the same seeded generator as the
-    held-in-memory path's global permutation; the batches differ from that path's, the seed semantics do not
-    (same seed, same result), so accuracies agree statistically, not to the bit."""
+def fit_linear(
+    train_x: Tokens, train_y: torch.Tensor, *, classes: int, pool: nn.Module | None = None, epochs: int = 100,
+    batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device: str = "cpu",
+) -> "LinearHead":
+    """Train a (pooling +) batch-norm + linear head on frozen inputs (n, D), or tokens (n, N, D) with ``pool``;
+    returns the head in eval mode on ``device``, with the weights of the epoch whose held-out 10% of the training
+    images scores best (early stopping). Held and streamed inputs (:class:`TokenSource`) train alike: the same
+    batches from the same seed (:func:`_epoch_batches`), ``ceil(0.9 n / batch_size)`` steps an epoch (a final
+    batch of one image is skipped: batch norm needs two), one cosine schedule over all epochs."""
     torch.manual_seed(seed)
     fit, held = stratified_split(train_y, 0.9, seed)
     if len(held) == 0:
         fit, held = torch.arange(len(train_y)), torch.arange(len(train_y))
-    dim = train_x.shape[-1]
-    head = LinearHead(dim, classes, pool).to(device)
+    head = LinearHead(train_x.shape[-1], classes, pool).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(fit) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
@@ -407,26 +444,26 @@ def train_linear(
     best, best_state = -1.0, None
     for _ in range(epochs):
         head.train()
-        if streamed:
-            batches = ((images.to(device), tokens.to(device)) for images, tokens in _streamed_batches(x, fit, batch_size, generator))
-        else:
-            order = fit[torch.randperm(len(fit), generator=generator)]
-            batches = ((batch, x[batch]) for batch in (order[s:s + batch_size].to(device) for s in range(0, len(order), batch_size)))
-        for batch, inputs in batches:
+        for batch, inputs in _epoch_batches(x, fit, batch_size, generator):
             if len(batch) < 2:
                 continue  # batch norm needs two samples
-            loss = F.cross_entropy(head(inputs), y[batch])
+            loss = F.cross_entropy(head(inputs.to(device)), y[batch.to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
         head.eval()
-        score = (_predict(head, held_x, device) == train_y[held]).float().mean().item()
+        score = (predict(head, held_x, device) == train_y[held]).float().mean().item()
         if score > best:
             best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
-    head.eval()
-    return _predict(head, test_x, device)
+    return head.eval()
+
+
+def train_linear(train_x: Tokens, train_y: torch.Tensor, test_x: Tokens, *, classes: int, device: str = "cpu",
+                 **options: Any) -> torch.Tensor:
+    """:func:`fit_linear` on the training inputs, then the (n_test,) predicted classes of ``test_x``."""
+    return predict(fit_linear(train_x, train_y, classes=classes, device=device, **options), test_x, device)
 
 
 def bootstrap_accuracy(right: torch.Tensor, n_bootstrap: int, seed: int) -> tuple[float, float, float]:
@@ -462,8 +499,10 @@ def probe(
     trained: dict[str, tuple[nn.Module, dict[str, Any]]] | None = None, memory_budget: int = IN_MEMORY_BYTES,
 ) -> list[dict[str, Any]]:
     """Accuracy of every available pool x evaluator (the trained pools, ``abmilp`` and ``ep``, only with the
-    linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``). With ``trained``,
-    each trained pool's head (its best epoch's weights) and config are put there by pool name."""
+    linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``; with ``ep_with_cls``
+    and a cls token its rows are named ``ep+cls``), every evaluator on ``device``. With ``trained``, each
+    trained pool's whole head (:class:`LinearHead`: pool, batch norm and classifier, its best epoch's weights)
+    and config are put there by row name."""
     results = []
     dim = train.tokens.shape[-1]
     for pool in pools:
@@ -473,30 +512,37 @@ def probe(
             continue
         if pool == "ep" and not ep_fits(dim, ep_queries):
             continue
+        with_cls = pool == "ep" and ep_with_cls and train.layout.has_cls
+        name = EP_WITH_CLS if with_cls else pool
         for evaluator in evaluators:
             if pool in TRAINED_POOLS:
                 if evaluator != "linear":
                     continue
-                with_cls = pool == "ep" and ep_with_cls and train.layout.has_cls
-                config = {"pool": pool, "dim": dim, "relu": relu, "queries": ep_queries, "with_cls": with_cls}
-                head = make_head(config)
-                # trained in place: train_linear loads its best epoch's state into the LinearHead holding ``head``
-                predictions = train_linear(pool_tokens(train, with_cls, memory_budget), train.labels,
-                                           pool_tokens(test, with_cls, memory_budget),
-                                           classes=classes, pool=head, epochs=epochs, seed=seed, device=device)
+                config = {"pool": name, "dim": dim, "relu": relu, "queries": ep_queries, "with_cls": with_cls, "classes": classes}
+                torch.manual_seed(_pool_seed(seed))  # the pool's first weights from the seed, not from what ran before
+                head = fit_linear(pool_tokens(train, with_cls, memory_budget), train.labels, classes=classes,
+                                  pool=make_head(config), epochs=epochs, seed=seed, device=device)
+                predictions = predict(head, pool_tokens(test, with_cls, memory_budget), device)
                 if trained is not None:
-                    trained[pool] = (head, {**config, "block": train.block})
+                    trained[name] = (head, {**config, "block": train.block})
                 right = predictions == test.labels
             elif evaluator == "knn":
-                right = knn_accuracy(pooled(train, pool), train.labels, pooled(test, pool), test.labels)
+                right = knn_accuracy(pooled(train, pool, device=device), train.labels, pooled(test, pool, device=device),
+                                     test.labels, device=device)
             else:
-                predictions = train_linear(pooled(train, pool), train.labels, pooled(test, pool), classes=classes,
-                                           epochs=epochs, seed=seed, device=device)
+                predictions = train_linear(pooled(train, pool, device=device), train.labels, pooled(test, pool, device=device),
+                                           classes=classes, epochs=epochs, seed=seed, device=device)
                 right = predictions == test.labels
             accuracy, low, high = bootstrap_accuracy(right, n_bootstrap, seed)
-            results.append({"pool": pool, "evaluator": evaluator, "accuracy": accuracy, "ci_low": low, "ci_high": high,
+            results.append({"pool": name, "evaluator": evaluator, "accuracy": accuracy, "ci_low": low, "ci_high": high,
                             "n_train": len(train), "n_test": len(test)})
     return results
+
+
+def _pool_seed(seed: int) -> int:
+    """The seed of a trained pool's initial weights: derived from ``seed`` as a stream of its own, since the
+    classifier is seeded with ``seed`` itself and one stream would give both the same first numbers."""
+    return int(np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)[0])
 
 
 def probe_caches(
@@ -509,9 +555,12 @@ def probe_caches(
 
     Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the probed block's
     ``cls_entropy_norm``; with ``layer``, also ``layer``: the 0-based block probed, see :func:`load_probe_set`)
-    and notes. With ``save_heads``, every trained pool's head goes to :func:`head_path` there (see :func:`load_head`)."""
+    and notes. With ``save_heads``, every trained pool's whole head (pool, batch norm, classifier) goes to
+    :func:`head_path` there, under its row's name (``abmilp``, ``ep`` or ``ep+cls``; see :func:`load_head`).
+    Every evaluator runs on ``device`` (auto, cpu, cuda, cuda:N); one this machine lacks is an AttnflowError."""
     if save_heads is not None and not Path(save_heads).is_dir():  # before hours of training, not after
         raise AttnflowError(f"--save-heads {save_heads}: no such directory")
+    device = str(resolve_device(device))  # a CUDA device this machine lacks: one line, before any reading
     notes: list[str] = []
     records: list[dict[str, Any]] = []
     labels_seen: dict[str, int] = {}

@@ -3,6 +3,9 @@ should stay flat (issue 14). Writes synthetic caches with attnflow's own writer,
 subprocess and reports its peak RSS (``ru_maxrss``).
 
     python benchmarks/probe_memory.py [--sizes 2000 20000] [--dir DIR]
+
+``--time-pools N`` instead times a probe of N synthetic images shaped like the demo's caches (T = 65, D = 128,
+10 classes, 80/20 split, 50 epochs) per pool and evaluator, in one process, pool after pool, ``--repeats`` times.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ GRID, DIM, CLASSES = (7, 7), 64, 10  # 50 tokens of width 64: 12.8 kB an image i
 
 
 def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, dim: int = DIM, classes: int = CLASSES,
-                          seed: int = 0, batch: int = 500) -> Path:
-    """A cache of ``n`` images with cls + grid patch tokens (n, 1 + gh * gw, dim), labels i % classes and an
-    identity final norm; the label is written into the tokens' first ``classes`` channels so probes can learn it."""
+                          seed: int = 0, batch: int = 500, by_class: bool = False, signal: float = 2.0) -> Path:
+    """A cache of ``n`` images with cls + grid patch tokens (n, 1 + gh * gw, dim), labels i % classes (with
+    ``by_class``, in class blocks, i * classes // n, as caches of class folders store them) and an identity final
+    norm; ``signal`` is added to the label's channel of every token so probes can learn it."""
     from attnflow.cache import CacheSpec
     from attnflow.layout import TokenLayout
 
@@ -39,9 +43,9 @@ def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, d
     rng = np.random.default_rng(seed)
     for start in range(0, n, batch):
         b = min(batch, n - start)
-        labels = [(start + i) % classes for i in range(b)]
+        labels = [(start + i) * classes // n if by_class else (start + i) % classes for i in range(b)]
         tokens = rng.standard_normal((b, T, dim), dtype=np.float32)
-        tokens[np.arange(b), :, labels] += 2.0
+        tokens[np.arange(b), :, labels] += signal
         norms = rng.random((b, 2, T), dtype=np.float32)  # per-layer rows every cache carries
         writer.append({"tokens": tokens, "magnitude": norms, "token_norm": norms}, image_ids=[f"img_{start + i:06d}.png" for i in range(b)],
                       n_inputs_done=start + b, labels=labels, skipped=[])
@@ -60,10 +64,32 @@ def _probe(path: Path) -> dict:
             "accuracy": {f"{r['pool']}/{r['evaluator']}": round(r["accuracy"], 3) for r in records}}
 
 
+def time_pools(n: int, directory: Path, repeats: int = 2, epochs: int = 50) -> list[dict]:
+    """Seconds to probe ``n`` synthetic demo-shaped images (tokens held in memory, as below 1 GiB) for each fixed
+    and trained pool and each evaluator; every (pool, evaluator) is timed once per repeat, in turn."""
+    from attnflow.probe import probe_caches
+
+    path = directory / f"synthetic-demo-{n}.h5"
+    if not path.exists():
+        write_synthetic_cache(path, n, grid=(8, 8), dim=128, classes=10, by_class=True, signal=0.3)
+    runs = [(pool, evaluator) for pool in ("cls", "mean") for evaluator in ("knn", "linear")] + [("abmilp", "linear"), ("ep", "linear")]
+    rows = []
+    for repeat in range(repeats):
+        for pool, evaluator in runs:
+            began = time.perf_counter()
+            records, _ = probe_caches([(path, None)], split=0.8, pools=(pool,), evaluators=(evaluator,), epochs=epochs, n_bootstrap=1000)
+            rows.append({"n_images": n, "pool": pool, "evaluator": evaluator, "repeat": repeat,
+                         "seconds": round(time.perf_counter() - began, 2), "accuracy": round(records[0]["accuracy"], 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--time-pools", type=int, metavar="N", help="time a probe of N demo-shaped images per pool instead")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,6 +100,9 @@ def main() -> None:
         print(json.dumps(_probe(args.probe)))
         return
     root = args.dir or Path(tempfile.mkdtemp(prefix="attnflow-probe-memory-"))
+    if args.time_pools:
+        time_pools(args.time_pools, root, args.repeats)
+        return
     rows = []
     for n in args.sizes:
         path = root / f"synthetic-{n}.h5"
