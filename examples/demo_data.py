@@ -9,6 +9,7 @@ item masks are kept for object relevance, and the evaluation sets (``evaluate_de
 from __future__ import annotations
 
 import gzip
+import math
 import time
 from pathlib import Path
 
@@ -40,13 +41,28 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def fashion_mnist_files(split: str, root: str | Path = FASHION_MNIST) -> tuple[Path, Path]:
+    """The (images, labels) idx files of the ``train`` or ``test`` split under ``root``."""
+    prefix, root = {"train": "train", "test": "t10k"}[split], Path(root)
+    return root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+
+
+def missing_fashion_mnist(splits: tuple[str, ...], root: str | Path = FASHION_MNIST) -> str | None:
+    """A one-line message naming the first missing file of ``splits`` under ``root``, or None."""
+    for split in splits:
+        for path in fashion_mnist_files(split, root):
+            if not path.is_file():
+                return f"{path} not found (Fashion-MNIST's idx files: apt-get install dataset-fashion-mnist)"
+    return None
+
+
 def load_fashion_mnist(split: str, root: str | Path = FASHION_MNIST) -> tuple[np.ndarray, np.ndarray]:
     """``(images (N, 28, 28) uint8, labels (N,) uint8)`` of the ``train`` or ``test`` split."""
-    prefix, root = {"train": "train", "test": "t10k"}[split], Path(root)
-    image_file = root / f"{prefix}-images-idx3-ubyte.gz"
-    if not image_file.exists():
-        raise FileNotFoundError(f"{image_file} not found: apt-get install dataset-fashion-mnist")
-    return read_idx(image_file), read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    message = missing_fashion_mnist((split,), root)
+    if message is not None:
+        raise FileNotFoundError(message)
+    image_file, label_file = fashion_mnist_files(split, root)
+    return read_idx(image_file), read_idx(label_file)
 
 
 def _paste(canvas: torch.Tensor, patch: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
@@ -116,7 +132,7 @@ def cosine_schedule(step: int, total: int, peak: float, final: float = 0.0, warm
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return final + 0.5 * (peak - final) * (1 + np.cos(np.pi * min(1.0, progress)))
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class TrainingClock:

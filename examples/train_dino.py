@@ -7,6 +7,9 @@ output distribution. The checkpoint is saved in DINO's own layout, ``{'teacher':
 with ``backbone.`` and ``module.backbone.`` prefixes, in float16:
 
     python examples/train_dino.py --images-seen 600000 --out attnflow/demo_data/dino.pth
+
+With ``--checkpoint-dir DIR`` the run is resumable (``--resume``) and logs its loss to ``DIR/loss.jsonl``
+(see ``training_run.py``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnflow.demo_models import create_demo_vit
-from demo_data import FASHION_MNIST, TrainingClock, TrainingStream, cosine_schedule, normalize
+from demo_data import TrainingStream, cosine_schedule, normalize
+from training_run import TrainingRun, add_run_arguments, check_run_arguments
 
 
 class DINOHead(nn.Module):
@@ -79,38 +83,32 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images-seen", type=int, default=600_000)
-    p.add_argument("--batch-size", type=int, default=512)
+    add_run_arguments(p, out="dino.pth")
     p.add_argument("--base-lr", type=float, default=5e-4, help="per 256 images, as in DINO")
     p.add_argument("--local-crops", type=int, default=4)
     p.add_argument("--teacher-momentum", type=float, default=0.99, help="EMA start (DINO's 0.996 is for runs 100x longer)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data-root", default=str(FASHION_MNIST))
-    p.add_argument("--max-seconds", type=float, help="train fewer steps if the first ones show the plan would take longer")
-    p.add_argument("--out", default="dino.pth")
     args = p.parse_args()
+    device = check_run_arguments(p, args)
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     stream = TrainingStream(device, args.seed, root=args.data_root)
     crop_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
     student, teacher = Network().to(device), Network().to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     center = torch.zeros(1, student.head.last_layer.out_features, device=device)
-    steps = max(1, args.images_seen // args.batch_size)
     peak = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.AdamW(student.parameters(), lr=peak, weight_decay=0.04)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_crops = 2 + args.local_crops
-    losses = []
-    clock, step = TrainingClock(steps, args.max_seconds), 0
-    while step < steps:
-        steps = clock.tick(step)
+    run = TrainingRun("train_dino.py", args, device, max(1, args.images_seen // args.batch_size),
+                      modules={"student": student, "teacher": teacher}, optimizer=optimizer, tensors={"center": center},
+                      generators={"stream": stream.generator, "crops": crop_generator})
+    for step in run:
+        lr = cosine_schedule(step, run.steps, peak, final=1e-6, warmup=max(1, run.steps // 10))
         for group in optimizer.param_groups:
-            group["lr"] = cosine_schedule(step, steps, peak, final=1e-6, warmup=max(1, steps // 10))
-        momentum = cosine_schedule(step, steps, args.teacher_momentum, final=1.0)
+            group["lr"] = lr
+        momentum = cosine_schedule(step, run.steps, args.teacher_momentum, final=1.0)
         images = stream.batch(args.batch_size)
         globals_ = [normalize(random_resized_crops(images, 48, (0.4, 1.0), crop_generator)) for _ in range(2)]
         locals_ = [normalize(random_resized_crops(images, 24, (0.1, 0.4), crop_generator)) for _ in range(args.local_crops)]
@@ -128,17 +126,14 @@ def main() -> None:
             torch._foreach_mul_(teacher_params, momentum)
             torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
             center.mul_(0.9).add_(teacher_out.mean(0, keepdim=True), alpha=0.1)
-        losses.append(loss.item())
-        if step % max(1, steps // 20) == 0 or step == steps - 1:
-            print(json.dumps({"step": step, "loss": round(losses[-1], 4), "seconds": round(clock.seconds, 1)}), flush=True)
-        step += 1
+        run.record(loss, lr, teacher_momentum=momentum)
+    if not run.complete:
+        run.exit_incomplete()
     record = {
         "recipe": f"DINO, 2x48px global + {args.local_crops}x24px local crops, head 192-192-64-512, student temp 0.1, teacher temp 0.04, "
                   "centre momentum 0.9, "
                   f"EMA {args.teacher_momentum}->1, AdamW wd 0.04, cosine",
-        "images_seen": steps * args.batch_size, "batch_size": args.batch_size, "steps": steps, "seed": args.seed,
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(clock.seconds, 1),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **run.summary(),
     }
     half = lambda net, prefix: {prefix + k: v.detach().half().cpu() for k, v in net.state_dict().items()}  # noqa: E731
     torch.save({"teacher": half(teacher, ""), "student": half(student, "module."), "training": record}, args.out)

@@ -6,6 +6,9 @@ per-patch normalised pixels. The checkpoint is saved in MAE's own layout, ``{'mo
 the decoder keys, in float16:
 
     python examples/train_mae.py --images-seen 600000 --out attnflow/demo_data/mae.pth
+
+With ``--checkpoint-dir DIR`` the run is resumable (``--resume``) and logs its loss to ``DIR/loss.jsonl``
+(see ``training_run.py``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from attnflow.demo_models import create_demo_vit
-from demo_data import FASHION_MNIST, TrainingClock, TrainingStream, cosine_schedule, normalize
+from demo_data import TrainingStream, cosine_schedule, normalize
+from training_run import TrainingRun, add_run_arguments, check_run_arguments
 
 
 class MaskedAutoencoder(nn.Module):
@@ -81,44 +85,34 @@ class MaskedAutoencoder(nn.Module):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images-seen", type=int, default=600_000)
-    p.add_argument("--batch-size", type=int, default=512)
+    add_run_arguments(p, out="mae.pth")
     p.add_argument("--base-lr", type=float, default=1.5e-4, help="per 256 images, as in MAE")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data-root", default=str(FASHION_MNIST))
-    p.add_argument("--max-seconds", type=float, help="train fewer steps if the first ones show the plan would take longer")
-    p.add_argument("--out", default="mae.pth")
     args = p.parse_args()
+    device = check_run_arguments(p, args)
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     stream = TrainingStream(device, args.seed, root=args.data_root)
     model = MaskedAutoencoder().to(device)
-    steps = max(1, args.images_seen // args.batch_size)
     peak = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.05)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    losses = []
-    clock, step = TrainingClock(steps, args.max_seconds), 0
-    while step < steps:
-        steps = clock.tick(step)
+    run = TrainingRun("train_mae.py", args, device, max(1, args.images_seen // args.batch_size),
+                      modules={"model": model}, optimizer=optimizer, generators={"stream": stream.generator})
+    for step in run:
+        lr = cosine_schedule(step, run.steps, peak, warmup=max(1, run.steps // 20))
         for group in optimizer.param_groups:
-            group["lr"] = cosine_schedule(step, steps, peak, warmup=max(1, steps // 20))
+            group["lr"] = lr
         with amp:
             loss = model(normalize(stream.batch(args.batch_size)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-        if step % max(1, steps // 20) == 0 or step == steps - 1:
-            print(json.dumps({"step": step, "loss": round(losses[-1], 4), "seconds": round(clock.seconds, 1)}), flush=True)
-        step += 1
+        run.record(loss, lr)
+    if not run.complete:
+        run.exit_incomplete()
     record = {
         "recipe": "MAE, mask ratio 0.75, decoder 2x64, normalised-pixel loss, AdamW (0.9, 0.95) wd 0.05, cosine",
-        "images_seen": steps * args.batch_size, "batch_size": args.batch_size, "steps": steps, "seed": args.seed,
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(clock.seconds, 1),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **run.summary(),
     }
     torch.save({"model": model.checkpoint_state(), "training": record}, args.out)
     print(json.dumps(record), flush=True)
