@@ -21,7 +21,7 @@ from .version import __version__
 from .errors import AttnflowError, AttnflowNote, OptionError
 from .cache import COMPRESSIONS, DTYPES, STORE_MODES
 from .families import FAMILIES
-from .images import INTERPOLATIONS, PREPROCESS_PRESETS
+from .images import DECODE_MODES, INTERPOLATIONS, PREPROCESS_PRESETS
 from .capture import MAGNITUDE_UPDATES
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EP_QUERIES, EVALUATORS, POOLS
@@ -50,6 +50,7 @@ Reduction = _choices("Reduction", FUSIONS)  # how heads are combined: rollout's 
 Interpolation = _choices("Interpolation", INTERPOLATIONS)
 MagnitudeUpdate = _choices("MagnitudeUpdate", MAGNITUDE_UPDATES)
 Preprocess = _choices("Preprocess", PREPROCESS_PRESETS)
+Decode = _choices("Decode", DECODE_MODES)
 Pool = _choices("Pool", POOLS)
 Evaluator = _choices("Evaluator", EVALUATORS)
 InfoFormat = _choices("InfoFormat", ("table", "json"))
@@ -198,6 +199,7 @@ def extract(
     crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
     interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
     preprocess: Preprocess = typer.Option(Preprocess("timm"), help="timm: each model's own eval config; beyond-cls: the Beyond [cls] paper's Resize 256 (bicubic), CenterCrop 224, ImageNet mean/std for every model (built at 224)."),
+    decode: Decode = typer.Option(Decode("cpu"), help="cpu: PIL and timm's transform in the workers (exact); gpu: JPEGs decoded in batches with nvJPEG and resized on the GPU (close, not identical: see the README); other formats stay on the CPU."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
     limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted extraction of the same inputs into the same output."),
@@ -213,6 +215,7 @@ def extract(
 
     from . import distributed
     from .extract import extract as run_extract
+    from .decode import check_decode_device
     from .images import build_size, list_images
     from .models import build_model
     from .options import ExtractOptions, StoreOptions, resolve_device
@@ -224,7 +227,7 @@ def extract(
         fusion=fusion.value, discard_ratio=discard_ratio, crop_pct=crop_pct,
         interpolation=interpolation.value if interpolation else None, labels_from_dirs=labels_from_dirs, masks=masks,
         preprocess=preprocess.value, artifact_factor=artifact_factor, artifact_norm=artifact_norm, magnitude=magnitude.value,
-        strict=strict, batch_size=batch_size, workers=workers, device=device, amp=amp, resume=resume, overwrite=overwrite,
+        decode=decode.value, strict=strict, batch_size=batch_size, workers=workers, device=device, amp=amp, resume=resume, overwrite=overwrite,
     )
     img_size = build_size(preprocess.value, img_size)
     if img_size is not None:
@@ -233,6 +236,7 @@ def extract(
             _check_img_size(img_size, patch_size)
     if checkpoint_key is not None and checkpoint is None:
         raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
+    check_decode_device(decode.value, device)  # before --device's own check: without CUDA it is --decode's usage error
     resolve_device(device)
     paths = list_images(
         images, on_duplicates=lambda n: console.print(f"attnflow: note: {n} duplicate input path{'s' if n > 1 else ''} dropped", markup=False)

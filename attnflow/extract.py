@@ -1,8 +1,10 @@
 """The extraction pipeline: images -> model forward with capture -> cache (and metrics), a batch at a time.
 
-Decoding runs in DataLoader workers, the forward pass and the optional streaming metrics on the chosen
-device, and HDF5 writes in a background thread, so that for large runs the forward pass is the only thing
-the model waits for.
+Decoding runs in DataLoader workers (with ``--decode gpu``, JPEGs on the device: :mod:`attnflow.decode`),
+the forward pass and the optional streaming metrics on the chosen device, and HDF5 writes in a background
+thread, so that for large runs the forward pass is the only thing the model waits for. The capture writes
+every batch's maps into one reused buffer, and on a GPU the rows reach the host through asynchronous copies
+that only the writer thread waits for (:class:`HostRows`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch
 from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest
 from .capture import MAGNITUDE_UPDATES, AttentionCapture
 from .errors import AttnflowError, AttnflowNote
-from .images import ImageBatch, ImageDataset, Preprocessing, class_of, collate_images, folder_classes, index_masks, resolve_preprocessing
+from .decode import image_batches, with_decode
+from .images import ImageBatch, ImageDataset, Preprocessing, class_of, folder_classes, index_masks, resolve_preprocessing
 from .metrics import available_metrics, batch_metrics
 from .models import LoadedModel
 from .options import ExtractOptions, resolve_device
@@ -45,6 +48,40 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+class HostRows:
+    """One batch's rows for each file (``rows[file key][dataset]``), on their way to the host.
+
+    On a GPU the copies are queued without waiting (into pinned memory, which torch's host allocator
+    recycles) and one event marks their end: the main loop goes on to the next forward pass at once, and
+    only the writer thread waits for the copies, in :meth:`numpy`.
+    """
+
+    def __init__(self, rows: dict[str, dict[str, torch.Tensor]]):
+        tensors = [t for file_rows in rows.values() for t in file_rows.values()]
+        self._ready: torch.cuda.Event | None = None
+        if any(t.is_cuda for t in tensors):
+            rows = {key: {name: _to_pinned(t) for name, t in file_rows.items()} for key, file_rows in rows.items()}
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._rows = rows
+
+    @classmethod
+    def empty(cls, keys) -> "HostRows":
+        return cls({key: {} for key in keys})
+
+    def numpy(self) -> dict[str, dict[str, np.ndarray]]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return {key: {name: t.numpy() for name, t in file_rows.items()} for key, file_rows in self._rows.items()}
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
 class BackgroundWriter:
     """Commits batches to one or more files in a thread; at most ``depth`` batches wait, so memory stays
     bounded. An exception in the thread is re-raised in the caller at the next :meth:`put` or at :meth:`join`.
@@ -64,7 +101,8 @@ class BackgroundWriter:
                 return
             if self._error is None:
                 try:
-                    rows, common = item
+                    host_rows, common = item
+                    rows = host_rows.numpy()
                     for key, writer in self.writers.items():
                         writer.append(rows=rows[key], **common)
                 except BaseException as e:  # handed to the main thread, which decides what it means
@@ -74,8 +112,8 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def put(self, rows: dict[str, dict[str, np.ndarray]], **common: Any) -> None:
-        """Queue one batch: ``rows[writer key]`` for each file, ``common`` (ids, labels, ...) for all."""
+    def put(self, rows: HostRows, **common: Any) -> None:
+        """Queue one batch: its rows for each file, ``common`` (ids, labels, ...) for all."""
         self._raise_pending()
         self._queue.put((rows, common))
 
@@ -223,9 +261,9 @@ def _plan(loaded: LoadedModel, paths: Sequence[Path], options: ExtractOptions, c
         options=options,
         device=device,
         amp=amp,
-        preprocessing=resolve_preprocessing(
+        preprocessing=with_decode(resolve_preprocessing(
             loaded.model, crop_pct=inputs.crop_pct, interpolation=inputs.interpolation, preset=inputs.preprocess
-        ),
+        ), inputs.decode),
         class_names=(list(class_names) if class_names is not None else folder_classes(paths)) if inputs.labels_from_dirs else None,
         mask_paths=_match_masks(paths, inputs.masks) if inputs.masks is not None else None,
     )
@@ -243,13 +281,9 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
         paths[start:], plan.preprocessing,
         masks=None if plan.mask_paths is None else plan.mask_paths[start:], patch_size=plan.loaded.layout.patch_size,
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=options.run.batch_size,
-        shuffle=False,
-        num_workers=default_workers() if options.run.workers is None else options.run.workers,
-        collate_fn=collate_images,
-        pin_memory=plan.device.type == "cuda",
+    loader = image_batches(
+        dataset, device=plan.device, batch_size=options.run.batch_size,
+        workers=default_workers() if options.run.workers is None else options.run.workers,
     )
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -258,7 +292,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
     )
     background = BackgroundWriter(writers)
     try:
-        capture = AttentionCapture(model, magnitude=options.store.magnitude, token_layers=spec.stored_token_layers)
+        capture = AttentionCapture(model, magnitude=options.store.magnitude, token_layers=spec.stored_token_layers, reuse_buffer=True)
         with capture, torch.inference_mode():
             for batch in loader:
                 skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
@@ -267,7 +301,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
                         raise AttnflowError(f"cannot decode {path}: {reason}")
                     if on_skip:
                         on_skip(path, reason)
-                rows = {key: {} for key in writers}
+                rows = HostRows.empty(writers)
                 if batch.indices:
                     rows = _process(model, capture, batch, plan, autocast, spec, writers)
                 done = start + max([*batch.indices, *(i for i, _ in batch.failures)]) + 1
@@ -387,8 +421,8 @@ def _match_masks(paths: Sequence[Path], folder: str | Path) -> list[Path | None]
 def _process(
     model, capture: AttentionCapture, batch: ImageBatch, plan: _Plan, autocast, spec: CacheSpec,
     writers: dict[str, RowFileWriter],
-) -> dict[str, dict[str, np.ndarray]]:
-    """One forward pass; returns, per file, the rows it stores for this batch as CPU numpy arrays."""
+) -> "HostRows":
+    """One forward pass; returns, per file, the rows it stores for this batch, on their way to the host."""
     device = plan.device
     pixels = plan.preprocessing.normalize(batch.pixels.to(device, non_blocking=True))
     with autocast:
@@ -396,10 +430,12 @@ def _process(
     captured = capture.pop()
     storage = torch.float16 if spec.dtype == "float16" else torch.float32
     cache_rows = {MAGNITUDE: captured.magnitude, TOKEN_NORM: captured.token_norm}
+    # captured.attn is the capture's reused buffer, which the next batch overwrites while the writer may
+    # still hold this one: whatever is stored from it is a copy
     if spec.store == "full":
-        cache_rows[ATTN] = captured.attn.to(storage)
+        cache_rows[ATTN] = captured.attn.to(storage, copy=True)
     elif spec.store == "rows":
-        cache_rows[ATTN_ROWS] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage)
+        cache_rows[ATTN_ROWS] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage, copy=True)
     if spec.token_dim is not None:
         # (B, S, T, D) for several blocks, (B, T, D) for one (the default, stored as every earlier cache)
         tokens = captured.layer_tokens if spec.tokens_dataset != TOKENS else captured.layer_tokens[:, 0]
@@ -414,9 +450,9 @@ def _process(
             discard_ratio=plan.options.rollout.discard_ratio, token_norm=captured.token_norm,
             artifact_rule=plan.options.artifacts.rule,
         )
-        metric_rows = {metric_dataset(name): value.float() for name, value in values.items()}
+        metric_rows = {metric_dataset(name): value.to(torch.float32, copy=True) for name, value in values.items()}
         metric_rows[ROLLOUT_MAP] = maps.float()
         if batch.fg is not None:
             metric_rows[FG] = batch.fg
         rows["metrics"] = metric_rows
-    return {key: {name: t.cpu().numpy() for name, t in file_rows.items()} for key, file_rows in rows.items()}
+    return HostRows(rows)

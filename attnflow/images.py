@@ -45,6 +45,10 @@ PREPROCESS_PRESETS = ("timm", "beyond-cls")
 BEYOND_CLS_SIZE = 224
 BEYOND_CLS_RESIZE = 256
 
+# ``--decode``: ``cpu`` decodes with PIL and transforms with timm in the workers (exact, the default); ``gpu``
+# decodes JPEGs in batches on the device and mirrors the transform there (attnflow.decode).
+DECODE_MODES = ("cpu", "gpu")
+
 
 def build_size(preset: str, img_size: int | None) -> int | None:
     """The ``--img-size`` to build the model at under ``preset``: as given for ``timm``; 224 for
@@ -155,9 +159,11 @@ class Preprocessing:
     crop_pct: float
     crop_mode: str
     preset: str = "timm"  # the --preprocess preset this config came from
+    decode: str = "cpu"  # DECODE_MODES: where the pixels were decoded and resized (they differ by rounding)
 
     def as_dict(self) -> dict:
-        """The JSON-able form a cache stores in its ``preprocessing`` attribute."""
+        """The JSON-able form a cache stores in its ``preprocessing`` attribute (``decode`` only when not the
+        default, so that a default run records what every earlier cache did)."""
         return {
             "input_size": list(self.input_size),
             "interpolation": self.interpolation,
@@ -166,6 +172,7 @@ class Preprocessing:
             "crop_pct": self.crop_pct,
             "crop_mode": self.crop_mode,
             "preset": self.preset,
+            **({"decode": self.decode} if self.decode != DECODE_MODES[0] else {}),
         }
 
     @classmethod
@@ -175,7 +182,7 @@ class Preprocessing:
         return cls(
             input_size=tuple(config["input_size"]), interpolation=config["interpolation"], mean=tuple(config["mean"]),
             std=tuple(config["std"]), crop_pct=float(config["crop_pct"]), crop_mode=config["crop_mode"],
-            preset=config.get("preset", "timm"),
+            preset=config.get("preset", "timm"), decode=config.get("decode", DECODE_MODES[0]),
         )
 
     def transform(self, *, normalized: bool = True) -> Callable[[Image.Image], torch.Tensor]:
@@ -270,6 +277,10 @@ def decode_mask(path: Path | str) -> Image.Image:
     return Image.fromarray(np.where(arr != 0, 255, 0).astype(np.uint8), mode="L")
 
 
+# One dataset item: (position, uint8 (C, H, W) pixels or None, (P,) object fraction or None, skip reason or None).
+ImageItem = tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decode, resize and crop one image per index into a uint8 (C, H, W) tensor (normalise with
     :meth:`Preprocessing.normalize`); failures come back as a reason instead of a tensor.
@@ -287,6 +298,7 @@ class ImageDataset(torch.utils.data.Dataset):
         patch_size: tuple[int, int] | None = None,
     ):
         self.paths = list(paths)
+        self.preprocessing = preprocessing
         self.channels = preprocessing.input_size[0]
         self.transform = preprocessing.transform(normalized=False)
         self.masks = None if masks is None else list(masks)
@@ -302,15 +314,24 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> ImageItem:
         try:
             image = decode_image(self.paths[index], self.channels)
-            fg = None if self.masks is None else self._fg(self.masks[index], image.size)
+            fg = self.object_fraction(index, image.size)
             return index, self.transform(image), fg, None
         except Exception as e:  # every decode failure of a user's file is a skip with its reason
-            return index, None, None, describe_decode_error(e)
+            return self.failure(index, e)
 
-    def _fg(self, mask_path: Path | None, image_size: tuple[int, int]) -> torch.Tensor:
+    def failure(self, index: int, error: BaseException) -> ImageItem:
+        """The item of an image that cannot be used, with ``error`` as its skip reason."""
+        return index, None, None, describe_decode_error(error)
+
+    def object_fraction(self, index: int, image_size: tuple[int, int]) -> torch.Tensor | None:
+        """With masks, image ``index``'s (P,) object fraction per patch, given its decoded (width, height)
+        (NaN without a mask); None without masks. A mask that cannot be read raises, naming it."""
+        if self.masks is None:
+            return None
+        mask_path = self.masks[index]
         if mask_path is None:
             return torch.full((self.num_patches,), float("nan"))
         try:
@@ -337,8 +358,13 @@ class ImageBatch:
     fg: torch.Tensor | None  # (B, P) object fraction per patch, with masks
     failures: list[tuple[int, str]]  # (position, reason)
 
+    def pin_memory(self) -> "ImageBatch":
+        """The batch with its pixels in page-locked memory, so that the copy to a GPU runs without blocking
+        (the DataLoader's ``pin_memory`` thread calls this on every batch of a custom type)."""
+        return dataclasses.replace(self, pixels=None if self.pixels is None else self.pixels.pin_memory())
 
-def collate_images(items: list[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]) -> ImageBatch:
+
+def collate_images(items: list[ImageItem]) -> ImageBatch:
     good = [(i, x, fg) for i, x, fg, err in items if err is None]
     with_fg = bool(good) and good[0][2] is not None
     return ImageBatch(

@@ -17,7 +17,7 @@ import torch
 
 from .cache import COMPRESSIONS, DTYPES, STORE_MODES
 from .errors import AttnflowError, OptionError
-from .images import CROP_PCT_MIN, INTERPOLATIONS, PREPROCESS_PRESETS
+from .images import CROP_PCT_MIN, DECODE_MODES, INTERPOLATIONS, PREPROCESS_PRESETS
 from .capture import MAGNITUDE_UPDATES, resolve_blocks
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, ArtifactRule
 
@@ -144,9 +144,11 @@ class InputOptions:
     masks: Path | None = None
     strict: bool = False
     preprocess: str = "timm"  # images.PREPROCESS_PRESETS
+    decode: str = DECODE_MODES[0]  # images.DECODE_MODES: PIL in the workers, or JPEGs in batches on the device
 
     def __post_init__(self) -> None:
         _choice("--preprocess", self.preprocess, PREPROCESS_PRESETS)
+        _choice("--decode", self.decode, DECODE_MODES)
         if self.preprocess == "beyond-cls" and (self.crop_pct is not None or self.interpolation is not None):
             # the preset is the paper's transform; an override would make it something else under its name
             flag = "--crop-pct" if self.crop_pct is not None else "--interpolation"

@@ -1,6 +1,6 @@
 """Peak memory of `attnflow probe` against the number of images: tokens are streamed from the cache, so peak RSS
 should stay flat (issue 14). Writes synthetic caches with attnflow's own writer, then probes each in a fresh
-subprocess and reports its peak RSS (``ru_maxrss``).
+subprocess and reports its peak RSS (``VmHWM``, see memory.py).
 
     python benchmarks/probe_memory.py [--sizes 2000 20000] [--dir DIR]
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,12 +54,13 @@ def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, d
 def _probe(path: Path) -> dict:
     """Run in a fresh process: probe one cache and report peak RSS."""
     from attnflow.probe import probe_caches
+    from memory import peak_rss_mib  # beside this script, which the fresh process runs
 
     began = time.perf_counter()
     records, _ = probe_caches([(path, None)], split=0.5, pools=("cls", "mean", "abmilp"), evaluators=("knn", "linear"),
                               epochs=2, n_bootstrap=100, memory_budget=0)  # stream at any size
     return {"seconds": round(time.perf_counter() - began, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
             "accuracy": {f"{r['pool']}/{r['evaluator']}": round(r["accuracy"], 3) for r in records}}
 
 
@@ -100,6 +100,7 @@ def main() -> None:
         print(json.dumps(_probe(args.probe)))
         return
     root = args.dir or Path(tempfile.mkdtemp(prefix="attnflow-probe-memory-"))
+    root.mkdir(parents=True, exist_ok=True)
     if args.time_pools:
         time_pools(args.time_pools, root, args.repeats)
         return

@@ -2,8 +2,12 @@
 peak memory in streaming mode, metrics throughput and cache size per image.
 
     python benchmarks/suite.py --model vit_small_patch16_224 --n 200 --batch-size 16
+    python benchmarks/suite.py --model vit_base_patch16_224 --n 4096 --batch-size 128 --workers 14 --device cuda --amp \
+        --memory-n 1000,10000
 
-Prints JSON lines. Weights are random (throughput and memory do not depend on them; compressed sizes do).
+Prints JSON lines. Weights are random (throughput and memory do not depend on them; compressed sizes do). On a
+GPU every step runs there (bfloat16 autocast with ``--amp``); peak device memory is reported beside host RSS.
+The end-of-run assembly of the segment files is timed on its own, as a share of each extraction.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import timm
 import torch
 
 import attnflow
+from attnflow.cache import RowFileWriter
 from attnflow.extract import extract
 from attnflow.images import ImageDataset, collate_images, list_images, resolve_preprocessing
 from attnflow.measure import compute_metrics
@@ -41,22 +46,32 @@ def write_jpegs(folder: Path, n: int, size: int = 256) -> None:
         Image.fromarray(base[y:y + size, x:x + size]).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def loader(paths, model, batch_size, workers):
+def loader(paths, model, batch_size, workers, device=torch.device("cpu")):
     return torch.utils.data.DataLoader(
         ImageDataset(paths, resolve_preprocessing(model)), batch_size=batch_size, num_workers=workers,
-        collate_fn=collate_images,
+        collate_fn=collate_images, pin_memory=device.type == "cuda",
     )
 
 
-def bare_forward(model, paths, batch_size, workers) -> float:
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_forward(model, paths, batch_size, workers, device=torch.device("cpu"), amp=False) -> float:
     """Decode, preprocess and run forward_features with fused attention off: the loop with nothing added."""
     pre = resolve_preprocessing(model)
     for block in model.blocks:
         block.attn.fused_attn = False
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for batch in loader(paths, model, batch_size, workers):
-            model.forward_features(pre.normalize(batch.pixels))
+    with torch.inference_mode(), autocast(device, amp):
+        for batch in loader(paths, model, batch_size, workers, device):
+            model.forward_features(pre.normalize(batch.pixels.to(device, non_blocking=True)))
+        sync(device)
     for block in model.blocks:
         block.attn.fused_attn = True
     return len(paths) / (time.perf_counter() - t0)
@@ -86,7 +101,7 @@ def numpy_metrics(attn: np.ndarray, p: int, distances: np.ndarray) -> dict:
     return out
 
 
-def attention_extract_loop(model, paths, batch_size, workers) -> float:
+def attention_extract_loop(model, paths, batch_size, workers, device=torch.device("cpu"), amp=False) -> float:
     """timm's AttentionExtract (fused attention must be switched off by hand, or it returns nothing) plus
     a per-image numpy loop for the metrics."""
     from timm.utils import AttentionExtract
@@ -98,10 +113,10 @@ def attention_extract_loop(model, paths, batch_size, workers) -> float:
     layout = attnflow.TokenLayout.from_model(model)
     distances = attnflow.metrics.patch_distances(layout).numpy()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for batch in loader(paths, model, batch_size, workers):
-            maps = extractor(pre.normalize(batch.pixels))
-            stacked = torch.stack(list(maps.values()), dim=1).float().numpy().astype(np.float64)  # (B, L, H, T, T)
+    with torch.inference_mode(), autocast(device, amp):
+        for batch in loader(paths, model, batch_size, workers, device):
+            maps = extractor(pre.normalize(batch.pixels.to(device, non_blocking=True)))
+            stacked = torch.stack(list(maps.values()), dim=1).float().cpu().numpy().astype(np.float64)  # (B, L, H, T, T)
             for image in stacked:
                 numpy_metrics(image, layout.num_prefix_tokens, distances)
     for block in model.blocks:
@@ -109,19 +124,46 @@ def attention_extract_loop(model, paths, batch_size, workers) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def peak_memory(images: Path, n: int, out: Path, model: str, batch_size: int, workers: int) -> float:
-    """Peak resident memory (MiB) of a separate streaming run over the first n images."""
+def peak_memory(images: Path, n: int, out: Path, model: str, batch_size: int, workers: int, device: torch.device,
+                amp: bool) -> dict:
+    """Peak resident host memory and peak device memory (MiB) of a separate streaming run over the first n
+    images, and its images/s."""
     code = (
-        "import resource, sys, attnflow\n"
+        "import json, torch, attnflow\n"
         "from attnflow.extract import extract\nfrom attnflow.images import list_images\n"
         f"paths = list_images([{str(images)!r}])[:{n}]\n"
-        f"extract(attnflow.build_model({model!r}, random_init=True), paths, {str(out)!r}, store='none', "
-        f"metrics={str(out) + '.m.h5'!r}, batch_size={batch_size}, workers={workers}, overwrite=True)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        f"r = extract(attnflow.build_model({model!r}, random_init=True), paths, {str(out)!r}, store='none', "
+        f"metrics={str(out) + '.m.h5'!r}, batch_size={batch_size}, workers={workers}, device={str(device)!r}, "
+        f"amp={amp}, overwrite=True)\n"
+        "cuda = torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0\n"
+        "from memory import peak_rss_mib\n"
+        "print(json.dumps({'rss': peak_rss_mib(), "
+        "'device': torch.cuda.max_memory_allocated() / 2**20 if cuda else None, 'rate': r.n_new / r.seconds}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class AssemblyClock:
+    """Seconds spent assembling segment files into the final files (RowFileWriter.assemble), per run."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        original = RowFileWriter.assemble
+
+        def timed(writer):
+            t0 = time.perf_counter()
+            try:
+                return original(writer)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        RowFileWriter.assemble = timed
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def main() -> None:
@@ -131,38 +173,50 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--memory-n", default="100,1000")
+    p.add_argument("--memory-model", default=None, help="model of the memory runs (default --model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast on a GPU")
     args = p.parse_args()
+    device = torch.device(args.device)
     print(json.dumps({
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "timm": timm.__version__, "model": args.model, "n": args.n, "batch_size": args.batch_size,
+        "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+        "model": args.model, "n": args.n, "batch_size": args.batch_size, "workers": args.workers, "amp": args.amp,
     }), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_jpegs(tmp / "img", max(args.n, *map(int, args.memory_n.split(","))))
         paths = list_images([str(tmp / "img")])[: args.n]
         loaded = attnflow.build_model(args.model, random_init=True)
-        floor = bare_forward(loaded.model, paths, args.batch_size, args.workers)
+        loaded.model.to(device)
+        assembly = AssemblyClock()
+        floor = bare_forward(loaded.model, paths, args.batch_size, args.workers, device, args.amp)
         print(json.dumps({"what": "bare forward, fused attention off (floor)", "images_per_s": round(floor, 2)}), flush=True)
         for store, dtype, metrics in (("none", "float16", True), ("rows", "float16", False), ("full", "float16", False), ("full", "float32", False)):
             out = tmp / f"{store}_{dtype}.h5"
             result = extract(loaded, paths, out, store=store, dtype=dtype, batch_size=args.batch_size, workers=args.workers,
-                             metrics=tmp / "m.h5" if metrics else None, overwrite=True)
+                             metrics=tmp / "m.h5" if metrics else None, device=str(device), amp=args.amp, overwrite=True)
             rate = result.n_new / result.seconds
             print(json.dumps({
                 "what": f"extract --store {store} --dtype {dtype}" + (" --metrics" if metrics else ""),
                 "images_per_s": round(rate, 2), "ratio_to_floor": round(floor / rate, 3),
+                "assembly_share": round(assembly.take() / result.seconds, 4),
                 "cache_bytes_per_image": round(out.stat().st_size / result.n_images),
             }), flush=True)
         t0 = time.perf_counter()
-        compute_metrics(tmp / "full_float16.h5", tmp / "from_cache.h5", batch_size=args.batch_size, overwrite=True)
+        compute_metrics(tmp / "full_float16.h5", tmp / "from_cache.h5", batch_size=args.batch_size, device=str(device), overwrite=True)
         print(json.dumps({"what": "attnflow metrics from the float16 full cache",
                           "images_per_s": round(args.n / (time.perf_counter() - t0), 2)}), flush=True)
-        rate = attention_extract_loop(loaded.model, paths, args.batch_size, args.workers)
+        rate = attention_extract_loop(loaded.model, paths, args.batch_size, args.workers, device, args.amp)
         print(json.dumps({"what": "timm AttentionExtract + per-image numpy metrics and rollout",
                           "images_per_s": round(rate, 2), "ratio_to_floor": round(floor / rate, 3)}), flush=True)
         for n in map(int, args.memory_n.split(",")):
-            mib = peak_memory(tmp / "img", n, tmp / f"mem{n}.h5", args.model, args.batch_size, args.workers)
-            print(json.dumps({"what": f"peak RSS, extract --store none --metrics, {n} images", "MiB": round(mib)}), flush=True)
+            peak = peak_memory(tmp / "img", n, tmp / f"mem{n}.h5", args.memory_model or args.model, args.batch_size,
+                               args.workers, device, args.amp)
+            print(json.dumps({
+                "what": f"peak memory, extract --store none --metrics, {n} images", "rss_MiB": round(peak["rss"]),
+                "device_MiB": None if peak["device"] is None else round(peak["device"]), "images_per_s": round(peak["rate"], 1),
+            }), flush=True)
 
 
 if __name__ == "__main__":
