@@ -44,15 +44,10 @@ from .schema import (  # noqa: F401  (the readers, re-exported: ``attnflow.cache
     layout_attrs, layout_from_attrs, metric_dataset, open_cache, open_hdf5, open_metrics, partial_path, validate,
     tokens_dataset,
 )
-from .schema import _plain, hdf5_reason
+from .schema import ROOT_ATTRS, _plain, hdf5_reason
 
 # Attributes that must agree between an interrupted run and the run that resumes it.
-RESUME_KEYS = (
-    "model", "checkpoint_sha256", "weights", "store", "dtype", "img_size", "num_tokens", "preprocessing",
-    "inputs_sha256", "n_inputs", "has_labels", "has_tokens", "has_masks", "fusion", "discard_ratio",
-    "compression", "amp", "artifact_factor", "artifact_norm", "magnitude_update", "token_layers", "tokens_dtype",
-    "flow_layers",
-)
+RESUME_KEYS = tuple(name for name, attr in ROOT_ATTRS.items() if attr.identity)
 # Per-run bookkeeping a metrics file does not inherit from its cache.
 _OWN_ATTRS = ("schema", "created", "complete", "n_images", "n_inputs_done", "n_skipped", "compression")
 
@@ -419,7 +414,7 @@ class RowFileWriter:
         if class_names != self._class_names:
             differing.append("class_names")
         if attrs.get("schema") != self._attrs["schema"] or not attrs.get("complete") or differing:
-            what = f"{differing[0]}={attrs.get(differing[0])}, this run has {self._attrs.get(differing[0])}" if differing else "another kind of run"
+            what = _difference(differing[0], attrs.get(differing[0]), self._attrs.get(differing[0])) if differing else "another kind of run"
             raise AttnflowError(f"{self.path} is complete but was made with {what}; pass --overwrite to replace it")
         self.complete_attrs = attrs
 
@@ -448,7 +443,7 @@ class RowFileWriter:
         for key in RESUME_KEYS:
             old, new = old_attrs.get(key), self._attrs.get(key)
             if old != new:
-                self._refuse(f"it was started with {key}={old}, this run has {new}")
+                self._refuse(f"it was started with {_difference(key, old, new)}")
         if manifest.get("class_names") != self._class_names:
             self._refuse("it was started with other class names")
         companion = manifest.get("companion")
@@ -634,6 +629,23 @@ class RowFileWriter:
             self._gzip.close()
             self._gzip = None
         self._lock.release()
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    """How a run's identity differs: ``key=old, this run has new``; for two JSON objects (``preprocessing``), only
+    the fields that differ, so that the one line stays readable."""
+    try:
+        before, after = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):
+        before = after = None
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return f"{key}={old}, this run has {new}"
+    fields = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+    def shown(values: dict) -> str:
+        return ", ".join(f"{k}={json.dumps(values[k]) if k in values else '(unset)'}" for k in fields)
+
+    return f"{key} {shown(before)}, this run has {shown(after)}"
 
 
 def _segment_index(segment: Path) -> int | None:

@@ -314,11 +314,13 @@ _ATTR_KINDS = {
 
 class Attr(NamedTuple):
     """One root attribute: what its value must be (a key of ``_ATTR_KINDS``; "" is not checked), the kinds of
-    file that must carry it (``cache``, ``metrics``; elsewhere it is checked where present), and what it means."""
+    file that must carry it (``cache``, ``metrics``; elsewhere it is checked where present), what it means, and
+    whether it is part of a run's identity (an interrupted run and the run that resumes it must agree on it)."""
 
     kind: str
     required: tuple[str, ...]
     meaning: str
+    identity: bool = False
 
 
 _BOTH, _CACHE, _METRICS = ("cache", "metrics"), ("cache",), ("metrics",)
@@ -330,52 +332,53 @@ ROOT_ATTRS: dict[str, Attr] = {
     "created": Attr("", (), "when the run started, ISO 8601 in UTC"),
     "complete": Attr("", (), "true once every input is done"),
     # the model
-    "model": Attr("", (), "the timm model name"),
+    "model": Attr("", (), "the timm model name", identity=True),
     "label": Attr("text", _BOTH, "the model's name in tables and figures"),
     "family": Attr("text", _BOTH, "the model's family (see attnflow compare)"),
-    "weights": Attr("", (), "pretrained, checkpoint or random"),
+    "weights": Attr("", (), "pretrained, checkpoint or random", identity=True),
     "checkpoint": Attr("", (), "the checkpoint's absolute path, or empty"),
-    "checkpoint_sha256": Attr("", (), "the checkpoint's SHA-256, or empty"),
+    "checkpoint_sha256": Attr("", (), "the checkpoint's SHA-256, or empty", identity=True),
     # the token layout
     "num_layers": Attr("positive", _BOTH, "L, the blocks"),
     "num_heads": Attr("positive", _BOTH, "H, the heads per block"),
-    "num_tokens": Attr("positive", _BOTH, "T, the tokens: prefix then patches"),
+    "num_tokens": Attr("positive", _BOTH, "T, the tokens: prefix then patches", identity=True),
     "num_prefix_tokens": Attr("count", _BOTH, "p, cls plus registers"),
     "has_cls": Attr("bool", _BOTH, "whether token 0 is a cls token"),
     "num_registers": Attr("count", _BOTH, "the register tokens after cls"),
     "grid_size": Attr("size", _BOTH, "the patch grid [h, w]; P = h * w"),
     "patch_size": Attr("size", _BOTH, "a patch in input pixels [h, w]"),
-    "img_size": Attr("size", _BOTH, "the input in pixels [h, w]"),
+    "img_size": Attr("size", _BOTH, "the input in pixels [h, w]", identity=True),
     # how the run saw its inputs
-    "preprocessing": Attr("text", _CACHE, "JSON of timm's resolved eval data config"),
-    "amp": Attr("", (), "whether the forward pass ran in bfloat16 autocast"),
+    "preprocessing": Attr("text", _CACHE, "JSON of timm's resolved eval data config", identity=True),
+    "amp": Attr("", (), "whether the forward pass ran in bfloat16 autocast", identity=True),
     "working_dir": Attr("", (), "the folder relative image ids are relative to"),
-    "store": Attr("store", _CACHE, "which maps the cache keeps: full, rows or none"),
-    "dtype": Attr("dtype", _CACHE, "the dtype of the stored maps"),
-    "compression": Attr("", (), "the cache's compression: gzip, lzf or none"),
-    "has_labels": Attr("bool", (), "whether labels and class_names are stored"),
-    "has_tokens": Attr("bool", (), "whether tokens are stored"),
+    "store": Attr("store", _CACHE, "which maps the cache keeps: full, rows or none", identity=True),
+    "dtype": Attr("dtype", _CACHE, "the dtype of the stored maps", identity=True),
+    "compression": Attr("", (), "the cache's compression: gzip, lzf or none", identity=True),
+    "has_labels": Attr("bool", (), "whether labels and class_names are stored", identity=True),
+    "has_tokens": Attr("bool", (), "whether tokens are stored", identity=True),
     "token_layers": Attr("layers", (), "the 0-based blocks whose output tokens are stored (--token-layers); "
-                         "absent: the last block (the default, and every file before it)"),
-    "tokens_dtype": Attr("dtype", (), "the dtype of the stored tokens: float16 (--tokens-dtype); absent: float32"),
-    "has_masks": Attr("bool", (), "whether fg (object masks) is stored"),
+                         "absent: the last block (the default, and every file before it)", identity=True),
+    "tokens_dtype": Attr("dtype", (), "the dtype of the stored tokens: float16 (--tokens-dtype); absent: float32", identity=True),
+    "has_masks": Attr("bool", (), "whether fg (object masks) is stored", identity=True),
     "magnitude_update": Attr("magnitude_update", (), "where magnitude's numerator is taken: before-layer-scale; "
-                             "absent: after-layer-scale (the default, and every file of attnflow 0.1)"),
+                             "absent: after-layer-scale (the default, and every file of attnflow 0.1)", identity=True),
     FINAL_NORM_EPS: Attr("number", (), "the eps of the final LayerNorm stored with tokens"),
     # bookkeeping
     "n_images": Attr("count", _BOTH, "n, the images stored"),
-    "n_inputs": Attr("", (), "the inputs given"),
+    # the digest before the count: a resume with another input list is refused naming the list
+    "inputs_sha256": Attr("", (), "SHA-256 of the input paths, to resume the same list", identity=True),
+    "n_inputs": Attr("", (), "the inputs given", identity=True),
     "n_inputs_done": Attr("", (), "the inputs done (stored or skipped)"),
     "n_skipped": Attr("count", (), "m, the inputs that could not be decoded"),
-    "inputs_sha256": Attr("", (), "SHA-256 of the input paths, to resume the same list"),
     "shards": Attr("", (), "a distributed run's shard files, relative to the file's folder"),
     # a metrics file's own
-    "fusion": Attr("text", _METRICS, "how rollout fused heads: mean, max or min"),
-    "discard_ratio": Attr("number", _METRICS, "the share of lowest rollout weights dropped"),
-    "artifact_factor": Attr("number", (), "artifact rule: a patch whose norm exceeds this times the median patch norm"),
-    "artifact_norm": Attr("number", (), "artifact rule (instead of artifact_factor): a patch whose norm exceeds this"),
+    "fusion": Attr("text", _METRICS, "how rollout fused heads: mean, max or min", identity=True),
+    "discard_ratio": Attr("number", _METRICS, "the share of lowest rollout weights dropped", identity=True),
+    "artifact_factor": Attr("number", (), "artifact rule: a patch whose norm exceeds this times the median patch norm", identity=True),
+    "artifact_norm": Attr("number", (), "artifact rule (instead of artifact_factor): a patch whose norm exceeds this", identity=True),
     "source": Attr("", (), "the cache the metrics were computed from"),
-    "flow_layers": Attr("layers", (), "the 0-based blocks after which flow/map reads attention flow out (--flow)"),
+    "flow_layers": Attr("layers", (), "the 0-based blocks after which flow/map reads attention flow out (--flow)", identity=True),
 }
 
 

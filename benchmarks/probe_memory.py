@@ -5,7 +5,10 @@ subprocess and reports its peak RSS (``VmHWM``, see memory.py).
     python benchmarks/probe_memory.py [--sizes 2000 20000] [--dir DIR]
 
 ``--time-pools N`` instead times a probe of N synthetic images shaped like the demo's caches (T = 65, D = 128,
-10 classes, 80/20 split, 50 epochs) per pool and evaluator, in one process, pool after pool, ``--repeats`` times.
+10 classes, 80/20 split, 50 epochs) per pool and evaluator, in one process, pool after pool, ``--repeats`` times;
+on a GPU, the issue's figure (50,000 ViT-B/16 images):
+
+    python benchmarks/probe_memory.py --time-pools 50000 --grid 14 14 --dim 768 --tokens-dtype float16 --device cuda
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ GRID, DIM, CLASSES = (7, 7), 64, 10  # 50 tokens of width 64: 12.8 kB an image i
 
 
 def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, dim: int = DIM, classes: int = CLASSES,
-                          seed: int = 0, batch: int = 500, by_class: bool = False, signal: float = 2.0) -> Path:
+                          seed: int = 0, batch: int = 500, by_class: bool = False, signal: float = 2.0,
+                          tokens_dtype: str = "float32") -> Path:
     """A cache of ``n`` images with cls + grid patch tokens (n, 1 + gh * gw, dim), labels i % classes (with
     ``by_class``, in class blocks, i * classes // n, as caches of class folders store them) and an identity final
     norm; ``signal`` is added to the label's channel of every token so probes can learn it."""
@@ -33,6 +37,7 @@ def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, d
     layout = TokenLayout(has_cls=True, num_prefix_tokens=1, grid_size=grid, patch_size=(16, 16))
     T = layout.num_tokens
     spec = CacheSpec(layout=layout, num_layers=2, num_heads=2, store="none", compression="none", token_dim=dim,
+                     tokens_dtype=tokens_dtype,
                      class_names=[f"c{i}" for i in range(classes)],
                      final_norm=(np.ones(dim, np.float32), np.zeros(dim, np.float32), 1e-6),
                      attrs={"n_inputs": n, "label": "synthetic", "model": "synthetic", "family": "synthetic",
@@ -46,7 +51,7 @@ def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, d
         tokens = rng.standard_normal((b, T, dim), dtype=np.float32)
         tokens[np.arange(b), :, labels] += signal
         norms = rng.random((b, 2, T), dtype=np.float32)  # per-layer rows every cache carries
-        writer.append({"tokens": tokens, "magnitude": norms, "token_norm": norms}, image_ids=[f"img_{start + i:06d}.png" for i in range(b)],
+        writer.append({"tokens": tokens.astype(tokens_dtype), "magnitude": norms, "token_norm": norms}, image_ids=[f"img_{start + i:06d}.png" for i in range(b)],
                       n_inputs_done=start + b, labels=labels, skipped=[])
     return writer.finish()
 
@@ -64,20 +69,23 @@ def _probe(path: Path) -> dict:
             "accuracy": {f"{r['pool']}/{r['evaluator']}": round(r["accuracy"], 3) for r in records}}
 
 
-def time_pools(n: int, directory: Path, repeats: int = 2, epochs: int = 50) -> list[dict]:
-    """Seconds to probe ``n`` synthetic demo-shaped images (tokens held in memory, as below 1 GiB) for each fixed
-    and trained pool and each evaluator; every (pool, evaluator) is timed once per repeat, in turn."""
+def time_pools(n: int, directory: Path, repeats: int = 2, epochs: int = 50, *, grid: tuple[int, int] = (8, 8), dim: int = 128,
+               device: str = "cpu", tokens_dtype: str = "float32") -> list[dict]:
+    """Seconds to probe ``n`` synthetic images (by default shaped like the demo's caches; ``grid=(14, 14), dim=768``
+    like a ViT-B/16's) for each fixed and trained pool and each evaluator on ``device``; every (pool, evaluator)
+    is timed once per repeat, in turn."""
     from attnflow.probe import probe_caches
 
-    path = directory / f"synthetic-demo-{n}.h5"
+    path = directory / f"synthetic-{grid[0]}x{grid[1]}x{dim}-{tokens_dtype}-{n}.h5"
     if not path.exists():
-        write_synthetic_cache(path, n, grid=(8, 8), dim=128, classes=10, by_class=True, signal=0.3)
+        write_synthetic_cache(path, n, grid=grid, dim=dim, classes=10, by_class=True, signal=0.3, tokens_dtype=tokens_dtype)
     runs = [(pool, evaluator) for pool in ("cls", "mean") for evaluator in ("knn", "linear")] + [("abmilp", "linear"), ("ep", "linear")]
     rows = []
     for repeat in range(repeats):
         for pool, evaluator in runs:
             began = time.perf_counter()
-            records, _ = probe_caches([(path, None)], split=0.8, pools=(pool,), evaluators=(evaluator,), epochs=epochs, n_bootstrap=1000)
+            records, _ = probe_caches([(path, None)], split=0.8, pools=(pool,), evaluators=(evaluator,), epochs=epochs, n_bootstrap=1000,
+                                      device=device)
             rows.append({"n_images": n, "pool": pool, "evaluator": evaluator, "repeat": repeat,
                          "seconds": round(time.perf_counter() - began, 2), "accuracy": round(records[0]["accuracy"], 3)})
             print(json.dumps(rows[-1]), flush=True)
@@ -90,6 +98,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--time-pools", type=int, metavar="N", help="time a probe of N demo-shaped images per pool instead")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=50, help="with --time-pools: epochs of the trained pools")
+    parser.add_argument("--grid", type=int, nargs=2, default=(8, 8), help="with --time-pools: patch grid (14 14 for ViT-B/16)")
+    parser.add_argument("--dim", type=int, default=128, help="with --time-pools: token width (768 for ViT-B)")
+    parser.add_argument("--device", default="cpu", help="with --time-pools: where the probes run")
+    parser.add_argument("--tokens-dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,7 +115,8 @@ def main() -> None:
     root = args.dir or Path(tempfile.mkdtemp(prefix="attnflow-probe-memory-"))
     root.mkdir(parents=True, exist_ok=True)
     if args.time_pools:
-        time_pools(args.time_pools, root, args.repeats)
+        time_pools(args.time_pools, root, args.repeats, args.epochs, grid=tuple(args.grid), dim=args.dim, device=args.device,
+                   tokens_dtype=args.tokens_dtype)
         return
     rows = []
     for n in args.sizes:
