@@ -432,7 +432,7 @@ def demo(
     format: Format = typer.Option(Format.table, "--format", "-f", help="How to print the comparison: table, markdown, csv, tsv or json."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
-    probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on 2,000 held-out images."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on the 5,000 held-out probe images shipped with the demo."),
 ) -> None:
     """Run the whole MIM-vs-JEA analysis offline on the two tiny shipped models (demo:mae, demo:dino).
 
@@ -456,7 +456,9 @@ def demo(
         columns = [*PROBE_COLUMNS, "gain_over_cls", "cls_entropy_norm"]
         if format not in (Format.csv, Format.tsv, Format.json):
             sys.stdout.write("\n")
-        _deliver(Table(run.probe_records, columns, "probes: cls vs selective pooling (80/20 split of 2,000 probe images)"), format)
+        first = run.probe_records[0]
+        n_probe = int(first["n_train"]) + int(first["n_test"])
+        _deliver(Table(run.probe_records, columns, f"probes: cls vs selective pooling (80/20 split of {n_probe:,} probe images)"), format)
     console.print(
         f"attnflow: demo: {run.n_images} images; caches {', '.join(map(str, run.caches))}; metrics "
         f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}"

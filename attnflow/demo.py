@@ -58,7 +58,7 @@ def run_demo(
     on_model: Callable[[str], None] | None = None,
 ) -> DemoRun:
     """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models; then, with
-    ``probe``, extract tokens of the 2,000 probe images and compare cls with selective pooling."""
+    ``probe``, extract tokens of the 5,000 probe images and compare cls with selective pooling."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = demo_images(limit)

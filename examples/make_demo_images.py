@@ -18,7 +18,7 @@ from demo_data import CLASS_NAMES, FASHION_MNIST, compose, load_fashion_mnist
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--probe-per-class", type=int, default=200)
+    p.add_argument("--probe-per-class", type=int, default=500)
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--data-root", default=str(FASHION_MNIST))
     p.add_argument("--out", default="attnflow/demo_data")

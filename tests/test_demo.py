@@ -31,8 +31,8 @@ def test_demo_data_is_complete_and_balanced():
     for name in DEMO_MODELS:
         assert (data / DEMO_MODELS[name].checkpoint).stat().st_size <= 4_000_000
     with np.load(data / "probe_images.npz") as probe:
-        assert probe["images"].shape == (2000, 48, 48) and probe["images"].dtype == np.uint8
-        assert np.bincount(probe["labels"]).tolist() == [200] * 10
+        assert probe["images"].shape == (5000, 48, 48) and probe["images"].dtype == np.uint8
+        assert np.bincount(probe["labels"]).tolist() == [500] * 10
         assert [str(n) for n in probe["class_names"]] == list(CLASS_NAMES)
     picked = demo_images(20)
     assert len(picked) == 20 and len({p.parent.name for p in picked}) == 10
@@ -71,7 +71,7 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     probes = list(csv.DictReader(io.StringIO("model,family,pool," + probe_part)))
     assert probes == list(csv.DictReader(io.StringIO((out / "probe.csv").read_text())))
     assert {(p["model"], p["pool"]) for p in probes} >= {("demo:mae", "abmilp"), ("demo:dino", "cls-attn")}
-    assert all(p["n_train"] == "1600" and p["n_test"] == "400" for p in probes)
+    assert all(p["n_train"] == "4000" and p["n_test"] == "1000" for p in probes)
     assert {r["model"] for r in rows} == {"demo:mae", "demo:dino"} and {r["family"] for r in rows} == {"mim", "jea"}
     assert "cls_fg_mass" in {r["metric"] for r in rows} and all(r["n_images"] == "20" for r in rows)
     with open_cache(out / "mae.h5") as cache:
