@@ -17,6 +17,7 @@ README.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import warnings
@@ -127,19 +128,24 @@ def resize_and_crop(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch
 
 
 def _pil_nearest_sources(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    """(n_out,) int64: the source pixel PIL's NEAREST resize copies to each output pixel along one axis.
+    """(n_out,) int64 on ``device``: the source pixel PIL's NEAREST resize copies to each output pixel along one
+    axis (see :func:`_pil_nearest_positions`)."""
+    return torch.tensor(_pil_nearest_positions(n_in, n_out), dtype=torch.int64, device=device)
 
-    PIL (Resample.c, then ImagingScaleAffine in Geometry.c) starts a float64 position at half a step and adds
+
+@functools.lru_cache(maxsize=256)
+def _pil_nearest_positions(n_in: int, n_out: int) -> tuple[int, ...]:
+    """PIL (Resample.c, then ImagingScaleAffine in Geometry.c) starts a float64 position at half a step and adds
     the step ``n_in / n_out`` per pixel, truncating each; the closed form ``floor((k + 0.5) * step)`` (torch's
-    'nearest-exact') differs from that running sum where its rounding lands just below an integer.
-    """
+    'nearest-exact') differs from that running sum where its rounding lands just below an integer. Cached: a
+    batch's images mostly share their sizes, and this is a Python loop per output pixel."""
     step = n_in / n_out
     position = step * 0.5
     sources = []
     for _ in range(n_out):
         sources.append(int(position))
         position += step
-    return torch.tensor(sources, dtype=torch.int64, device=device)
+    return tuple(sources)
 
 
 @dataclass(frozen=True)
