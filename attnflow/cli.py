@@ -22,6 +22,7 @@ from .errors import AttnflowError, AttnflowNote, OptionError
 from .cache import COMPRESSIONS, DTYPES, STORE_MODES
 from .families import FAMILIES
 from .images import DECODE_MODES, INTERPOLATIONS, PREPROCESS_PRESETS
+from .inference import Correction
 from .capture import MAGNITUDE_UPDATES
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EP_QUERIES, EVALUATORS, POOLS
@@ -396,12 +397,19 @@ def compare(
     summary_layers: str = typer.Option("last", callback=_layers_option, help="Layers of the group summary, same syntax as --layers."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the confidence intervals."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
+    correction: Correction = typer.Option(Correction.holm, "--correction", help="How the summary's p-values are adjusted as one family of tests: holm (family-wise error), bh (Benjamini-Hochberg q-values) or none."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json (csv/tsv: one row per model x metric x layer)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
-    """Compare models' metrics per layer and between two groups (MIM vs JEA by default): bootstrap CIs, Mann-Whitney U, Cliff's delta.
+    """Compare models' metrics per layer and test the difference between two groups (MIM vs JEA by default).
 
-    Example: attnflow compare --mim mae.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
+    With several networks per group the networks are the replicates (hierarchical bootstrap CI, exact
+    permutation test, Hedges' g): the verdict is about the families. With one network per group the rows
+    compare those two networks over images (paired by image id when they share images: Wilcoxon signed-rank
+    and rank-biserial; otherwise Mann-Whitney U and Cliff's delta), and the verdict names them. Verdicts use
+    p-values adjusted over the whole summary (--correction). See the README, "How attnflow tests differences".
+
+    Example: attnflow compare --mim mae.h5 --mim simmim.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
     """
     from .compare import compare_files
 
@@ -420,6 +428,7 @@ def compare(
     comparison = compare_files(
         paths, labels=label, families=families, metrics=metric or None, heads=heads.value, layers=layers,
         depth=depth.value, summary_layers=summary_layers, groups=groups, n_bootstrap=bootstrap, seed=seed,
+        correction=correction,
     )
     _print_notes(comparison.notes)
     _deliver(comparison, format, output)
@@ -451,9 +460,9 @@ def demo(
     _print_notes(run.comparison.notes)
     _deliver(run.comparison, format)
     if run.probe_records:
-        from .probe import PROBE_COLUMNS
+        from .probe import GAIN_COLUMNS, PROBE_COLUMNS
 
-        columns = [*PROBE_COLUMNS, "gain_over_cls", "cls_entropy_norm"]
+        columns = [*PROBE_COLUMNS, *GAIN_COLUMNS, "cls_entropy_norm"]
         if format not in (Format.csv, Format.tsv, Format.json):
             sys.stdout.write("\n")
         first = run.probe_records[0]
@@ -496,7 +505,7 @@ def probe_command(
     Example: attnflow probe mae.h5 dino.h5 --split 0.8 --with-attention
     """
     from .options import resolve_device
-    from .probe import POOLS, PROBE_COLUMNS, probe_caches
+    from .probe import GAIN_COLUMNS, POOLS, PROBE_COLUMNS, probe_caches
 
     if len(train) != len(test):
         raise typer.BadParameter(f"{len(train)} --train caches for {len(test)} --test caches", param_hint="--train/--test")
@@ -519,9 +528,12 @@ def probe_command(
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
     if layer is not None:  # the 0-based block probed, after the model
         columns.insert(columns.index("model") + 1, "layer")
-    if format not in (Format.csv, Format.tsv):
-        columns.insert(columns.index("n_train"), "gain_over_cls")
-    _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images)"), format, output)
+    if format in (Format.csv, Format.tsv):
+        columns += GAIN_COLUMNS  # after attnflow 0.1's columns, which keep their places
+    else:
+        columns[columns.index("n_train"):columns.index("n_train")] = GAIN_COLUMNS
+    _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images; gain over cls: "
+                                     "paired CI, McNemar p, Holm-adjusted)"), format, output)
 
 
 plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)

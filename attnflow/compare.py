@@ -4,15 +4,16 @@ Input is metrics files (one per model). For every model, metric and selected lay
 (heads reduced first by ``heads``) give a mean, a standard deviation, a 95% bootstrap confidence interval of
 the mean and the number of images. Models are grouped by family (:mod:`attnflow.families`); for each
 pair of groups summarised (``groups``: MIM vs JEA by default, any two families, or every pair present),
-the images of all models of group A and of all models of group B are pooled per metric and layer, and
-compared with a bootstrap CI of the difference of means A - B, a two-sided Mann-Whitney U test and Cliff's
-delta.
+:func:`summarize` tests the difference A - B per metric and layer with :mod:`attnflow.inference`: the
+networks are the replicates when a group holds several (a claim about the families), two networks are
+compared over images when each group holds one (a claim about those two networks), images are paired by id
+when the networks share them, and the whole summary is one family of tests (Holm by default).
 
 Bootstrap streams, so that every interval can be recomputed by hand: model ``i`` (0-based, in input order)
 draws its resamples from ``numpy.random.default_rng([seed, i])``, resample after resample, each
 ``integers(0, n, n)`` over its n images, shared by all its metrics and layers; summary row ``j`` (counted
-over all pairs, in output order) draws from ``default_rng([seed, 1000 + j])`` first all group A resamples,
-then all group B resamples. Intervals are the 2.5 and 97.5 percentiles (numpy's default linear
+over all pairs, in output order) draws from ``default_rng([seed, 1000 + j])`` in the order
+:mod:`attnflow.inference` documents. Intervals are the 2.5 and 97.5 percentiles (numpy's default linear
 interpolation). Images whose value is NaN are left out of that metric's statistics.
 """
 from __future__ import annotations
@@ -28,11 +29,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 
 from .cache import open_metrics
 from .errors import AttnflowError, OptionError
 from .families import FAMILIES, title
+from .inference import (
+    ALPHA, MAX_EXACT_RELABELINGS, Correction, adjust, between_models, bootstrap_means, percentile_ci, smallest_adjusted,
+)
 from .metrics import FUSIONS, REGISTRY, reduce_heads
 from .render import Format, emit, format_cell, json_value
 
@@ -45,7 +48,6 @@ LEGACY_SUMMARY_KEYS = {
     "a_mean": "mim_mean", "b_mean": "jea_mean", "n_a": "n_mim", "n_b": "n_jea", "a_models": "mim_models",
     "b_models": "jea_models",
 }
-ALPHA = 0.05
 
 
 @dataclass
@@ -59,6 +61,21 @@ class ModelMetrics:
     img_size: tuple[int, ...]
     has_cls: bool
     values: dict[str, np.ndarray] = field(default_factory=dict)
+    image_ids: list[str] = field(default_factory=list)
+    given_label: str = ""  # the label before two equal ones were told apart (#2)
+    weights: str = ""
+    checkpoint_sha256: str = ""
+    model_name: str = ""
+
+    def network_keys(self) -> list[tuple[str, str]]:
+        """What identifies the network behind the file: the file itself, its label, its checkpoint's digest,
+        or the hub weights of a pretrained name."""
+        keys = [("file", os.path.realpath(self.path)), ("label", self.given_label or self.label)]
+        if self.checkpoint_sha256:
+            keys.append(("checkpoint sha256", self.checkpoint_sha256))
+        if self.weights == "pretrained" and self.model_name:
+            keys.append(("pretrained weights", self.model_name))
+        return keys
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,12 @@ def load_models(
                 num_layers=int(a["num_layers"]),
                 img_size=tuple(a.get("img_size", ())),
                 has_cls=bool(a.get("has_cls", True)),
+                image_ids=_image_keys(mf.image_ids, a.get("working_dir")),
+                weights=str(a.get("weights", "")),
+                checkpoint_sha256=str(a.get("checkpoint_sha256", "")),
+                model_name=str(a.get("model", "")),
             )
+            model.given_label = model.label
             names = set(mf.metric_names)
             available.append(names)
             for name in metrics or REGISTRY.defaults:
@@ -137,6 +159,14 @@ def load_models(
         sizes = ", ".join(f"{m.label} {'x'.join(map(str, m.img_size))}" for m in models)
         notes.append(f"models ran at different resolutions ({sizes}): attn_distance is in each model's input pixels")
     return models, chosen
+
+
+def _image_keys(image_ids: Sequence[str], working_dir: str | None) -> list[str]:
+    """Image ids as paths that two runs from different folders agree on: relative ids joined to the folder
+    the run resolved them from."""
+    if not working_dir:
+        return list(image_ids)
+    return [os.path.normpath(os.path.join(working_dir, i)) for i in image_ids]
 
 
 def _make_labels_unique(models: list[ModelMetrics], notes: list[str]) -> None:
@@ -206,33 +236,6 @@ def _parse_list(spec: str, kind, option: str) -> list:
         raise AttnflowError(f"{option} takes all, last or a comma-separated list, not '{spec}'") from None
 
 
-def _finite_mean_resamples(x: np.ndarray, rng: np.random.Generator, n_resamples: int) -> np.ndarray:
-    """(n, K) values -> (n_resamples, K) means over the finite values of bootstrap resamples of the rows.
-
-    Resample r is ``rng.integers(0, n, n)``; rows are counted with bincount and the means taken as one
-    matrix product per block of resamples, with all K columns sharing the resamples.
-    """
-    n, K = x.shape
-    finite = np.isfinite(x)
-    x0, f = np.where(finite, x, 0.0), finite.astype(np.float64)
-    out = np.empty((n_resamples, K))
-    block = max(1, min(n_resamples, 5_000_000 // max(n, 1)))
-    for start in range(0, n_resamples, block):
-        b = min(block, n_resamples - start)
-        idx = rng.integers(0, n, size=(b, n))
-        counts = np.bincount((idx + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + b] = (counts @ x0) / (counts @ f)
-    return out
-
-
-def _percentile_ci(means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        low, high = np.percentile(means, [2.5, 97.5], axis=0)
-    return low, high
-
-
 def describe(
     models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000, seed: int = 0
 ) -> list[dict[str, Any]]:
@@ -252,7 +255,7 @@ def describe(
             warnings.simplefilter("ignore", RuntimeWarning)
             means = np.nanmean(x, axis=0)
             stds = np.nanstd(x, axis=0, ddof=1)
-        low, high = _percentile_ci(_finite_mean_resamples(x, np.random.default_rng([seed, i]), n_bootstrap))
+        low, high = percentile_ci(bootstrap_means(x, np.random.default_rng([seed, i]), n_bootstrap))
         for k, (name, row, idx) in enumerate(cells):
             records.append({
                 "model": model.label, "family": model.family, "metric": name, "layer": int(idx),
@@ -261,11 +264,6 @@ def describe(
                 "row": row.name,
             })
     return records
-
-
-def cliffs_delta(u_statistic: float, n_x: int, n_y: int) -> float:
-    """Cliff's delta P(X > Y) - P(X < Y) from the Mann-Whitney U of X (ties count one half)."""
-    return 2.0 * u_statistic / (n_x * n_y) - 1.0
 
 
 def parse_groups(spec: str | Sequence[str]) -> tuple[str, str] | None:
@@ -306,70 +304,178 @@ def summary_pairs(models: Sequence[ModelMetrics], pair: tuple[str, str] | None, 
     return [pair]
 
 
-def verdict(metric: str, diff: float, ci_low: float, ci_high: float, p_value: float,
-            groups: tuple[str, str] = DEFAULT_GROUPS) -> str:
-    """In words, what the difference ``diff`` = group A - group B of ``metric`` says, when it is clear."""
-    if not all(math.isfinite(v) for v in (diff, ci_low, ci_high, p_value)):
+def verdict(metric: str, record: dict[str, Any], *, alpha: float = ALPHA) -> str:
+    """In words, what summary ``record`` says about ``metric``, when it is clear.
+
+    A verdict needs the adjusted p-value below ``alpha``, an interval of the difference that excludes 0, an
+    effect size of the same sign as the difference, and a design that can reach ``alpha`` at all. With one
+    network per group it names the two networks; with networks as the replicates it names the families.
+    """
+    diff, low, high, p = (record.get(k, math.nan) for k in ("diff", "ci_low", "ci_high", "p_adjusted"))
+    if not all(math.isfinite(v) for v in (diff, low, high, p)):
         return "not available"
-    if p_value >= ALPHA or ci_low <= 0 <= ci_high:
+    if record.get("min_p_adjusted", 0.0) >= alpha:
+        return "no verdict: too few models for this design"
+    if p >= alpha or low <= 0 <= high:
         return "no clear difference"
-    more, less = (title(groups[0]), title(groups[1])) if diff > 0 else (title(groups[1]), title(groups[0]))
+    effect = record.get("effect", math.nan)
+    if math.isfinite(effect) and effect * diff <= 0:
+        return "no clear difference (the effect size disagrees with the difference)"
+    a, b = _subjects(record)
+    more, less = (a, b) if diff > 0 else (b, a)
     declared = REGISTRY.get(metric)
+    if record.get("unit") == "images":
+        return f"{more} {declared.meaning} than {less}" if declared else f"{more} {metric} higher than {less}"
     return f"{more} {declared.meaning}" if declared else f"{more} {metric} higher than {less}"
+
+
+def _subjects(record: dict[str, Any]) -> tuple[str, str]:
+    """What a summary row compares: the two networks' labels (unit images) or the two families' titles."""
+    if record.get("unit") == "images":
+        return record["a_models"], record["b_models"]
+    return title(record["a_group"]), title(record["b_group"])
 
 
 def summarize(
     models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000,
     seed: int = 0, notes: list[str] | None = None, groups: Sequence[tuple[str, str]] = (DEFAULT_GROUPS,),
+    correction: Correction | str = Correction.holm,
 ) -> list[dict[str, Any]]:
-    """Group A vs group B per pair in ``groups``, metric and layer row; a pair whose families are not both
-    present gives no rows."""
+    """Group A vs group B per pair in ``groups``, metric and layer row (:mod:`attnflow.inference`): networks
+    are the replicates when a group has several, images are paired by id when the networks share them, and
+    all rows together are one family of tests adjusted by ``correction``. A pair whose families are not both
+    present gives no rows; summary row ``j`` (over all pairs, in output order) draws its bootstrap from
+    ``numpy.random.default_rng([seed, 1000 + j])``."""
     notes = notes if notes is not None else []
+    correction = Correction(correction)
     out: list[dict[str, Any]] = []
     for pair in groups:
         members = [[i for i, m in enumerate(models) if m.family == fam] for fam in pair]
         if not all(members):
             continue
-        for fam, indices in zip(pair, members):
-            if len(indices) > 1:
-                notes.append(f"summary pools the images of {len(indices)} {title(fam)} models: "
-                             + ", ".join(models[i].label for i in indices))
-        labels = [[models[i].label for i in indices] for indices in members]
+        _refuse_one_network_twice([models[i] for indices in members for i in indices])
+        shared = _shared_images(models, members, pair, notes)
         for name in metrics:
             for row in rows:
-                pools = []
-                for indices in members:
-                    parts = [models[i].values[name][:, row.index[i]] for i in indices
-                             if name in models[i].values and row.index[i] is not None]
-                    values = np.concatenate(parts) if parts else np.empty(0)
-                    pools.append(values[np.isfinite(values)])
-                j = len(out)
-                out.append(_compare_pools(name, row, pair, pools, labels, n_bootstrap, np.random.default_rng([seed, 1000 + j])))
+                present = [[i for i in indices if name in models[i].values and row.index[i] is not None]
+                           for indices in members]
+                rng = np.random.default_rng([seed, 1000 + len(out)])
+                out.append(_compare_groups(models, name, row, pair, present, shared, n_bootstrap, rng))
+        _note_design(models, members, pair, shared, notes)
+    adjusted = adjust([r["p_value"] for r in out], correction)
+    n_tests = int(np.isfinite(adjusted).sum())
+    for record, p in zip(out, adjusted):
+        record.update({"p_adjusted": float(p), "correction": correction.value, "n_tests": n_tests,
+                       "min_p_adjusted": smallest_adjusted(record["min_p"], n_tests, correction)})
+        record["verdict"] = verdict(record["metric"], record)
+    _note_multiplicity(out, correction, n_tests, notes)
     return out
 
 
-def _compare_pools(name: str, row: LayerRow, pair: tuple[str, str], pools: list[np.ndarray], labels: list[list[str]],
-                   n_bootstrap: int, rng: np.random.Generator) -> dict[str, Any]:
-    """One summary record: group A's pooled values ``pools[0]`` against group B's ``pools[1]``."""
-    a, b = pools
-    record: dict[str, Any] = {"metric": name, "layer": row.name, "a_group": pair[0], "b_group": pair[1]}
-    record.update(dict.fromkeys(("a_mean", "b_mean", "diff", "ci_low", "ci_high", "p_value", "cliffs_delta"), math.nan))
-    record.update({"n_a": int(a.size), "n_b": int(b.size), "a_models": ", ".join(labels[0]), "b_models": ", ".join(labels[1])})
-    if a.size == 0 or b.size == 0:
-        record["verdict"] = "not available"
-        return record
-    a_means = _finite_mean_resamples(a[:, None], rng, n_bootstrap)[:, 0]
-    b_means = _finite_mean_resamples(b[:, None], rng, n_bootstrap)[:, 0]
-    low, high = _percentile_ci(a_means - b_means)
-    test = stats.mannwhitneyu(a, b, alternative="two-sided")
-    diff = float(a.mean() - b.mean())
-    record.update({
-        "a_mean": float(a.mean()), "b_mean": float(b.mean()), "diff": diff,
-        "ci_low": float(low), "ci_high": float(high), "p_value": float(test.pvalue),
-        "cliffs_delta": cliffs_delta(float(test.statistic), a.size, b.size),
-    })
-    record["verdict"] = verdict(name, diff, record["ci_low"], record["ci_high"], record["p_value"], pair)
+def _shared_images(models: Sequence[ModelMetrics], members: list[list[int]], pair: tuple[str, str],
+                   notes: list[str]) -> dict[int, np.ndarray] | None:
+    """Row indices, per model, of the images every model of the pair holds (in the first model's order), or
+    None when they share fewer than two images (then the groups are compared unpaired)."""
+    everyone = [i for indices in members for i in indices]
+    common = set(models[everyone[0]].image_ids)
+    for i in everyone[1:]:
+        common &= set(models[i].image_ids)
+    if len(common) < 2:
+        if common or any(set(models[i].image_ids) & set(models[j].image_ids) for i in everyone for j in everyone if i < j):
+            notes.append(f"{_pair_name(pair)}: the models share fewer than two images; compared unpaired, "
+                         "as if their images were independent")
+        return None
+    order = [image for image in models[everyone[0]].image_ids if image in common]
+    order = list(dict.fromkeys(order))
+    partial = [models[i] for i in everyone if len(models[i].image_ids) != len(order)]
+    if partial:
+        notes.append(f"{_pair_name(pair)}: {len(order)} images are held by all {len(everyone)} models ("
+                     + ", ".join(f"{m.label} {len(m.image_ids)}" for m in partial)
+                     + "); the summary pairs those and leaves the others out")
+    positions = {}
+    for i in everyone:
+        first = {}
+        for k, image in enumerate(models[i].image_ids):
+            first.setdefault(image, k)
+        positions[i] = np.array([first[image] for image in order])
+    return positions
+
+
+def _compare_groups(models: Sequence[ModelMetrics], name: str, row: LayerRow, pair: tuple[str, str],
+                    present: list[list[int]], shared: dict[int, np.ndarray] | None, n_bootstrap: int,
+                    rng: np.random.Generator) -> dict[str, Any]:
+    """One summary record: the networks of group A in ``present[0]`` against those of group B."""
+    record: dict[str, Any] = {"metric": name, "layer": row.name, "a_group": pair[0], "b_group": pair[1],
+                              "a_models": ", ".join(models[i].label for i in present[0]),
+                              "b_models": ", ".join(models[i].label for i in present[1])}
+    if shared is not None:
+        columns = [np.stack([models[i].values[name][shared[i], row.index[i]] for i in indices], axis=1)
+                   if indices else np.empty((len(next(iter(shared.values()))), 0)) for indices in present]
+        difference = between_models(columns[0:1], columns[1:2], rng, n_bootstrap, paired=True)
+    else:
+        values = [[models[i].values[name][:, row.index[i]] for i in indices] for indices in present]
+        difference = between_models(values[0], values[1], rng, n_bootstrap, paired=False)
+    record.update(difference.as_dict())
+    # attnflow 0.1's names: the image counts, and Cliff's delta wherever it is the effect size
+    record["n_a"], record["n_b"] = record.pop("n_images_a"), record.pop("n_images_b")
+    record["cliffs_delta"] = record["effect"] if record["effect_size"] == "cliffs_delta" else math.nan
     return record
+
+
+def _refuse_one_network_twice(members: Sequence[ModelMetrics]) -> None:
+    """Two files of one network in a summary would count that network twice: refuse them."""
+    seen: dict[Any, ModelMetrics] = {}
+    for m in members:
+        for key in m.network_keys():
+            if key in seen:
+                other = seen[key]
+                raise AttnflowError(
+                    f"{other.path} and {m.path} hold the same network ({key[0]} {key[1]}): a summary counts each "
+                    "network once; leave one out, or give --label to tell two different networks apart"
+                )
+            seen[key] = m
+
+
+def _pair_name(pair: tuple[str, str]) -> str:
+    return f"{title(pair[0])} vs {title(pair[1])}"
+
+
+def _note_design(models: Sequence[ModelMetrics], members: list[list[int]], pair: tuple[str, str],
+                 shared: dict[int, np.ndarray] | None, notes: list[str]) -> None:
+    """Say what the pair's rows can claim: about two networks, or about the families."""
+    n_a, n_b = (len(indices) for indices in members)
+    images = f"paired over {len(next(iter(shared.values())))} shared images" if shared is not None else "unpaired (no shared images)"
+    if n_a == 1 and n_b == 1:
+        a, b = (models[indices[0]].label for indices in members)
+        notes.append(f"{_pair_name(pair)}: one network per group ({a}, {b}): the rows compare these two networks "
+                     f"over images ({images}) and do not generalise to the families; several networks per group do")
+        return
+    notes.append(f"{_pair_name(pair)}: {n_a} vs {n_b} networks are the replicates (images {images}); "
+                 "p from an exact permutation test of the family labels over the network means")
+    relabelings = math.comb(n_a + n_b, n_a)
+    if relabelings <= MAX_EXACT_RELABELINGS and 2 / relabelings >= ALPHA:
+        notes.append(f"{_pair_name(pair)}: with {n_a} vs {n_b} networks the smallest p a two-sided permutation test "
+                     f"can give is {min(1.0, 2 / relabelings):.3g}, not below {ALPHA}: no verdict is possible; "
+                     "more networks per group are needed")
+    for fam, indices in zip(pair, members):
+        if len(indices) == 1:
+            notes.append(f"{_pair_name(pair)}: {title(fam)} has one network ({models[indices[0]].label}): the interval "
+                         "holds no between-network spread of that group, and Hedges' g needs two per group")
+
+
+def _note_multiplicity(records: Sequence[dict[str, Any]], correction: Correction, n_tests: int, notes: list[str]) -> None:
+    if n_tests < 2:
+        return
+    if correction is Correction.none:
+        notes.append(f"the summary's {n_tests} p-values are not adjusted for multiple tests (--correction none)")
+        return
+    name = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}[correction.value]
+    notes.append(f"the summary is one family of {n_tests} tests; verdicts use p-values adjusted by {name}")
+    reachable = [r for r in records if math.isfinite(r["p_value"]) and r["min_p"] < ALPHA <= r["min_p_adjusted"]]
+    if reachable:
+        notes.append(f"with {correction.value} over {n_tests} tests the smallest adjusted p this design can give is "
+                     f"{min(r['min_p_adjusted'] for r in reachable):.3g}: no verdict is possible; fewer tests "
+                     "(--metric, --summary-layers) or more networks per group are needed")
 
 
 def with_legacy_keys(record: dict[str, Any]) -> dict[str, Any]:
@@ -400,19 +506,61 @@ def layer_tables(
     return tables
 
 
-def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The summary records of one group pair as display rows; the mean columns are named after the groups."""
-    a, b = title(summary[0]["a_group"]), title(summary[0]["b_group"])
+EFFECT_SYMBOLS = {"rank_biserial": "r", "cliffs_delta": "delta", "hedges_g": "g"}
+
+
+def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], str]:
+    """The summary records of one group pair as display rows, their columns and the table's title. The mean
+    columns are named after the two networks (one per group) or the two families."""
+    first = summary[0]
+    a, b = _subjects(first)
+    p_adjusted = "p" if first["correction"] == Correction.none.value else f"p {first['correction']}"
     rows = [
         {
             "metric": s["metric"], "layer": s["layer"], a: s["a_mean"], b: s["b_mean"], "diff": s["diff"],
             "95% CI": f"[{format_cell(s['ci_low'])}, {format_cell(s['ci_high'])}]",
-            "p": f"{s['p_value']:.2g}" if math.isfinite(s["p_value"]) else "nan",
-            "cliff's d": s["cliffs_delta"], "n": f"{s['n_a']}/{s['n_b']}", "verdict": s["verdict"],
+            "effect [95% CI]": _effect_cell(s), "p": _p_cell(s["p_value"]), p_adjusted: _p_cell(s["p_adjusted"]),
+            "n": _count_cell(s), "verdict": s["verdict"],
         }
         for s in summary
     ]
-    return rows, ["metric", "layer", a, b, "diff", "95% CI", "p", "cliff's d", "n", "verdict"]
+    columns = ["metric", "layer", a, b, "diff", "95% CI", "effect [95% CI]", "p", p_adjusted, "n", "verdict"]
+    if p_adjusted == "p":
+        columns.remove("p")
+        for row in rows:
+            row["p"] = row.pop(p_adjusted, row["p"])
+    return rows, columns, _summary_title(first)
+
+
+def _summary_title(record: dict[str, Any]) -> str:
+    pair = _pair_name((record["a_group"], record["b_group"]))
+    images = "paired images" if record["design"] == "paired" else "unpaired images"
+    if record["unit"] == "images":
+        design = f"two networks, {record['a_models']} - {record['b_models']}, unit images ({images}, {record['test']})"
+    else:
+        design = (f"{record['n_models_a']} vs {record['n_models_b']} networks, unit models "
+                  f"({images}, {record['test']} over network means)")
+    tests = f"{record['correction']} over {record['n_tests']} tests" if record["correction"] != "none" else "not adjusted"
+    return f"{pair}: {design}; {tests}"
+
+
+def _p_cell(p: float) -> str:
+    return f"{p:.2g}" if math.isfinite(p) else "nan"
+
+
+def _effect_cell(record: dict[str, Any]) -> str:
+    if not record["effect_size"] or not math.isfinite(record["effect"]):
+        return ""
+    symbol = EFFECT_SYMBOLS[record["effect_size"]]
+    return f"{symbol} {record['effect']:+.2f} [{record['effect_low']:+.2f}, {record['effect_high']:+.2f}]"
+
+
+def _count_cell(record: dict[str, Any]) -> str:
+    if record["unit"] == "models":
+        return f"{record['n_models_a']}/{record['n_models_b']} models"
+    if record["design"] == "paired":
+        return f"{record['n_a']} pairs"
+    return f"{record['n_a']}/{record['n_b']}"
 
 
 @dataclass
@@ -450,8 +598,8 @@ class Comparison:
             for k, ((a, b), records) in enumerate(self.summaries()):
                 if k:
                     out.write("\n")
-                display, columns = summary_table(records)
-                emit(display, columns, fmt, title=f"{title(a)} vs {title(b)}", out=out)
+                display, columns, caption = summary_table(records)
+                emit(display, columns, fmt, title=caption, out=out)
 
 
 def compare_files(
@@ -467,12 +615,18 @@ def compare_files(
     groups: str | Sequence[str] = DEFAULT_GROUPS,
     n_bootstrap: int = 2000,
     seed: int = 0,
+    correction: Correction | str = Correction.holm,
 ) -> Comparison:
     """Load metrics files and compute every table ``attnflow compare`` prints.
 
-    ``groups`` chooses the summary: two families ``"A,B"`` (or ``("A", "B")``; default MIM vs JEA), whose
-    pooled images are compared as A - B, or ``"all"`` for every pair of the families present.
+    ``groups`` chooses the summary: two families ``"A,B"`` (or ``("A", "B")``; default MIM vs JEA), compared
+    as A - B (see :func:`summarize`), or ``"all"`` for every pair of the families present. ``correction``
+    adjusts the summary's p-values as one family of tests: holm, bh or none.
     """
+    try:
+        correction = Correction(correction)
+    except ValueError:
+        raise OptionError("--correction", f"takes {', '.join(c.value for c in Correction)}, not '{correction}'") from None
     notes: list[str] = []
     pair = parse_groups(groups)
     metrics = list(dict.fromkeys(metrics)) if metrics else metrics  # a metric asked for twice: one table
@@ -482,18 +636,16 @@ def compare_files(
     rows = plan_layers(models, layers, depth, notes)
     records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
     summary_rows = plan_layers(models, summary_layers, depth, notes if pairs else [], option="--summary-layers")
-    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes, groups=pairs)
+    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes, groups=pairs,
+                        correction=correction)
     return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads, pairs)
 
 
 def _note_repeated_files(models: Sequence[ModelMetrics], pairs: Sequence[tuple[str, str]], notes: list[str]) -> None:
-    """One file given twice is one model shown twice; in a summary its images would count once per copy."""
+    """One file given twice is one model shown twice (a summary refuses it, see :func:`summarize`)."""
     copies: dict[str, list[ModelMetrics]] = {}
     for m in models:
         copies.setdefault(os.path.realpath(m.path), []).append(m)
     for same in copies.values():
         if len(same) > 1:
-            pooled = [f"{title(a)}-vs-{title(b)}" for a, b in pairs if any(sum(m.family == fam for m in same) > 1 for fam in (a, b))]
-            summaries = f"the {' and '.join(pooled)} {'summary counts' if len(pooled) == 1 else 'summaries count'}"
-            notes.append(f"{same[0].path} is given {len(same)} times (as {', '.join(m.label for m in same)})"
-                         + (f"; {summaries} its images once per copy" if pooled else ""))
+            notes.append(f"{same[0].path} is given {len(same)} times (as {', '.join(m.label for m in same)})")

@@ -1,8 +1,11 @@
-"""``attnflow demo``: the whole MIM-vs-JEA analysis, offline, on the two shipped models.
+"""``attnflow demo``: the whole MIM-vs-JEA analysis, offline, on the two shipped models and an untrained one.
 
 Extract (with object masks and labels, metrics streamed) -> compare -> figures, then probes of cls
-against selective pooling on held-out probe images. The models are declared in
-:mod:`attnflow.demo_models`; the data recipe and training scripts are in ``examples/``.
+against selective pooling on held-out probe images. ``demo:random`` (the same architecture with seeded
+random weights) runs beside ``demo:mae`` and ``demo:dino``, so that every number of a trained model can be
+read against an untrained network; the summary compares every pair (one network each: the rows are about
+these networks, not the families). The models are declared in :mod:`attnflow.demo_models`; the data recipe
+and training scripts are in ``examples/``.
 """
 from __future__ import annotations
 
@@ -14,14 +17,14 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .compare import Comparison, compare_files
+from .compare import ALL_PAIRS, Comparison, compare_files
 from .demo_models import DEMO_MODELS, demo_data_dir
 from .errors import AttnflowError, AttnflowNote
 from .extract import extract
 from .images import list_images
 from .models import build_model
 from .plot import plot_curves, plot_maps, pyplot
-from .probe import PROBE_COLUMNS, pools_for_store, probe_caches
+from .probe import GAIN_COLUMNS, PROBE_COLUMNS, pools_for_store, probe_caches
 from .render import Format, emit
 
 
@@ -57,8 +60,9 @@ def run_demo(
     probe: bool = True,
     on_model: Callable[[str], None] | None = None,
 ) -> DemoRun:
-    """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models; then, with
-    ``probe``, extract tokens of the 5,000 probe images and compare cls with selective pooling."""
+    """Extract (with masks and labels, metrics streamed) -> compare, for the shipped models and the untrained
+    reference; then, with ``probe``, extract tokens of the 5,000 probe images and compare cls with selective
+    pooling."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = demo_images(limit)
@@ -73,7 +77,7 @@ def run_demo(
         )
         caches.append(result.path)
         metrics.append(result.metrics_path)
-    comparison = compare_files(metrics, n_bootstrap=n_bootstrap)
+    comparison = compare_files(metrics, n_bootstrap=n_bootstrap, groups=ALL_PAIRS)
     compare_csv = out / "compare.csv"
     with open(compare_csv, "w", newline="") as handle:
         comparison.write(Format.csv, handle)
@@ -124,5 +128,5 @@ def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, 
         warnings.warn(AttnflowNote(note), stacklevel=3)
     probe_csv = out / "probe.csv"
     with open(probe_csv, "w", newline="") as handle:
-        emit(records, [*PROBE_COLUMNS, "gain_over_cls", "cls_entropy_norm"], Format.csv, out=handle)
+        emit(records, [*PROBE_COLUMNS, *GAIN_COLUMNS, "cls_entropy_norm"], Format.csv, out=handle)
     return probe_csv, records

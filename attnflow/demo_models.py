@@ -1,4 +1,6 @@
-"""The two tiny models shipped with attnflow: names, architecture and weights (``demo:mae``, ``demo:dino``).
+"""The tiny models shipped with attnflow: names, architecture and weights (``demo:mae``, ``demo:dino``), and
+the untrained reference every trained one is read against (``demo:random``: the same architecture with
+seeded random weights).
 
 Both are one timm VisionTransformer trained on composed Fashion-MNIST images (see
 ``examples/demo_data.py`` for the data recipe and ``examples/train_*.py`` for the training). This module is
@@ -30,14 +32,17 @@ DEMO_KWARGS = dict(
 
 @dataclass(frozen=True)
 class DemoModel:
-    checkpoint: str  # file name inside attnflow/demo_data
+    checkpoint: str | None  # file name inside attnflow/demo_data; None: random weights drawn with ``seed``
     family: str
+    seed: int = 0
 
 
 DEMO_MODELS = {
     "demo:mae": DemoModel("mae.pth", "mim"),
     "demo:dino": DemoModel("dino.pth", "jea"),
+    "demo:random": DemoModel(None, "untrained", seed=0),
 }
+TRAINED_DEMO_MODELS = tuple(name for name, demo in DEMO_MODELS.items() if demo.checkpoint is not None)
 
 
 def demo_data_dir() -> Path:

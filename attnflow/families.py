@@ -38,7 +38,9 @@ FAMILY_DECLARATIONS = (
     Family("language-supervised", "language-supervised", "image-text pre-training: CLIP, SigLIP, EVA-CLIP, PE",
            "Reds", (0, (1, 1))),
     Family("supervised", "supervised", "supervised on labels, or fine-tuned (*_ft_* tags)", "Greens", "-."),
-    Family("unknown", "unknown", "none of the above, or random weights", "Greys", ":"),
+    Family("untrained", "untrained", "random weights: the reference a trained model is read against (demo:random)",
+           "Greys", (0, (3, 1, 1, 1))),
+    Family("unknown", "unknown", "none of the above", "Greys", ":"),
 )
 FAMILIES = tuple(f.name for f in FAMILY_DECLARATIONS)
 _BY_NAME = {f.name: f for f in FAMILY_DECLARATIONS}

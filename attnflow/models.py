@@ -90,7 +90,12 @@ def build_model(
 ) -> LoadedModel:
     """Create ``name`` with timm and load its weights, see :func:`load_model`."""
     demo = DEMO_MODELS.get(name)
-    if demo is not None and not random_init:
+    seed = None
+    if demo is not None and demo.checkpoint is None:  # demo:random: the same weights on every machine
+        if checkpoint is not None:
+            raise AttnflowError(f"{name} has seeded random weights; it takes no checkpoint")
+        family, random_init, seed = family or demo.family, True, demo.seed
+    elif demo is not None and not random_init:
         family = family or demo.family
         if checkpoint is None:
             checkpoint = demo_data_dir() / demo.checkpoint
@@ -113,7 +118,14 @@ def build_model(
     if img_size is not None:
         kwargs["img_size"] = img_size
     pretrained = checkpoint is None and not random_init
-    model = _create(name, pretrained=pretrained, **kwargs) if demo is None else _create_demo(**kwargs)
+    if demo is None:
+        model = _create(name, pretrained=pretrained, **kwargs)
+    elif seed is not None:
+        with torch.random.fork_rng(devices=[]):  # a seeded draw leaves the caller's random stream as it was
+            torch.manual_seed(seed)
+            model = _create_demo(**kwargs)
+    else:
+        model = _create_demo(**kwargs)
 
     ckpt_path, sha = "", ""
     if checkpoint is not None:
@@ -131,7 +143,7 @@ def build_model(
         checkpoint_sha256=sha,
         weights="checkpoint" if checkpoint is not None else ("random" if random_init else "pretrained"),
         # random weights were never pre-trained, whatever family the architecture's name suggests
-        family=family or ("unknown" if random_init else infer_family(name)),
+        family=family or ("untrained" if random_init else infer_family(name)),
         label=label or (name if demo is not None else default_label(name, checkpoint)),
     )
 

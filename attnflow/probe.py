@@ -17,7 +17,11 @@ tokens (T, D) into one vector:
 
 Evaluators: DINO's weighted k-NN (cosine, k = 20, temperature 0.07) and a linear probe (batch norm without
 affine parameters, then a linear layer; AdamW, cosine schedule, seeded, the best epoch chosen on a held-out
-10% of the training images). Accuracy comes with a 95% bootstrap CI over test images.
+10% of the training images). Accuracy comes with a 95% bootstrap CI over test images. A pool's gain over cls
+(same model, same test images) is paired: its bootstrap CI resamples the test images of both at once (row
+``j`` of the records, in output order, draws from ``numpy.random.default_rng([seed, 2000 + j])``), its test
+is McNemar's exact test of the images one gets right and the other wrong, and the p-values of all gains of a
+run are adjusted together by Holm (``gain_p_holm``).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 from .cache import open_cache
 from .errors import AttnflowError
+from .inference import Correction, adjust, paired_accuracy_difference
 from .layout import TokenLayout
 from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .options import resolve_device
@@ -49,6 +54,9 @@ POOL_STORES = {"cls-attn": ("rows", "full"), "min-entropy-head": ("rows", "full"
 EP_QUERIES = 32  # the paper's default number of EP queries
 
 PROBE_COLUMNS = ("model", "family", "pool", "evaluator", "accuracy", "ci_low", "ci_high", "n_train", "n_test")
+# A pool against cls of the same model on the same test images: the accuracy difference, its paired bootstrap
+# CI, the exact McNemar p-value, and that p adjusted by Holm over every gain of the table.
+GAIN_COLUMNS = ("gain_over_cls", "gain_ci_low", "gain_ci_high", "gain_p", "gain_p_holm")
 KNN_K, KNN_TEMPERATURE = 20, 0.07
 # Streaming: tokens are read from a cache at most this many images a read; a trained pool's epoch reads
 # its shuffled images this many at a time (the bounded buffer, see _epoch_batches); k-NN compares this
@@ -497,12 +505,14 @@ def probe(
     classes: int, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES, ep_with_cls: bool = False,
     seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu",
     trained: dict[str, tuple[nn.Module, dict[str, Any]]] | None = None, memory_budget: int = IN_MEMORY_BYTES,
+    correct: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy of every available pool x evaluator (the trained pools, ``abmilp`` and ``ep``, only with the
     linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``; with ``ep_with_cls``
     and a cls token its rows are named ``ep+cls``), every evaluator on ``device``. With ``trained``, each
     trained pool's whole head (:class:`LinearHead`: pool, batch norm and classifier, its best epoch's weights)
-    and config are put there by row name."""
+    and config are put there by row name; with ``correct``, each row's (n_test,) booleans, whether it got
+    each test image right, by ``(pool, evaluator)``."""
     results = []
     dim = train.tokens.shape[-1]
     for pool in pools:
@@ -536,6 +546,8 @@ def probe(
             accuracy, low, high = bootstrap_accuracy(right, n_bootstrap, seed)
             results.append({"pool": name, "evaluator": evaluator, "accuracy": accuracy, "ci_low": low, "ci_high": high,
                             "n_train": len(train), "n_test": len(test)})
+            if correct is not None:
+                correct[(name, evaluator)] = right.numpy().astype(bool)
     return results
 
 
@@ -602,9 +614,11 @@ def probe_caches(
         _note_untested_classes(attrs.get("label", str(train_path)), train.labels, test.labels, names, notes,
                                "too few images to divide" if test_path is None else "none in the test cache")
         trained: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+        correct: dict[tuple[str, str], np.ndarray] = {}
         rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
                      epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-                     n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget)
+                     n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget,
+                     correct=correct)
         base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
         label = attrs.get("label", str(train_path))
         labels_seen[label] = labels_seen.get(label, 0) + 1
@@ -617,12 +631,20 @@ def probe_caches(
                 "num_prefix_tokens": train.layout.num_prefix_tokens, "has_cls": train.layout.has_cls,
                 "grid_size": [int(g) for g in train.layout.grid_size], "trained_on": str(train_path)})
         for r in rows:
+            gain = dict.fromkeys(GAIN_COLUMNS, math.nan)
+            if r["evaluator"] in base and r["pool"] != "cls":
+                rng = np.random.default_rng([seed, 2000 + len(records)])
+                gain.update(zip(GAIN_COLUMNS[:4], paired_accuracy_difference(
+                    correct[(r["pool"], r["evaluator"])], correct[("cls", r["evaluator"])], n_bootstrap, rng)))
+            elif r["evaluator"] in base:
+                gain["gain_over_cls"] = 0.0
             records.append({
-                "model": label, "family": attrs.get("family", "unknown"), **r,
-                "gain_over_cls": r["accuracy"] - base[r["evaluator"]] if r["evaluator"] in base else math.nan,
+                "model": label, "family": attrs.get("family", "unknown"), **r, **gain,
                 "cls_entropy_norm": train.cls_entropy_norm,
                 **({"layer": train.block} if layer is not None else {}),
             })
+    for record, p in zip(records, adjust([r["gain_p"] for r in records], Correction.holm)):
+        record["gain_p_holm"] = float(p)
     return records, list(dict.fromkeys(notes))
 
 

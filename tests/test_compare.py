@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from attnflow.cache import MetricsSpec
-from attnflow.compare import ROW_COLUMNS, cliffs_delta, verdict
+from attnflow.compare import ROW_COLUMNS
 
 HEADS = 3
 
@@ -97,8 +97,9 @@ def test_identical_inputs_show_no_difference(tmp_path, run_cli):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)["summary"]
     assert {s["metric"] for s in summary} == {"cls_self", "cls_entropy_norm", "attn_distance", "magnitude_cls"}
-    for s in summary:
-        assert s["diff"] == 0 and s["p_value"] == pytest.approx(1.0) and s["cliffs_delta"] == 0
+    for s in summary:  # the same images: paired, every per-image difference zero
+        assert (s["unit"], s["design"], s["effect_size"]) == ("images", "paired", "rank_biserial")
+        assert s["diff"] == 0 and s["p_value"] == pytest.approx(1.0) and s["effect"] == 0
         assert s["ci_low"] <= 0 <= s["ci_high"] and s["verdict"] == "no clear difference"
 
 
@@ -112,17 +113,15 @@ def test_shifted_inputs_give_a_tiny_p_and_the_right_verdict(tmp_path, run_cli):
                      "--summary-layers", "0,-1", "--bootstrap", 500)
     out = json.loads(result.stdout)
     assert [s["layer"] for s in out["summary"]] == ["0", "-1"]
-    for s in out["summary"]:
-        assert s["diff"] > 0.15 and s["p_value"] < 1e-10 and s["cliffs_delta"] == pytest.approx(1.0)
+    for s in out["summary"]:  # two networks over the same images: paired, and the verdict names them
+        layer = -1 if s["layer"] == "-1" else 0
+        x = mim["cls_entropy_norm"][:, layer].mean(-1).astype(np.float32).astype(np.float64)
+        y = jea["cls_entropy_norm"][:, layer].mean(-1).astype(np.float32).astype(np.float64)
+        assert s["p_value"] == pytest.approx(stats.wilcoxon(x - y).pvalue) and s["mim_mean"] == pytest.approx(x.mean())
+        assert s["diff"] > 0.15 and s["effect"] == pytest.approx(1.0)
         assert 0 < s["ci_low"] < s["diff"] < s["ci_high"]
-        assert s["verdict"] == "MIM cls attention more uniform"
-        x = mim["cls_entropy_norm"][:, -1 if s["layer"] == "-1" else 0].mean(-1).astype(np.float32).astype(np.float64)
-        y = jea["cls_entropy_norm"][:, -1 if s["layer"] == "-1" else 0].mean(-1).astype(np.float32).astype(np.float64)
-        test = stats.mannwhitneyu(x, y, alternative="two-sided")
-        assert s["p_value"] == pytest.approx(test.pvalue) and s["mim_mean"] == pytest.approx(x.mean())
-    assert verdict("cls_entropy_norm", -0.2, -0.25, -0.15, 1e-6) == "JEA cls attention more uniform"
-    assert verdict("new_metric", 0.2, 0.1, 0.3, 1e-6) == "MIM new_metric higher than JEA"
-    assert cliffs_delta(0.0, 3, 4) == -1.0
+        assert s["verdict"] == "mae cls attention more uniform than dino"
+    assert {(s["n_tests"], s["correction"]) for s in out["summary"]} == {(2, "holm")}
 
 
 def test_formats_parse(tmp_path, run_cli):
@@ -187,13 +186,22 @@ def test_labels_families_and_pooling(tmp_path, run_cli):
     rng = np.random.default_rng(6)
     for name in ("a", "b", "c"):
         write_metrics(tmp_path / f"{name}.h5", synthetic(rng), label="same")
-    result = run_cli("compare", tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5", "--family", "mim", "--family", "mim",
-                     "--family", "jea", "-f", "json", "--bootstrap", 20, "-m", "cls_self")
+    files = (tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5")
+    families = ("--family", "mim", "--family", "mim", "--family", "jea")
+    refused = run_cli("compare", *files, *families, "-f", "json", "--bootstrap", 20, "-m", "cls_self")
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [
+        f"attnflow: error: {tmp_path / 'a.h5'} and {tmp_path / 'b.h5'} hold the same network (label same): a summary "
+        "counts each network once; leave one out, or give --label to tell two different networks apart"]
+    result = run_cli("compare", *files, *families, "--label", "x", "--label", "y", "-f", "json", "--bootstrap", 20,
+                     "-m", "cls_self")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
-    assert sorted({r["model"] for r in out["rows"]}) == ["same", "same#2", "same#3"]
-    assert "pools the images of 2 MIM models" in result.stderr
-    assert out["summary"][0]["n_mim"] == 80 and out["summary"][0]["mim_models"] == "same, same#2"
+    assert sorted({r["model"] for r in out["rows"]}) == ["same", "x", "y"]
+    assert "MIM vs JEA: 2 vs 1 networks are the replicates (images paired over 40 shared images)" in result.stderr
+    summary = out["summary"][0]
+    assert (summary["n_models_a"], summary["n_models_b"], summary["mim_models"]) == (2, 1, "x, y")
+    assert summary["min_p"] == pytest.approx(2 / 3) and summary["verdict"] == "no verdict: too few models for this design"
     relabelled = run_cli("compare", tmp_path / "a.h5", "--label", "mae", "-f", "csv", "--bootstrap", 5, "-m", "cls_self")
     assert {r["model"] for r in parse_csv(relabelled.stdout)} == {"mae"}
 

@@ -14,7 +14,7 @@ import torch
 
 from attnflow import AttentionCapture, build_model, load_model, open_cache
 from attnflow.demo import demo_images
-from attnflow.demo_models import DEMO_MODELS, demo_data_dir
+from attnflow.demo_models import DEMO_MODELS, TRAINED_DEMO_MODELS, demo_data_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -28,7 +28,7 @@ def test_demo_data_is_complete_and_balanced():
     assert sorted({p.parent.name for p in images}) == sorted(CLASS_NAMES)
     assert all(sum(p.parent.name == c for p in images) == 20 for c in CLASS_NAMES)
     assert all((data / "masks" / p.name).is_file() for p in images)
-    for name in DEMO_MODELS:
+    for name in TRAINED_DEMO_MODELS:
         assert (data / DEMO_MODELS[name].checkpoint).stat().st_size <= 4_000_000
     with np.load(data / "probe_images.npz") as probe:
         assert probe["images"].shape == (5000, 48, 48) and probe["images"].dtype == np.uint8
@@ -62,8 +62,8 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", out, "--limit", 20, "--format", "csv")
     assert result.exit_code == 0, result.stderr
-    for name in ("mae.h5", "dino.h5", "mae_metrics.h5", "dino_metrics.h5", "compare.csv", "curves.png", "maps.png",
-                 "mae_probe.h5", "dino_probe.h5", "probe.csv"):
+    for name in ("mae.h5", "dino.h5", "random.h5", "mae_metrics.h5", "dino_metrics.h5", "random_metrics.h5", "compare.csv",
+                 "curves.png", "maps.png", "mae_probe.h5", "dino_probe.h5", "random_probe.h5", "probe.csv"):
         assert (out / name).is_file(), name
     compare_part, probe_part = result.stdout.split("\nmodel,family,pool,", 1)
     rows = list(csv.DictReader(io.StringIO(compare_part + "\n")))
@@ -72,7 +72,12 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     assert probes == list(csv.DictReader(io.StringIO((out / "probe.csv").read_text())))
     assert {(p["model"], p["pool"]) for p in probes} >= {("demo:mae", "abmilp"), ("demo:dino", "cls-attn")}
     assert all(p["n_train"] == "4000" and p["n_test"] == "1000" for p in probes)
-    assert {r["model"] for r in rows} == {"demo:mae", "demo:dino"} and {r["family"] for r in rows} == {"mim", "jea"}
+    assert {r["model"] for r in rows} == {"demo:mae", "demo:dino", "demo:random"}
+    assert {r["family"] for r in rows} == {"mim", "jea", "untrained"}
+    assert {p["model"] for p in probes} == {"demo:mae", "demo:dino", "demo:random"}
+    gains = [p for p in probes if p["pool"] != "cls" and p["gain_p"] != "nan"]
+    assert gains and all(float(p["gain_p"]) <= float(p["gain_p_holm"]) <= 1 for p in gains)
+    assert all(float(p["gain_ci_low"]) <= float(p["gain_over_cls"]) <= float(p["gain_ci_high"]) for p in gains)
     assert "cls_fg_mass" in {r["metric"] for r in rows} and all(r["n_images"] == "20" for r in rows)
     with open_cache(out / "mae.h5") as cache:
         a = cache.attrs
@@ -83,6 +88,8 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     assert again.exit_code == 1 and "--overwrite" in again.stderr
     table = run_cli("demo", "--out", out, "--limit", 20, "--overwrite", "--no-probe")
     assert table.exit_code == 0 and "MIM vs JEA" in table.stdout and "compare.csv" in table.stderr
+    assert "JEA vs untrained" in table.stdout and "MIM cls" not in table.stdout  # two networks: verdicts name them
+    assert "one network per group (demo:mae, demo:dino)" in table.stderr
 
 
 def fake_fashion_mnist(root: Path, n: int = 64) -> Path:

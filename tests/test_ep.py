@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from attnflow.probe import PROBE_COLUMNS, EfficientProbe, pools_for_store, probe
+from attnflow.probe import GAIN_COLUMNS, PROBE_COLUMNS, EfficientProbe, pools_for_store, probe
 from test_probe import CLASSES, synthetic
 
 
@@ -71,7 +71,7 @@ def test_ep_through_the_cli(tmp_path, run_cli):
                      "--ep-with-cls")
     assert result.exit_code == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert tuple(rows[0]) == PROBE_COLUMNS  # the contract: a new pool is a new row, no new column
+    assert tuple(rows[0]) == (*PROBE_COLUMNS, *GAIN_COLUMNS)  # the contract: a new pool is a new row, no new column
     assert {(r["pool"], r["evaluator"]) for r in rows} == {("mean", "knn"), ("mean", "linear"), ("ep+cls", "linear")}
     assert "--ep-with-cls" not in result.stderr
     no_cls = run_cli("probe", tmp_path / "gap.h5", *common, "--pool", "ep", "--ep-queries", "16", "--ep-with-cls")

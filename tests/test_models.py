@@ -196,7 +196,7 @@ def test_untagged_name_needs_weights_or_random_init():
     with pytest.raises(AttnflowError, match="--random-init"):
         build_model(ARCH)
     loaded = build_model(ARCH, random_init=True, img_size=IMG)
-    assert loaded.weights == "random" and loaded.family == "unknown" and loaded.label == ARCH
+    assert loaded.weights == "random" and loaded.family == "untrained" and loaded.label == ARCH
 
 
 def test_unknown_model_and_unsupported_architecture():

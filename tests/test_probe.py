@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from attnflow.layout import TokenLayout
-from attnflow.probe import PROBE_COLUMNS, ProbeSet, knn_accuracy, probe, stratified_split
+from attnflow.probe import GAIN_COLUMNS, PROBE_COLUMNS, ProbeSet, knn_accuracy, probe, stratified_split
 
 LAYOUT = TokenLayout(has_cls=True, num_prefix_tokens=1, grid_size=(4, 4), patch_size=(8, 8))
 CLASSES, DIM = 4, 16
@@ -97,7 +97,7 @@ def test_probe_cli_on_real_caches(tmp_path, run_cli):
                      "--bootstrap", "50", "--format", "csv", "--with-attention")
     assert result.exit_code == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert tuple(rows[0]) == (*PROBE_COLUMNS, "cls_entropy_norm")
+    assert tuple(rows[0]) == (*PROBE_COLUMNS, "cls_entropy_norm", *GAIN_COLUMNS)
     assert {r["n_test"] for r in rows} == {"6"} and {r["n_train"] for r in rows} == {"18"}
     pools = {(r["model"], r["pool"]) for r in rows}
     assert ("tiny-plain", "rollout") in pools and ("tiny-registers", "rollout") not in pools  # rows cache: no rollout
