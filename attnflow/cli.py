@@ -112,32 +112,37 @@ def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
         return None
 
 
-def _check_output(output: Optional[Path]) -> None:
-    """Fail before the work, not after it, when -o cannot be a file: a missing folder, or a folder."""
+def _check_output(output: Optional[Path], reads: Sequence[Path]) -> None:
+    """Fail before the work, not after it, when -o cannot be a file: a missing folder, a folder, an input."""
+    if output is not None:
+        from .output import check_output_path
+
+        check_output_path(output, reads=reads)
+
+
+def _deliver(result, fmt, output: Optional[Path] = None, reads: Sequence[Path] = ()) -> None:
+    """Every command's data goes out here: to stdout, or with -o into a file committed whole (and a line
+    saying so); ``reads`` are the command's inputs, which -o must not be."""
     if output is None:
+        result.write(fmt, _text_stdout())
         return
-    if output.is_dir():
-        raise AttnflowError(f"{output} is a directory; the output must be a file path")
-    if not output.absolute().parent.is_dir():
-        raise AttnflowError(f"cannot write {output}: no such directory {output.absolute().parent}")
+    from .output import atomic_output
 
-
-def _open_output(output: Path):
-    """``output`` opened for writing text, or a one-line error saying why it cannot be."""
-    try:
-        return open(output, "w", newline="")
-    except OSError as e:
-        raise AttnflowError(f"cannot write {output}: {e.strerror or e}") from None
-
-
-def _deliver(result, fmt, output: Optional[Path] = None) -> None:
-    """Every command's data goes out here: to stdout, or with -o into a file (and a line saying so)."""
-    if output is None:
-        result.write(fmt, sys.stdout)
-        return
-    with _open_output(output) as handle:
+    with atomic_output(output, reads=reads) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         result.write(fmt, handle)
     _stderr_console().print(f"attnflow: wrote {output}", markup=False)
+
+
+def _text_stdout():
+    """stdout, writing what its encoding cannot hold (a non-ASCII label on an ASCII terminal) as escapes
+    instead of failing half-way through a table."""
+    if sys.stdout.errors not in ("strict", None) or not hasattr(sys.stdout, "reconfigure"):
+        return sys.stdout
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (ValueError, OSError):  # a stream that cannot change (a test's capture): written as it is
+        pass
+    return sys.stdout
 
 
 def _print_notes(notes) -> None:
@@ -414,7 +419,7 @@ def compare(
         raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
     _check_layers(layers, depth, "--layers")
     _check_layers(summary_layers, depth, "--summary-layers")
-    _check_output(output)
+    _check_output(output, paths)
     implied = [None] * len(files or []) + ["mim"] * len(mim) + ["jea"] * len(jea)
     families = [family[i].value if i < len(family) else implied[i] for i in range(len(paths))]
     comparison = compare_files(
@@ -422,7 +427,7 @@ def compare(
         depth=depth.value, summary_layers=summary_layers, groups=groups, n_bootstrap=bootstrap, seed=seed,
     )
     _print_notes(comparison.notes)
-    _deliver(comparison, format, output)
+    _deliver(comparison, format, output, paths)
 
 
 @app.command()
@@ -505,7 +510,8 @@ def probe_command(
     if split is not None and not caches:
         raise typer.BadParameter("divides caches given as arguments; --train/--test pairs are used as they are", param_hint="--split")
     device = str(resolve_device(device))
-    _check_output(output)
+    probed = [*(caches or []), *train, *test]
+    _check_output(output, probed)
     pairs = [(c, None) for c in caches or []] + list(zip(train, test))
     if not pairs:
         raise typer.BadParameter("give caches with --split, or --train/--test pairs", param_hint="CACHES")
@@ -521,7 +527,7 @@ def probe_command(
         columns.insert(columns.index("model") + 1, "layer")
     if format not in (Format.csv, Format.tsv):
         columns.insert(columns.index("n_train"), "gain_over_cls")
-    _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images)"), format, output)
+    _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images)"), format, output, probed)
 
 
 plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)

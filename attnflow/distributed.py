@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cache import file_attrs, file_system_errors, in_memory_hdf5, inputs_digest, write_atomically
+from .cache import file_attrs, in_memory_hdf5, inputs_digest
+from .output import atomic_output
 from .errors import AttnflowError
 from .extract import extract
 from .images import folder_classes
@@ -137,10 +138,9 @@ def assemble(output: Path, shards: list[Path], *, all_paths: Sequence[str], over
     """Write ``output`` over finished shard files: virtual datasets for the large rows, copies of the rest."""
     if output.exists() and not overwrite:
         raise AttnflowError(f"{output} already exists; pass --overwrite to replace it")
-    tmp = output.with_name(output.name + ".tmp")
     image = _assemble(output, shards, all_paths)
-    with file_system_errors(tmp, resumable=True, remove=tmp):
-        write_atomically(output, image)
+    with atomic_output(output, reads=shards, resumable=True) as tmp:
+        tmp.write_bytes(image)
     return output
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest
+from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, masks_digest
 from .capture import MAGNITUDE_UPDATES, AttentionCapture
 from .errors import AttnflowError, AttnflowNote
 from .decode import image_batches, with_decode
@@ -166,7 +166,7 @@ def extract(
     if metrics is not None:
         warn_about_layout(loaded.layout, full_maps=True)
         files["metrics"] = (plan.metrics_spec(files["cache"][0], output), metrics, output)
-    writers = _open_writers(files, len(paths), resume=options.run.resume, overwrite=options.run.overwrite)
+    writers = _open_writers(files, len(paths), resume=options.run.resume, overwrite=options.run.overwrite, reads=plan.reads)
     finished = _finished_run(writers, output, metrics)
     if finished is not None:
         return finished
@@ -202,6 +202,12 @@ class _Plan:
     class_names: list[str] | None
     mask_paths: list[Path | None] | None
 
+    @property
+    def reads(self) -> list[Path]:
+        """Every file the run reads, which no output may be."""
+        checkpoint = [Path(self.loaded.checkpoint)] if self.loaded.checkpoint else []
+        return [*self.paths, *(m for m in self.mask_paths or () if m is not None), *checkpoint]
+
     def cache_spec(self, output: str | Path) -> CacheSpec:
         loaded, adapter, store = self.loaded, self.loaded.adapter, self.options.store
         return CacheSpec(
@@ -224,6 +230,9 @@ class _Plan:
                 "weights": loaded.weights,
                 "checkpoint": loaded.checkpoint,
                 "checkpoint_sha256": loaded.checkpoint_sha256,
+                # only when set: absent in every cache written before they were recorded
+                **({"checkpoint_key": loaded.checkpoint_key} if loaded.checkpoint_key else {}),
+                **({"masks_sha256": masks_digest(self.paths, self.mask_paths)} if self.mask_paths is not None else {}),
                 "preprocessing": json.dumps(self.preprocessing.as_dict(), sort_keys=True),
                 "amp": self.amp,
                 # only when not the default: absent means after the layer scale, as in every cache of attnflow 0.1
@@ -334,14 +343,15 @@ def _assemble(writers: dict[str, RowFileWriter]) -> None:
         writer.cleanup()
 
 
-def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resume: bool, overwrite: bool) -> dict[str, RowFileWriter]:
+def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resume: bool, overwrite: bool,
+                  reads: Sequence[Path]) -> dict[str, RowFileWriter]:
     """A writer per file (``key -> (spec, path, companion)``). With ``--resume``, a file that is complete
     while its companion must still be computed is computed again beside it: the two always hold the same
     batches."""
     writers: dict[str, RowFileWriter] = {}
     try:
         for key, (spec, path, companion) in files.items():
-            writers[key] = spec.writer(path, companion=companion, resume=resume, overwrite=overwrite)
+            writers[key] = spec.writer(path, companion=companion, resume=resume, overwrite=overwrite, reads=reads)
         complete = [key for key, w in writers.items() if w.complete_attrs is not None]
         behind = [w.path for w in writers.values() if w.complete_attrs is None and w.n_inputs_done < n_inputs]
         if complete and behind:
@@ -350,7 +360,7 @@ def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resu
             for key in complete:
                 spec, path, companion = files[key]
                 writers[key].close()
-                writers[key] = spec.writer(path, companion=companion, overwrite=True)
+                writers[key] = spec.writer(path, companion=companion, overwrite=True, reads=reads)
     except BaseException:
         for writer in writers.values():
             writer.close()

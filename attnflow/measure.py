@@ -77,7 +77,7 @@ def compute_metrics(
             artifact_rule=options.artifacts.rule,
             flow_layers=flow_layers,
         )
-        writer = spec.writer(output, resume=options.run.resume, overwrite=options.run.overwrite)
+        writer = spec.writer(output, resume=options.run.resume, overwrite=options.run.overwrite, reads=[cache.path])
         if writer.complete_attrs is not None:  # --resume of a run that had finished, on the same cache
             writer.close()
             return writer.path

@@ -43,6 +43,7 @@ class LoadedModel:
     weights: str  # "pretrained", "checkpoint" or "random"
     family: str
     label: str
+    checkpoint_key: str = ""  # the container inside the checkpoint the weights came from ("" for its top level)
 
     @property
     def layout(self) -> TokenLayout:
@@ -115,11 +116,11 @@ def build_model(
     pretrained = checkpoint is None and not random_init
     model = _create(name, pretrained=pretrained, **kwargs) if demo is None else _create_demo(**kwargs)
 
-    ckpt_path, sha = "", ""
+    ckpt_path, sha, container = "", "", ""
     if checkpoint is not None:
         ckpt = Path(checkpoint).expanduser().resolve()
         obj = read_checkpoint_file(ckpt, trust=trust_checkpoint)
-        state_dict, _ = select_state_dict(obj, checkpoint_key, source=f"checkpoint {ckpt}")
+        state_dict, container = select_state_dict(obj, checkpoint_key, source=f"checkpoint {ckpt}")
         load_state_dict_strict(model, state_dict, source=str(ckpt))
         ckpt_path, sha = str(ckpt), file_sha256(ckpt)
 
@@ -133,6 +134,7 @@ def build_model(
         # random weights were never pre-trained, whatever family the architecture's name suggests
         family=family or ("unknown" if random_init else infer_family(name)),
         label=label or (name if demo is not None else default_label(name, checkpoint)),
+        checkpoint_key=container,
     )
 
 

@@ -338,6 +338,10 @@ ROOT_ATTRS: dict[str, Attr] = {
     "weights": Attr("", (), "pretrained, checkpoint or random", identity=True),
     "checkpoint": Attr("", (), "the checkpoint's absolute path, or empty"),
     "checkpoint_sha256": Attr("", (), "the checkpoint's SHA-256, or empty", identity=True),
+    "checkpoint_key": Attr("", (), "the container inside the checkpoint the weights came from (teacher, model, ...); "
+                           "absent: the checkpoint's top level, or no checkpoint", identity=True),
+    "masks_sha256": Attr("", (), "SHA-256 over the mask files matched to the images (stems and contents), with --masks",
+                         identity=True),
     # the token layout
     "num_layers": Attr("positive", _BOTH, "L, the blocks"),
     "num_heads": Attr("positive", _BOTH, "H, the heads per block"),
