@@ -145,6 +145,26 @@ def _text_stdout():
     return sys.stdout
 
 
+def _refuse_copies(paths: Sequence[Path]) -> None:
+    """Two paths holding byte for byte the same metrics file are one model, not two (one path given twice is
+    shown twice, as asked). Only files of equal size are read."""
+    import hashlib
+
+    by_size: dict[int, list[Path]] = {}
+    for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        if path.is_file():
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        seen: dict[str, Path] = {}
+        for path in same_size:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest in seen:
+                raise AttnflowError(f"{seen[digest]} and {path} are byte-identical copies of one metrics file, so they "
+                                    "are one model, not two; give it once")
+            seen[digest] = path
+
+
 def _print_notes(notes) -> None:
     """Notes a command's result carries, printed as the CLI prints every :class:`AttnflowNote`."""
     for note in notes:
@@ -420,6 +440,7 @@ def compare(
     _check_layers(layers, depth, "--layers")
     _check_layers(summary_layers, depth, "--summary-layers")
     _check_output(output, paths)
+    _refuse_copies(paths)
     implied = [None] * len(files or []) + ["mim"] * len(mim) + ["jea"] * len(jea)
     families = [family[i].value if i < len(family) else implied[i] for i in range(len(paths))]
     comparison = compare_files(
@@ -491,6 +512,7 @@ def probe_command(
     with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's cls_entropy_norm of the probed block, the last by default (csv/tsv column too)."),
     save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads here (an existing folder; one <model>.<pool>.pt each, for plot maps --heads-dir and attnflow.probe.load_head)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Probe the output tokens of this block (0-based, negative from the last), stored with extract --token-layers, with its attention for cls-attn, min-entropy-head and rollout (up to it); adds a layer column (default: the deepest stored block, the last unless --token-layers said otherwise)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Probe even when a --test cache holds training images (same path or content); an n_overlap column says how many."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
@@ -519,7 +541,7 @@ def probe_command(
         pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
         evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
         epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-        n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads,
+        n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads, allow_overlap=allow_overlap,
     )
     _print_notes(notes)
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
@@ -527,6 +549,8 @@ def probe_command(
         columns.insert(columns.index("model") + 1, "layer")
     if format not in (Format.csv, Format.tsv):
         columns.insert(columns.index("n_train"), "gain_over_cls")
+    if allow_overlap:
+        columns.append("n_overlap")
     _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images)"), format, output, probed)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 
 from .errors import OptionError
-from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images
+from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, read_image_file
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker: every JPEG file starts so
 EXIF_ORIENTATION = 0x0112
@@ -88,12 +87,7 @@ def scaled_size(height: int, width: int, preprocessing: Preprocessing) -> tuple[
     ``scale`` and the longer one to ``int(scale * longer / shorter)`` (torchvision's ``Resize(int)``); squash
     resizes to exactly ``scale``.
     """
-    scale_h, scale_w = (math.floor(side / preprocessing.crop_pct) for side in preprocessing.input_size[1:])
-    if preprocessing.crop_mode == "squash":
-        return scale_h, scale_w
-    short, long = sorted((height, width))
-    new_long = int(scale_h * long / short)
-    return (scale_h, new_long) if height <= width else (new_long, scale_h)
+    return preprocessing.resized_size(height, width)
 
 
 def resize_and_crop(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
@@ -172,13 +166,14 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> EncodedItem:
         try:
-            data = self.dataset.paths[index].read_bytes()
-        except OSError:
+            data = read_image_file(self.dataset.paths[index])
+        except (OSError, ValueError):
             return self.dataset[index]  # unreadable: the CPU path gives the skip reason the default run gives
         size = self._device_decodable(data)
         if size is None:
             return self.dataset[index]
         try:
+            self.dataset.preprocessing.check_size(*size)
             fg = self.dataset.object_fraction(index, size)
         except Exception as e:  # a bad mask: the image's skip reason, as on the CPU path
             return self.dataset.failure(index, e)

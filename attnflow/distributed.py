@@ -120,6 +120,7 @@ def extract_sharded(
             loaded, paths[start:stop], shard_path(output, rank), options.replace(device=device),
             metrics=None if metrics is None else shard_path(metrics, rank),
             class_names=folder_classes(paths) if options.inputs.labels_from_dirs else None, on_skip=on_skip,
+            allow_empty=True,  # another shard may hold images; the whole is checked when assembled
         )
         barrier()
         if rank.leader:
@@ -151,6 +152,8 @@ def _assemble(output: Path, shards: list[Path], all_paths: Sequence[str]) -> byt
         attrs = file_attrs(handles[0])
         counts = [int(h.attrs["n_images"]) for h in handles]
         n = sum(counts)
+        if n == 0:
+            raise AttnflowError(f"none of the {len(all_paths)} inputs could be decoded; no cache written")
         with in_memory_hdf5(libver=("v110", "latest")) as out:
             out.attrs.update(attrs)
             out.attrs.update({

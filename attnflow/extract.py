@@ -141,6 +141,7 @@ def extract(
     class_names: Sequence[str] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    allow_empty: bool = False,
     **option_values: Any,
 ) -> ExtractResult:
     """Capture attention for ``paths`` with ``loaded.model`` into the cache ``output``.
@@ -154,6 +155,8 @@ def extract(
             a shard of a distributed run gets the classes of the whole input list, so indices agree).
         on_skip: called once per undecodable file with (path, reason); with ``strict`` the first one raises.
         on_progress: called after each committed batch with (inputs done, inputs total).
+        allow_empty: write a cache even when no input could be decoded (a distributed run's shard); otherwise
+            that is an AttnflowError and nothing is written.
     Returns the committed counts. On any error the ``.partial`` files keep every committed batch.
     """
     options = (options or ExtractOptions()).replace(**option_values)
@@ -181,6 +184,11 @@ def extract(
         for writer in writers.values():
             writer.close()
         raise
+    if cache_writer.n_images == 0 and not allow_empty:
+        for writer in writers.values():
+            writer.cleanup()
+        raise AttnflowError(f"none of the {cache_writer.n_skipped} inputs could be decoded (each skip is listed above, "
+                            "or rerun with --strict to stop at the first); no cache written")
     _assemble(writers)
     return ExtractResult(
         path=cache_writer.path, n_images=cache_writer.n_images, n_skipped=cache_writer.n_skipped,

@@ -232,5 +232,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: StateDict, *, source: s
         if key_list:
             warnings.warn(f"{what} checkpoint keys outside the captured path: {_list_keys(key_list)}", stacklevel=2)
     wanted = {k: v for k, v in state_dict.items() if k in model_sd}
+    # checked here, naming the tensor: found later, a NaN weight only shows as maps that are not softmax rows
+    broken = [k for k, v in wanted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise AttnflowError(f"checkpoint {source} holds NaN or infinite values in {_list_keys(broken)}")
     with torch.no_grad():
         model.load_state_dict(wanted, strict=False)

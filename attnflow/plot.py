@@ -309,7 +309,9 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         path = _image_path(ids[index], a.get("working_dir", ""))
         preprocessing = Preprocessing.from_dict(cache.preprocessing)
         try:
-            pixels = preprocessing.transform(normalized=False)(decode_image(path, preprocessing.input_size[0]))
+            decoded = decode_image(path, preprocessing.input_size[0])
+            preprocessing.check_size(*decoded.size)
+            pixels = preprocessing.transform(normalized=False)(decoded)
         except Exception as e:  # the image moved or broke since extraction: say which
             raise AttnflowError(f"cannot read image {path} for display: {e}") from None
         shown = pixels.permute(1, 2, 0).numpy()
