@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 from .architectures import adapter_for
@@ -145,6 +145,14 @@ def read_image_file(path: Path | str) -> bytes:
         return f.read()
 
 
+def _open_image(path: Path | str) -> Image.Image:
+    """PIL's image over the bytes of the regular file ``path``, named by its path when PIL cannot read it."""
+    try:
+        return Image.open(io.BytesIO(read_image_file(path)))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+
+
 def decode_image(path: Path | str, channels: int) -> Image.Image:
     """Open an image as 8-bit RGB (``channels == 3``) or greyscale (``channels == 1``).
 
@@ -155,7 +163,7 @@ def decode_image(path: Path | str, channels: int) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bad input either way.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(read_image_file(path))) as im:
+        with _open_image(path) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -312,7 +320,7 @@ def decode_mask(path: Path | str) -> Image.Image:
 
     Nonzero means any nonzero palette index, grey level or colour channel (alpha is ignored).
     """
-    with Image.open(io.BytesIO(read_image_file(path))) as im:
+    with _open_image(path) as im:
         im = ImageOps.exif_transpose(im)
         arr = np.asarray(im)
     if arr.ndim == 3:
