@@ -39,7 +39,7 @@ from .metrics import ArtifactRule
 from .version import __version__
 from .schema import (  # noqa: F401  (the readers, re-exported: ``attnflow.cache`` is where users import them from)
     ATTN, ATTN_ROWS, CACHE_DATASETS, CLASS_NAMES, COMPRESSIONS, DTYPES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS,
-    FINAL_NORM_WEIGHT, IMAGE_IDS, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
+    FINAL_NORM_WEIGHT, IMAGE_IDS, IMAGE_SHA256, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
     PARTIAL_SUFFIX, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS, STORE_MODES,
     TOKEN_NORM, TOKENS, LAYER_TOKENS, Cache, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
     layout_attrs, layout_from_attrs, metric_dataset, open_cache, open_hdf5, open_metrics, partial_path, validate,
@@ -113,6 +113,7 @@ class CacheSpec:
     has_masks: bool = False  # set to store ``fg``
     final_norm: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm (weight, bias, eps), with tokens
     attrs: dict[str, Any] = field(default_factory=dict)  # model identity, preprocessing, inputs
+    image_digests: bool = False  # set to store ``image_sha256``
 
     def __post_init__(self) -> None:
         for value, allowed, what in ((self.store, STORE_MODES, "store mode"), (self.dtype, DTYPES, "dtype"), (self.compression, COMPRESSIONS, "compression"),
@@ -182,6 +183,7 @@ class CacheSpec:
         return RowFileWriter(
             path, attrs, self.row_datasets(), class_names=self.class_names, static=static,
             compression=self.compression, companion=companion, resume=resume, overwrite=overwrite, reads=reads,
+            image_digests=self.image_digests,
         )
 
 
@@ -198,6 +200,7 @@ class MetricsSpec:
     class_names: list[str] | None = None
     artifact_rule: ArtifactRule = field(default_factory=ArtifactRule)  # recorded as artifact_factor or artifact_norm
     flow_layers: tuple[int, ...] = ()  # 0-based blocks of flow/map (--flow), recorded as flow_layers; () none
+    image_digests: bool = False  # set to store ``image_sha256``, as the cache does
 
     def root_attrs(self) -> dict[str, Any]:
         inherited = {k: v for k, v in self.source_attrs.items() if k not in _OWN_ATTRS}
@@ -235,6 +238,7 @@ class MetricsSpec:
         return RowFileWriter(
             path, self.root_attrs(), self.row_datasets(), class_names=self.class_names,
             compression="gzip", companion=companion, resume=resume, overwrite=overwrite, reads=reads,
+            image_digests=self.image_digests,
         )
 
 
@@ -371,9 +375,11 @@ class RowFileWriter:
         resume: bool = False,
         overwrite: bool = False,
         reads: Sequence[str | Path] = (),
+        image_digests: bool = False,
     ):
         self.path = Path(path)
         self._reads = reads
+        self._digests = image_digests
         self._static = static or {}
         self.partial = partial_path(self.path)
         self._attrs = {k: _plain(v) for k, v in attrs.items()}
@@ -548,12 +554,13 @@ class RowFileWriter:
         n_inputs_done: int,
         labels: Sequence[int] | None = None,
         skipped: Sequence[tuple[str, str]] = (),
+        image_digests: Sequence[str] | None = None,
     ) -> None:
         """Write one batch as a segment and commit it by renaming it into place."""
         index = self._segments[-1].index + 1 if self._segments else 0
         final = self.partial / f"seg-{index:08d}.h5"
         with in_memory_hdf5() as f:
-            self._write_rows(f, rows, image_ids, labels, skipped)
+            self._write_rows(f, rows, image_ids, labels, skipped, image_digests)
             f.attrs["n_inputs_start"] = self.n_inputs_done
             f.attrs["n_inputs_done"] = n_inputs_done
             f.attrs["run_id"] = self._run_id
@@ -570,13 +577,15 @@ class RowFileWriter:
                 chunks=chunks, **(compression if spec.compressed else {}),
             )
         f.create_dataset(IMAGE_IDS, shape=(n,), maxshape=(None,), dtype=_TEXT, chunks=(1024,))
+        if self._digests:
+            f.create_dataset(IMAGE_SHA256, shape=(n,), maxshape=(None,), dtype=_TEXT, chunks=(1024,))
         if self._class_names is not None:
             f.create_dataset(LABELS, shape=(n,), maxshape=(None,), dtype="int64", chunks=(1024,))
             f.create_dataset(CLASS_NAMES, data=np.array([to_text(c) for c in self._class_names], dtype=object), dtype=_TEXT)
         for name in SKIP_DATASETS:
             f.create_dataset(name, shape=(m,), maxshape=(None,), dtype=_TEXT, chunks=(256,))
 
-    def _write_rows(self, f, rows, image_ids, labels, skipped) -> None:
+    def _write_rows(self, f, rows, image_ids, labels, skipped, image_digests) -> None:
         b = len(image_ids)
         self._create_datasets(f, b, len(skipped))
         for name in self._rows if b else ():  # a batch of only undecodable files has no rows
@@ -589,6 +598,11 @@ class RowFileWriter:
                 f[name][:] = data
         if b:
             f[IMAGE_IDS][:] = np.array([to_text(s) for s in image_ids], dtype=object)
+        if self._digests:
+            if image_digests is None or len(image_digests) != b:
+                raise ValueError("this file stores image digests; every batch needs them")
+            if b:
+                f[IMAGE_SHA256][:] = np.array(list(image_digests), dtype=object)
         if LABELS in f:
             if labels is None or len(labels) != b:
                 raise ValueError("this file stores labels; every batch needs them")
@@ -616,7 +630,7 @@ class RowFileWriter:
                 for segment in self._segments:
                     b, k = segment.n_images, segment.n_skipped
                     with h5py.File(segment.path, "r") as seg:
-                        for name in [*self._rows, IMAGE_IDS, *((LABELS,) if LABELS in out else ())]:
+                        for name in [*self._rows, IMAGE_IDS, *(n for n in (LABELS, IMAGE_SHA256) if n in out)]:
                             if b:
                                 _copy_rows(seg[name], out[name], row)
                         for name in SKIP_DATASETS:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from .errors import OptionError
-from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, read_image_file
+from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, content_digest, read_image_file
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker: every JPEG file starts so
 EXIF_ORIENTATION = 0x0112
@@ -150,7 +150,7 @@ class EncodedJpeg:
 
 
 # An :class:`EncodedImages` item: an :data:`~attnflow.images.ImageItem` whose pixels may still be encoded.
-EncodedItem = tuple[int, torch.Tensor | EncodedJpeg | None, torch.Tensor | None, str | None]
+EncodedItem = tuple[int, torch.Tensor | EncodedJpeg | None, torch.Tensor | None, str | None, str]
 
 
 class EncodedImages(torch.utils.data.Dataset):
@@ -177,7 +177,7 @@ class EncodedImages(torch.utils.data.Dataset):
             fg = self.dataset.object_fraction(index, size)
         except Exception as e:  # a bad mask: the image's skip reason, as on the CPU path
             return self.dataset.failure(index, e)
-        return index, EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), fg, None
+        return index, EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), fg, None, content_digest(data)
 
     def _device_decodable(self, data: bytes) -> tuple[int, int] | None:
         """The (width, height) of a JPEG the device decodes as :func:`~attnflow.images.decode_image` would;
@@ -218,17 +218,17 @@ def decode_batch(
     image's skip reason. ``pixels`` of the result are uint8 (B, C, H, W) on ``device``.
     """
     items: list[EncodedItem] = list(batch.items)
-    encoded = [k for k, (_, payload, _, _) in enumerate(items) if isinstance(payload, EncodedJpeg)]
+    encoded = [k for k, (_, payload, _, _, _) in enumerate(items) if isinstance(payload, EncodedJpeg)]
     decoded = _decode_jpegs([items[k][1].data for k in encoded], device)
     for k, pixels in zip(encoded, decoded):
-        index, _, fg, _ = items[k]
+        index, _, fg, _, digest = items[k]
         if pixels is None:
             items[k] = retry(index)
             continue
         if preprocessing.input_size[0] == 1:
             pixels = _pil_luma(pixels)
-        items[k] = index, resize_and_crop(pixels, preprocessing), fg, None
-    moved = [(i, None if x is None else x.to(device, non_blocking=True), fg, err) for i, x, fg, err in items]
+        items[k] = index, resize_and_crop(pixels, preprocessing), fg, None, digest
+    moved = [(i, None if x is None else x.to(device, non_blocking=True), fg, err, digest) for i, x, fg, err, digest in items]
     return collate_images(moved)
 
 

@@ -231,6 +231,7 @@ class _Plan:
             class_names=self.class_names,
             has_masks=self.mask_paths is not None,
             final_norm=_final_layer_norm(adapter.final_norm) if store.save_tokens else None,
+            image_digests=True,
             attrs={
                 "model": loaded.name,
                 "label": loaded.label,
@@ -263,6 +264,7 @@ class _Plan:
             source=str(Path(output).resolve()),
             class_names=self.class_names,
             artifact_rule=self.options.artifacts.rule,
+            image_digests=True,
         )
 
 
@@ -329,6 +331,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
                     n_inputs_done=done,
                     labels=[class_index[class_of(paths[start + i])] for i in batch.indices] if plan.class_names is not None else None,
                     skipped=skipped,
+                    image_digests=batch.digests,
                 )
                 if on_progress:
                     on_progress(done, len(paths))

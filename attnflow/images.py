@@ -6,6 +6,7 @@ instead of a batch element, so one corrupt JPEG among 50,000 costs one line on s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -145,16 +146,23 @@ def read_image_file(path: Path | str) -> bytes:
         return f.read()
 
 
-def _open_image(path: Path | str) -> Image.Image:
-    """PIL's image over the bytes of the regular file ``path``, named by its path when PIL cannot read it."""
+def content_digest(data: bytes) -> str:
+    """An image file's content digest, as a cache stores it (``image_sha256``)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _open_image(path: Path | str, data: bytes | None = None) -> Image.Image:
+    """PIL's image over ``data``, the bytes of the regular file ``path`` (read here when not given), named by
+    its path when PIL cannot read it."""
     try:
-        return Image.open(io.BytesIO(read_image_file(path)))
+        return Image.open(io.BytesIO(read_image_file(path) if data is None else data))
     except UnidentifiedImageError:
         raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
 
 
-def decode_image(path: Path | str, channels: int) -> Image.Image:
-    """Open an image as 8-bit RGB (``channels == 3``) or greyscale (``channels == 1``).
+def decode_image(path: Path | str, channels: int, data: bytes | None = None) -> Image.Image:
+    """Open an image as 8-bit RGB (``channels == 3``) or greyscale (``channels == 1``); ``data``: the file's
+    bytes when they were read already.
 
     Only regular files are read (:func:`read_image_file`). EXIF orientation is applied; palette, alpha,
     16-bit and float modes are converted explicitly (16-bit values are scaled to 8 bits rather than clipped,
@@ -163,7 +171,7 @@ def decode_image(path: Path | str, channels: int) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bad input either way.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with _open_image(path) as im:
+        with _open_image(path, data) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -328,8 +336,9 @@ def decode_mask(path: Path | str) -> Image.Image:
     return Image.fromarray(np.where(arr != 0, 255, 0).astype(np.uint8), mode="L")
 
 
-# One dataset item: (position, uint8 (C, H, W) pixels or None, (P,) object fraction or None, skip reason or None).
-ImageItem = tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]
+# One dataset item: (position, uint8 (C, H, W) pixels or None, (P,) object fraction or None, skip reason or None,
+# the file's content digest or "").
+ImageItem = tuple[int, torch.Tensor | None, torch.Tensor | None, str | None, str]
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -367,16 +376,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> ImageItem:
         try:
-            image = decode_image(self.paths[index], self.channels)
+            data = read_image_file(self.paths[index])
+            image = decode_image(self.paths[index], self.channels, data)
             self.preprocessing.check_size(*image.size)
             fg = self.object_fraction(index, image.size)
-            return index, self.transform(image), fg, None
+            return index, self.transform(image), fg, None, content_digest(data)
         except Exception as e:  # every decode failure of a user's file is a skip with its reason
             return self.failure(index, e)
 
     def failure(self, index: int, error: BaseException) -> ImageItem:
         """The item of an image that cannot be used, with ``error`` as its skip reason."""
-        return index, None, None, describe_decode_error(error)
+        return index, None, None, describe_decode_error(error), ""
 
     def object_fraction(self, index: int, image_size: tuple[int, int]) -> torch.Tensor | None:
         """With masks, image ``index``'s (P,) object fraction per patch, given its decoded (width, height)
@@ -413,6 +423,7 @@ class ImageBatch:
     pixels: torch.Tensor | None  # (B, C, H, W) uint8, None when every image of the batch failed
     fg: torch.Tensor | None  # (B, P) object fraction per patch, with masks
     failures: list[tuple[int, str]]  # (position, reason)
+    digests: list[str] = dataclasses.field(default_factory=list)  # content digest of each decoded image, in order
 
     def pin_memory(self) -> "ImageBatch":
         """The batch with its pixels in page-locked memory, so that the copy to a GPU runs without blocking
@@ -421,11 +432,12 @@ class ImageBatch:
 
 
 def collate_images(items: list[ImageItem]) -> ImageBatch:
-    good = [(i, x, fg) for i, x, fg, err in items if err is None]
+    good = [(i, x, fg, digest) for i, x, fg, err, digest in items if err is None]
     with_fg = bool(good) and good[0][2] is not None
     return ImageBatch(
-        indices=[i for i, _, _ in good],
-        pixels=torch.stack([x for _, x, _ in good]) if good else None,
-        fg=torch.stack([fg for _, _, fg in good]) if with_fg else None,
-        failures=[(i, err) for i, _, _, err in items if err is not None],
+        indices=[i for i, _, _, _ in good],
+        pixels=torch.stack([x for _, x, _, _ in good]) if good else None,
+        fg=torch.stack([fg for _, _, fg, _ in good]) if with_fg else None,
+        failures=[(i, err) for i, _, _, err, _ in items if err is not None],
+        digests=[digest for _, _, _, digest in good],
     )

@@ -19,7 +19,7 @@ from .compare import Comparison, compare_files
 from .errors import AttnflowError, OptionError
 from .families import get_family
 from .flow import attention_flow
-from .images import Preprocessing, decode_image
+from .images import Preprocessing, content_digest, decode_image, read_image_file
 from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .output import atomic_output, check_output_path
 from .schema import FG
@@ -309,11 +309,16 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         path = _image_path(ids[index], a.get("working_dir", ""))
         preprocessing = Preprocessing.from_dict(cache.preprocessing)
         try:
-            decoded = decode_image(path, preprocessing.input_size[0])
+            data = read_image_file(path)
+            decoded = decode_image(path, preprocessing.input_size[0], data)
             preprocessing.check_size(*decoded.size)
             pixels = preprocessing.transform(normalized=False)(decoded)
         except Exception as e:  # the image moved or broke since extraction: say which
             raise AttnflowError(f"cannot read image {path} for display: {e}") from None
+        digests = cache.image_digests
+        if digests is not None and content_digest(data) != digests[index]:
+            raise AttnflowError(f"image {path} has changed since {cache.path} was extracted (its content differs): "
+                                "its maps would be drawn over another picture; restore it or extract again")
         shown = pixels.permute(1, 2, 0).numpy()
         return MapData(
             label=a["label"], family=a["family"], image_id=ids[index], image_path=path, image=shown[..., 0] if shown.shape[-1] == 1 else shown,

@@ -652,12 +652,15 @@ def probe_caches(
 
 def shared_images(train_path: str | Path, test_path: str | Path) -> list[str]:
     """The test cache's images that are training images too: the same file read twice, an image id that names
-    the same file (relative ids resolved against the folder each extraction ran in)."""
+    the same file (relative ids resolved against the folder each extraction ran in), or an image of the same
+    content (where both caches hold their images' digests)."""
     with open_cache(train_path) as train, open_cache(test_path) as test:
         if os.path.samefile(train.path, test.path):
             return list(test.image_ids)
         seen = {_image_file(i, train.attrs) for i in train.image_ids}
-        return [i for i in test.image_ids if _image_file(i, test.attrs) in seen]
+        digests = set(train.image_digests or ())
+        test_digests = test.image_digests or [None] * len(test)
+        return [i for i, digest in zip(test.image_ids, test_digests) if _image_file(i, test.attrs) in seen or digest in digests]
 
 
 def _image_file(image_id: str, attrs: dict[str, Any]) -> str:

@@ -64,6 +64,7 @@ PARTIAL_SUFFIX = ".partial"
 
 # Datasets of both kinds of file.
 IMAGE_IDS = "image_ids"
+IMAGE_SHA256 = "image_sha256"  # (n,): each image file's content digest, in files written since it was added
 LABELS = "labels"
 CLASS_NAMES = "class_names"
 SKIPPED = "skipped"
@@ -262,6 +263,7 @@ class Expect(NamedTuple):
 
 _FILE_DATASETS = {
     IMAGE_IDS: Expect(("n",), "text", dims=("image",)),
+    IMAGE_SHA256: Expect(("n",), "text", dims=("image",)),
     LABELS: Expect(("n",), "int", dims=("image",)),
     CLASS_NAMES: Expect(("K",), "text", dims=("class",)),
     SKIPPED: Expect(("m",), "text", dims=("skipped_input",)),
@@ -899,6 +901,12 @@ class _AttnflowFile:
     def image_ids(self) -> list[str]:
         """The n images' paths, as given to ``attnflow extract``."""
         return from_text(self[IMAGE_IDS][()])
+
+    @property
+    def image_digests(self) -> list[str] | None:
+        """The SHA-256 of each of the n image files as read at extraction, or None for a file written before
+        attnflow stored them."""
+        return from_text(self[IMAGE_SHA256][()]) if IMAGE_SHA256 in self.file else None
 
     @property
     def class_names(self) -> list[str] | None:

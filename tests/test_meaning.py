@@ -219,3 +219,26 @@ def test_plot_maps_matches_images_by_id_and_refuses_an_ambiguous_number(work, tm
     extract(tiny("plain"), [*paths[:3], two], tmp_path / "d.h5", workers=0)
     one_line_error(run_cli("plot", "maps", tmp_path / "d.h5", "--image", 2, "-o", tmp_path / "h.png"),
                    "--image 2 is both an index", "2.png")
+
+
+def test_a_replaced_image_is_not_drawn_under_the_old_maps(work, tmp_path, run_cli):
+    pytest.importorskip("matplotlib")
+    images = tmp_path / "images"
+    shutil.copytree(work / "images", images)
+    paths = list_images([str(images)])
+    extract(tiny("plain"), paths, tmp_path / "c.h5", workers=0)
+    assert run_cli("plot", "maps", tmp_path / "c.h5", "--image", 0, "-o", tmp_path / "f.png").exit_code == 0
+    shutil.copy(paths[1], paths[0])  # another picture under the same name
+    one_line_error(run_cli("plot", "maps", tmp_path / "c.h5", "--image", 0, "-o", tmp_path / "g.png"),
+                   f"image {paths[0]} has changed since", "restore it or extract again")
+
+
+def test_probe_finds_training_images_copied_under_other_names(work, tmp_path, run_cli):
+    copies = tmp_path / "copies"
+    shutil.copytree(work / "images", copies)
+    for p in sorted(copies.glob("*/*.png")):
+        p.rename(p.with_name("copy_" + p.name))
+    paths = list_images([str(copies)])
+    extract(tiny("plain"), paths[::2], tmp_path / "test.h5", save_tokens=True, labels_from_dirs=True, workers=0)
+    one_line_error(run_cli("probe", "--train", work / "train.h5", "--test", tmp_path / "test.h5", *PROBE),
+                   "holds 4 of the training images", "copy_img_000.png")
