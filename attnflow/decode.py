@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -26,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from PIL import Image
 
-from .errors import OptionError
+from .errors import AttnflowError, OptionError, first_line
 from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, content_digest, read_image_file
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker: every JPEG file starts so
@@ -270,12 +271,33 @@ def image_batches(dataset: ImageDataset, *, device: torch.device, batch_size: in
     ``device`` (``gpu``; the CLI requires CUDA there, the Python API also runs this path on the CPU, for
     comparisons)."""
     if dataset.preprocessing.decode == DECODE_MODES[0]:
-        return torch.utils.data.DataLoader(
+        return _surviving(torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
-            pin_memory=device.type == "cuda",
-        )
+            pin_memory=device.type == "cuda", worker_init_fn=_leave_interrupts_to_the_parent,
+        ))
     check_device_decodable(dataset.preprocessing)
     loader = torch.utils.data.DataLoader(
         EncodedImages(dataset), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_encoded,
+        worker_init_fn=_leave_interrupts_to_the_parent,
     )
-    return (decode_batch(batch, dataset.preprocessing, device, dataset.__getitem__) for batch in loader)
+    return (decode_batch(batch, dataset.preprocessing, device, dataset.__getitem__) for batch in _surviving(loader))
+
+
+def _leave_interrupts_to_the_parent(worker_id: int) -> None:
+    """Ctrl-C on a terminal reaches every process of the group: a worker ignores it, so that the parent alone
+    stops the run and says so in one line (each worker would print its own traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _surviving(loader: Iterable) -> Iterable:
+    """The loader's batches; a worker process that dies (killed, out of memory) ends the run with one line
+    instead of the DataLoader's traceback, its committed batches kept."""
+    try:
+        yield from loader
+    except (RuntimeError, OSError, EOFError) as e:
+        # the DataLoader's own report, or a batch cut off in transfer (the dataset turns every failure of a
+        # user's file into a skip reason, so nothing else is raised here)
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
+            raise
+        raise AttnflowError(f"a decoding worker process died ({type(e).__name__}: {first_line(e)}); the committed "
+                            "batches are kept: rerun with --resume (with fewer --workers if memory ran out)") from None

@@ -242,3 +242,65 @@ def test_probe_finds_training_images_copied_under_other_names(work, tmp_path, ru
     extract(tiny("plain"), paths[::2], tmp_path / "test.h5", save_tokens=True, labels_from_dirs=True, workers=0)
     one_line_error(run_cli("probe", "--train", work / "train.h5", "--test", tmp_path / "test.h5", *PROBE),
                    "holds 4 of the training images", "copy_img_000.png")
+
+
+def _start_and_wait_for_a_segment(argv: list[str], out: Path, **popen) -> subprocess.Popen:
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "attnflow", *map(str, argv)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 120
+    while not list(Path(str(out) + ".partial").glob("seg-*.h5")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.005)
+    return proc
+
+
+def _workers_of(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("many")
+    write_images(root / "images", 40, size=(32, 32))
+    return root / "images"
+
+
+def test_a_killed_decoding_worker_is_one_line_and_resumable(many_images, tmp_path):
+    import signal
+
+    out = tmp_path / "c.h5"
+    argv = ["extract", "vit_tiny_patch16_224", many_images, "-o", out, "--random-init", "--img-size", 32, "--workers", 1,
+            "-b", 1, "-q"]
+    proc = _start_and_wait_for_a_segment(argv, out)
+    proc.send_signal(signal.SIGSTOP)
+    workers = _workers_of(proc.pid)
+    assert workers, "the run has no worker process to kill"
+    for worker in workers:
+        os.kill(worker, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "a decoding worker process died" in lines[0] and "--resume" in lines[0], err
+    resumed = subprocess.run([sys.executable, "-m", "attnflow", *map(str, argv), "--resume"], env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["n_images"] == 40
+
+
+def test_ctrl_c_on_a_terminal_is_one_line_with_workers(many_images, tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the workers too."""
+    import signal
+
+    out = tmp_path / "c.h5"
+    argv = ["extract", "vit_tiny_patch16_224", many_images, "-o", out, "--random-init", "--img-size", 32, "--workers", 2,
+            "-b", 1, "-q"]
+    proc = _start_and_wait_for_a_segment(argv, out, start_new_session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == "attnflow: interrupted; an interrupted extract or metrics run continues with --resume", err
