@@ -33,12 +33,13 @@ import h5py
 import numpy as np
 
 from .errors import AttnflowError
+from .output import RUN_MARKER, atomic_output, check_output_path, check_run_folder, file_system_errors, fsync as _fsync, make_run_folder, remove_run_folder, run_folder_marker  # noqa: F401  (file_system_errors: re-exported)
 from .layout import TokenLayout
 from .metrics import ArtifactRule
 from .version import __version__
 from .schema import (  # noqa: F401  (the readers, re-exported: ``attnflow.cache`` is where users import them from)
     ATTN, ATTN_ROWS, CACHE_DATASETS, CLASS_NAMES, COMPRESSIONS, DTYPES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS,
-    FINAL_NORM_WEIGHT, IMAGE_IDS, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
+    FINAL_NORM_WEIGHT, IMAGE_IDS, IMAGE_SHA256, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
     PARTIAL_SUFFIX, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS, STORE_MODES,
     TOKEN_NORM, TOKENS, LAYER_TOKENS, Cache, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
     layout_attrs, layout_from_attrs, metric_dataset, open_cache, open_hdf5, open_metrics, partial_path, validate,
@@ -63,6 +64,22 @@ def inputs_digest(paths: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for p in paths:
         digest.update(to_text(p).encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def masks_digest(images: Sequence[Path], masks: Sequence[Path | None]) -> str:
+    """SHA-256 over each image's matched mask, its name and its bytes (a resumed run must see the same masks)."""
+    from .checkpoint import file_sha256
+
+    digest = hashlib.sha256()
+    for image, mask in zip(images, masks):
+        if mask is None:
+            continue
+        try:
+            content = file_sha256(mask)
+        except OSError as e:
+            raise AttnflowError(f"cannot read mask {mask}: {e.strerror or e}") from None
+        digest.update(f"{to_text(str(image))}\0{to_text(mask.name)}\0{content}\n".encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -96,6 +113,7 @@ class CacheSpec:
     has_masks: bool = False  # set to store ``fg``
     final_norm: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm (weight, bias, eps), with tokens
     attrs: dict[str, Any] = field(default_factory=dict)  # model identity, preprocessing, inputs
+    image_digests: bool = False  # set to store ``image_sha256``
 
     def __post_init__(self) -> None:
         for value, allowed, what in ((self.store, STORE_MODES, "store mode"), (self.dtype, DTYPES, "dtype"), (self.compression, COMPRESSIONS, "compression"),
@@ -155,7 +173,7 @@ class CacheSpec:
         return rows
 
     def writer(self, path: str | Path, *, companion: str | Path | None = None, resume: bool = False,
-               overwrite: bool = False) -> "RowFileWriter":
+               overwrite: bool = False, reads: Sequence[str | Path] = ()) -> "RowFileWriter":
         static = {}
         attrs = self.root_attrs()
         if self.final_norm is not None:
@@ -164,7 +182,8 @@ class CacheSpec:
             attrs[FINAL_NORM_EPS] = float(eps)
         return RowFileWriter(
             path, attrs, self.row_datasets(), class_names=self.class_names, static=static,
-            compression=self.compression, companion=companion, resume=resume, overwrite=overwrite,
+            compression=self.compression, companion=companion, resume=resume, overwrite=overwrite, reads=reads,
+            image_digests=self.image_digests,
         )
 
 
@@ -181,6 +200,7 @@ class MetricsSpec:
     class_names: list[str] | None = None
     artifact_rule: ArtifactRule = field(default_factory=ArtifactRule)  # recorded as artifact_factor or artifact_norm
     flow_layers: tuple[int, ...] = ()  # 0-based blocks of flow/map (--flow), recorded as flow_layers; () none
+    image_digests: bool = False  # set to store ``image_sha256``, as the cache does
 
     def root_attrs(self) -> dict[str, Any]:
         inherited = {k: v for k, v in self.source_attrs.items() if k not in _OWN_ATTRS}
@@ -214,10 +234,11 @@ class MetricsSpec:
         return rows
 
     def writer(self, path: str | Path, *, companion: str | Path | None = None, resume: bool = False,
-               overwrite: bool = False) -> "RowFileWriter":
+               overwrite: bool = False, reads: Sequence[str | Path] = ()) -> "RowFileWriter":
         return RowFileWriter(
             path, self.root_attrs(), self.row_datasets(), class_names=self.class_names,
-            compression="gzip", companion=companion, resume=resume, overwrite=overwrite,
+            compression="gzip", companion=companion, resume=resume, overwrite=overwrite, reads=reads,
+            image_digests=self.image_digests,
         )
 
 
@@ -325,12 +346,14 @@ class RowFileWriter:
 
     Crash safety: HDF5 files are not journalled, and a process killed while HDF5 updates a file's metadata
     can leave it unreadable. So nothing is ever appended to a file in place. The run lives in the folder
-    ``<path>.partial/``: ``manifest.json`` (the file's identity, written once, atomically), ``lock`` (see
-    :class:`RunLock`: one writer at a time) and one small HDF5 file per committed batch, ``seg-NNNNNNNN.h5``,
-    numbered from 0 and recording the input range it covers, written as ``*.tmp``, flushed to disk and then
-    renamed, so a segment either exists complete or not at all. ``--resume`` checks that the segments form
-    one unbroken chain and continues after the last (a leftover ``*.tmp`` is the batch that was cut off and
-    is discarded). :meth:`assemble` copies the segments into ``<path>.tmp`` (compressed chunks byte for
+    ``<path>.partial/``: the marker that proves attnflow made the folder (:func:`attnflow.output.make_run_folder`;
+    a folder without it, or a link, is never written into nor deleted), ``manifest.json`` (the file's identity
+    and a random run id, written once, atomically), ``lock`` (see :class:`RunLock`: one writer at a time) and
+    one small HDF5 file per committed batch, ``seg-NNNNNNNN.h5``, numbered from 0, recording the input range
+    it covers and the run id, committed by :func:`attnflow.output.atomic_output`, so a segment either exists
+    complete or not at all. ``--resume`` checks that the segments form one unbroken chain of this run and
+    continues after the last (a leftover ``*.tmp`` is the batch that was cut off and is discarded).
+    :meth:`assemble` copies the segments into a temporary file beside ``path`` (compressed chunks byte for
     byte, without recompressing) and renames it to ``path``; :meth:`cleanup` then removes the folder, so a
     file written side by side with a companion keeps its folder (and is resumable) until both are in place.
     Open with ``resume=True`` to continue (the identity attributes must match), ``overwrite=True`` to
@@ -351,8 +374,12 @@ class RowFileWriter:
         companion: str | Path | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        reads: Sequence[str | Path] = (),
+        image_digests: bool = False,
     ):
         self.path = Path(path)
+        self._reads = reads
+        self._digests = image_digests
         self._static = static or {}
         self.partial = partial_path(self.path)
         self._attrs = {k: _plain(v) for k, v in attrs.items()}
@@ -370,9 +397,12 @@ class RowFileWriter:
             raise AttnflowError(f"no such folder for {self.path}: {self.path.parent}")
         if self.path.exists() and not (overwrite or resume):
             raise AttnflowError(f"{self.path} already exists; pass --overwrite to replace it")
-        if self.partial.exists() and not self.partial.is_dir():
-            raise AttnflowError(f"{self.partial} is in the way (attnflow keeps an unfinished run there); remove it")
-        if self.partial.exists():
+        check_output_path(self.path, reads=reads)
+        self._run_id = uuid.uuid4().hex
+        if _is_empty_folder(self.partial):
+            self.partial.rmdir()  # a run killed between making its folder and marking it: nothing of anyone's
+        if os.path.lexists(self.partial):
+            check_run_folder(self.partial)  # before the lock file is created in it: never write into a stranger's folder
             with file_system_errors(self.partial, resumable=False):
                 self._lock.acquire()  # refuses while another process writes this run, before anything is touched
             if resume:
@@ -394,13 +424,16 @@ class RowFileWriter:
     # -- the run folder -------------------------------------------------------------------------------
     def _start(self) -> None:
         with file_system_errors(self.partial, resumable=False):
-            self.partial.mkdir(exist_ok=True)
+            if not os.path.lexists(self.partial):
+                make_run_folder(self.partial, self.path, self._run_id)
             self._lock.acquire()
-            for old in self.partial.iterdir():  # --overwrite of an interrupted run: everything but the lock
-                if old.name != RunLock.NAME:
+            for old in self.partial.iterdir():  # --overwrite of an interrupted run (checked to be attnflow's)
+                if old.name not in (RunLock.NAME, RUN_MARKER):
                     shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-            manifest = {"attrs": self._attrs, "class_names": self._class_names, "companion": self._companion}
-            write_atomically(self.partial / self.MANIFEST, json.dumps(manifest, indent=1).encode())
+            manifest = {"attrs": self._attrs, "class_names": self._class_names, "companion": self._companion,
+                        "run_id": self._run_id}
+            with atomic_output(self.partial / self.MANIFEST) as tmp:
+                tmp.write_bytes(json.dumps(manifest, indent=1).encode())
 
     def _check_complete(self) -> None:
         """``--resume`` of a run that already finished: nothing to do, if it is the same run."""
@@ -446,6 +479,9 @@ class RowFileWriter:
                 self._refuse(f"it was started with {_difference(key, old, new)}")
         if manifest.get("class_names") != self._class_names:
             self._refuse("it was started with other class names")
+        if not isinstance(manifest.get("run_id"), str):
+            self._refuse(f"{self.MANIFEST} names no run (written by an older attnflow); start over with --overwrite")
+        self._run_id = manifest["run_id"]
         companion = manifest.get("companion")
         if companion and companion != self._companion and partial_path(Path(companion)).exists():
             self._refuse(
@@ -481,6 +517,9 @@ class RowFileWriter:
                 for name, spec in self._rows.items() if b else ():
                     if f[name].shape != (b, *spec.row_shape):
                         self._refuse(f"segment {segment.name}: {name} has shape {f[name].shape}, not {(b, *spec.row_shape)}")
+                if f.attrs.get("run_id") != self._run_id:
+                    self._refuse(f"segment {segment.name} belongs to another run, not the one this folder holds; "
+                                 "start over with --overwrite")
                 start = f.attrs.get("n_inputs_start")
                 return Segment(segment, index, b, k, None if start is None else int(start), int(f.attrs["n_inputs_done"]))
         except (OSError, KeyError) as e:
@@ -515,18 +554,18 @@ class RowFileWriter:
         n_inputs_done: int,
         labels: Sequence[int] | None = None,
         skipped: Sequence[tuple[str, str]] = (),
+        image_digests: Sequence[str] | None = None,
     ) -> None:
         """Write one batch as a segment and commit it by renaming it into place."""
         index = self._segments[-1].index + 1 if self._segments else 0
         final = self.partial / f"seg-{index:08d}.h5"
-        tmp = final.with_name(final.name + ".tmp")
         with in_memory_hdf5() as f:
-            self._write_rows(f, rows, image_ids, labels, skipped)
+            self._write_rows(f, rows, image_ids, labels, skipped, image_digests)
             f.attrs["n_inputs_start"] = self.n_inputs_done
             f.attrs["n_inputs_done"] = n_inputs_done
-        with file_system_errors(tmp, resumable=True, remove=tmp):
-            write_atomically(final, f.image)
-            _fsync(self.partial)
+            f.attrs["run_id"] = self._run_id
+        with atomic_output(final, resumable=True) as tmp:
+            tmp.write_bytes(f.image)
         self._segments.append(Segment(final, index, len(image_ids), len(skipped), self.n_inputs_done, n_inputs_done))
 
     def _create_datasets(self, f: h5py.File, n: int, m: int) -> None:
@@ -538,13 +577,15 @@ class RowFileWriter:
                 chunks=chunks, **(compression if spec.compressed else {}),
             )
         f.create_dataset(IMAGE_IDS, shape=(n,), maxshape=(None,), dtype=_TEXT, chunks=(1024,))
+        if self._digests:
+            f.create_dataset(IMAGE_SHA256, shape=(n,), maxshape=(None,), dtype=_TEXT, chunks=(1024,))
         if self._class_names is not None:
             f.create_dataset(LABELS, shape=(n,), maxshape=(None,), dtype="int64", chunks=(1024,))
             f.create_dataset(CLASS_NAMES, data=np.array([to_text(c) for c in self._class_names], dtype=object), dtype=_TEXT)
         for name in SKIP_DATASETS:
             f.create_dataset(name, shape=(m,), maxshape=(None,), dtype=_TEXT, chunks=(256,))
 
-    def _write_rows(self, f, rows, image_ids, labels, skipped) -> None:
+    def _write_rows(self, f, rows, image_ids, labels, skipped, image_digests) -> None:
         b = len(image_ids)
         self._create_datasets(f, b, len(skipped))
         for name in self._rows if b else ():  # a batch of only undecodable files has no rows
@@ -557,6 +598,11 @@ class RowFileWriter:
                 f[name][:] = data
         if b:
             f[IMAGE_IDS][:] = np.array([to_text(s) for s in image_ids], dtype=object)
+        if self._digests:
+            if image_digests is None or len(image_digests) != b:
+                raise ValueError("this file stores image digests; every batch needs them")
+            if b:
+                f[IMAGE_SHA256][:] = np.array(list(image_digests), dtype=object)
         if LABELS in f:
             if labels is None or len(labels) != b:
                 raise ValueError("this file stores labels; every batch needs them")
@@ -569,7 +615,6 @@ class RowFileWriter:
     def assemble(self) -> Path:
         """Copy the segments into ``path`` (replacing an old file only now); the run folder stays."""
         n, m = self.n_images, self.n_skipped
-        tmp = self.path.with_name(self.path.name + ".tmp")
         with in_memory_hdf5(libver=("v110", "latest")) as skeleton:
             for key, value in self._attrs.items():
                 skeleton.attrs[key] = value
@@ -578,23 +623,20 @@ class RowFileWriter:
             for name, data in self._static.items():
                 skeleton.create_dataset(name, data=data)
             attach_dimension_scales(skeleton)
-        with file_system_errors(tmp, resumable=True, remove=tmp):
+        with atomic_output(self.path, reads=self._reads, resumable=True) as tmp:
             _write_reserved(tmp, skeleton.image, self._assembled_size_bound())
             with h5py.File(tmp, "r+") as out:
                 row, skip = 0, 0
                 for segment in self._segments:
                     b, k = segment.n_images, segment.n_skipped
                     with h5py.File(segment.path, "r") as seg:
-                        for name in [*self._rows, IMAGE_IDS, *((LABELS,) if LABELS in out else ())]:
+                        for name in [*self._rows, IMAGE_IDS, *(n for n in (LABELS, IMAGE_SHA256) if n in out)]:
                             if b:
                                 _copy_rows(seg[name], out[name], row)
                         for name in SKIP_DATASETS:
                             if k:
                                 out[name][skip:skip + k] = seg[name][()]
                     row, skip = row + b, skip + k
-            _fsync(tmp)
-            os.replace(tmp, self.path)
-            _fsync(self.path.parent)
         return self.path
 
     def _assembled_size_bound(self) -> int:
@@ -611,9 +653,8 @@ class RowFileWriter:
 
     def cleanup(self) -> None:
         """Remove the run folder of an assembled file, then give up the run (and its lock)."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.partial / self.MANIFEST).unlink()  # first: a folder without it is a finished run's remains
-        shutil.rmtree(self.partial, ignore_errors=True)
+        # the manifest first: a folder without it is a finished run's remains
+        remove_run_folder(self.partial, first=[self.MANIFEST])
         self.close()
         self._lock.release()
 
@@ -648,40 +689,16 @@ def _difference(key: str, old: Any, new: Any) -> str:
     return f"{key} {shown(before)}, this run has {shown(after)}"
 
 
+def _is_empty_folder(path: Path) -> bool:
+    try:
+        return not os.path.islink(path) and path.is_dir() and next(path.iterdir(), None) is None
+    except OSError:
+        return False
+
+
 def _segment_index(segment: Path) -> int | None:
     digits = segment.name[len("seg-"):-len(".h5")]
     return int(digits) if digits.isdigit() else None
-
-
-def _os_errno(error: Exception) -> int | None:
-    """The errno of a failed write, also where h5py only names it in its message (``errno = 28``)."""
-    if getattr(error, "errno", None) is not None:
-        return error.errno
-    found = re.search(r"errno = (\d+)", str(error))
-    return int(found.group(1)) if found else None
-
-
-@contextlib.contextmanager
-def file_system_errors(path: Path, *, resumable: bool, remove: Path | None = None):
-    """Turn a file system's refusal (full disk, quota, read-only, permissions) while writing ``path`` into
-    one line that says what to do, after removing the half-written ``remove``."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        if not isinstance(e, OSError) and _os_errno(e) is None:
-            raise  # a RuntimeError is a file system's only when HDF5 names the errno (it does so on close)
-        if remove is not None:
-            with contextlib.suppress(OSError):
-                remove.unlink()
-        code = _os_errno(e)
-        reason = os.strerror(code).lower() if code else hdf5_reason(e, "i/o error")
-        advice = {
-            errno.ENOSPC: "free space", errno.EDQUOT: "free space within your quota",
-            errno.EFBIG: "raise the file size limit (ulimit -f) or write elsewhere",
-        }.get(code, "check that the location is writable")
-        if resumable:
-            advice += ", then rerun with --resume"
-        raise AttnflowError(f"{reason} writing {path}; {advice}") from None
 
 
 def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, start: int) -> None:
@@ -739,23 +756,3 @@ def _write_reserved(path: Path, image: bytes, size: int) -> None:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise  # a file system that cannot reserve space goes on unguarded
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's data to disk, so that a rename after it never exposes a torn file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-

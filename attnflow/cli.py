@@ -113,32 +113,57 @@ def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
         return None
 
 
-def _check_output(output: Optional[Path]) -> None:
-    """Fail before the work, not after it, when -o cannot be a file: a missing folder, or a folder."""
+def _check_output(output: Optional[Path], reads: Sequence[Path]) -> None:
+    """Fail before the work, not after it, when -o cannot be a file: a missing folder, a folder, an input."""
+    if output is not None:
+        from .output import check_output_path
+
+        check_output_path(output, reads=reads)
+
+
+def _deliver(result, fmt, output: Optional[Path] = None, reads: Sequence[Path] = ()) -> None:
+    """Every command's data goes out here: to stdout, or with -o into a file committed whole (and a line
+    saying so); ``reads`` are the command's inputs, which -o must not be."""
     if output is None:
+        result.write(fmt, _text_stdout())
         return
-    if output.is_dir():
-        raise AttnflowError(f"{output} is a directory; the output must be a file path")
-    if not output.absolute().parent.is_dir():
-        raise AttnflowError(f"cannot write {output}: no such directory {output.absolute().parent}")
+    from .output import atomic_output
 
-
-def _open_output(output: Path):
-    """``output`` opened for writing text, or a one-line error saying why it cannot be."""
-    try:
-        return open(output, "w", newline="")
-    except OSError as e:
-        raise AttnflowError(f"cannot write {output}: {e.strerror or e}") from None
-
-
-def _deliver(result, fmt, output: Optional[Path] = None) -> None:
-    """Every command's data goes out here: to stdout, or with -o into a file (and a line saying so)."""
-    if output is None:
-        result.write(fmt, sys.stdout)
-        return
-    with _open_output(output) as handle:
+    with atomic_output(output, reads=reads) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         result.write(fmt, handle)
     _stderr_console().print(f"attnflow: wrote {output}", markup=False)
+
+
+def _text_stdout():
+    """stdout, writing what its encoding cannot hold (a non-ASCII label on an ASCII terminal) as escapes
+    instead of failing half-way through a table."""
+    if sys.stdout.errors not in ("strict", None) or not hasattr(sys.stdout, "reconfigure"):
+        return sys.stdout
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (ValueError, OSError):  # a stream that cannot change (a test's capture): written as it is
+        pass
+    return sys.stdout
+
+
+def _refuse_copies(paths: Sequence[Path]) -> None:
+    """Two paths holding byte for byte the same metrics file are one model, not two (one path given twice is
+    shown twice, as asked). Only files of equal size are read."""
+    import hashlib
+
+    by_size: dict[int, list[Path]] = {}
+    for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        if path.is_file():
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        seen: dict[str, Path] = {}
+        for path in same_size:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest in seen:
+                raise AttnflowError(f"{seen[digest]} and {path} are byte-identical copies of one metrics file, so they "
+                                    "are one model, not two; give it once")
+            seen[digest] = path
 
 
 def _print_notes(notes) -> None:
@@ -422,7 +447,8 @@ def compare(
         raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
     _check_layers(layers, depth, "--layers")
     _check_layers(summary_layers, depth, "--summary-layers")
-    _check_output(output)
+    _check_output(output, paths)
+    _refuse_copies(paths)
     implied = [None] * len(files or []) + ["mim"] * len(mim) + ["jea"] * len(jea)
     families = [family[i].value if i < len(family) else implied[i] for i in range(len(paths))]
     comparison = compare_files(
@@ -431,7 +457,7 @@ def compare(
         correction=correction,
     )
     _print_notes(comparison.notes)
-    _deliver(comparison, format, output)
+    _deliver(comparison, format, output, paths)
 
 
 @app.command()
@@ -495,6 +521,7 @@ def probe_command(
     with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's cls_entropy_norm of the probed block, the last by default (csv/tsv column too)."),
     save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads here (an existing folder; one <model>.<pool>.pt each, for plot maps --heads-dir and attnflow.probe.load_head)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Probe the output tokens of this block (0-based, negative from the last), stored with extract --token-layers, with its attention for cls-attn, min-entropy-head and rollout (up to it); adds a layer column (default: the deepest stored block, the last unless --token-layers said otherwise)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Probe even when a --test cache holds training images (same path or content); an n_overlap column says how many."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
@@ -514,7 +541,8 @@ def probe_command(
     if split is not None and not caches:
         raise typer.BadParameter("divides caches given as arguments; --train/--test pairs are used as they are", param_hint="--split")
     device = str(resolve_device(device))
-    _check_output(output)
+    probed = [*(caches or []), *train, *test]
+    _check_output(output, probed)
     pairs = [(c, None) for c in caches or []] + list(zip(train, test))
     if not pairs:
         raise typer.BadParameter("give caches with --split, or --train/--test pairs", param_hint="CACHES")
@@ -522,7 +550,7 @@ def probe_command(
         pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
         evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
         epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-        n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads,
+        n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads, allow_overlap=allow_overlap,
     )
     _print_notes(notes)
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
@@ -532,8 +560,10 @@ def probe_command(
         columns += GAIN_COLUMNS  # after attnflow 0.1's columns, which keep their places
     else:
         columns[columns.index("n_train"):columns.index("n_train")] = GAIN_COLUMNS
+    if allow_overlap:
+        columns.append("n_overlap")
     _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images; gain over cls: "
-                                     "paired CI, McNemar p, Holm-adjusted)"), format, output)
+                                     "paired CI, McNemar p, Holm-adjusted)"), format, output, probed)
 
 
 plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import math
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -27,8 +27,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from PIL import Image
 
-from .errors import OptionError
-from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images
+from .errors import AttnflowError, OptionError, first_line
+from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, content_digest, read_image_file
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker: every JPEG file starts so
 EXIF_ORIENTATION = 0x0112
@@ -88,12 +88,7 @@ def scaled_size(height: int, width: int, preprocessing: Preprocessing) -> tuple[
     ``scale`` and the longer one to ``int(scale * longer / shorter)`` (torchvision's ``Resize(int)``); squash
     resizes to exactly ``scale``.
     """
-    scale_h, scale_w = (math.floor(side / preprocessing.crop_pct) for side in preprocessing.input_size[1:])
-    if preprocessing.crop_mode == "squash":
-        return scale_h, scale_w
-    short, long = sorted((height, width))
-    new_long = int(scale_h * long / short)
-    return (scale_h, new_long) if height <= width else (new_long, scale_h)
+    return preprocessing.resized_size(height, width)
 
 
 def resize_and_crop(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
@@ -156,7 +151,7 @@ class EncodedJpeg:
 
 
 # An :class:`EncodedImages` item: an :data:`~attnflow.images.ImageItem` whose pixels may still be encoded.
-EncodedItem = tuple[int, torch.Tensor | EncodedJpeg | None, torch.Tensor | None, str | None]
+EncodedItem = tuple[int, torch.Tensor | EncodedJpeg | None, torch.Tensor | None, str | None, str]
 
 
 class EncodedImages(torch.utils.data.Dataset):
@@ -172,17 +167,18 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> EncodedItem:
         try:
-            data = self.dataset.paths[index].read_bytes()
-        except OSError:
+            data = read_image_file(self.dataset.paths[index])
+        except (OSError, ValueError):
             return self.dataset[index]  # unreadable: the CPU path gives the skip reason the default run gives
         size = self._device_decodable(data)
         if size is None:
             return self.dataset[index]
         try:
+            self.dataset.preprocessing.check_size(*size)
             fg = self.dataset.object_fraction(index, size)
         except Exception as e:  # a bad mask: the image's skip reason, as on the CPU path
             return self.dataset.failure(index, e)
-        return index, EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), fg, None
+        return index, EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)), fg, None, content_digest(data)
 
     def _device_decodable(self, data: bytes) -> tuple[int, int] | None:
         """The (width, height) of a JPEG the device decodes as :func:`~attnflow.images.decode_image` would;
@@ -223,17 +219,17 @@ def decode_batch(
     image's skip reason. ``pixels`` of the result are uint8 (B, C, H, W) on ``device``.
     """
     items: list[EncodedItem] = list(batch.items)
-    encoded = [k for k, (_, payload, _, _) in enumerate(items) if isinstance(payload, EncodedJpeg)]
+    encoded = [k for k, (_, payload, _, _, _) in enumerate(items) if isinstance(payload, EncodedJpeg)]
     decoded = _decode_jpegs([items[k][1].data for k in encoded], device)
     for k, pixels in zip(encoded, decoded):
-        index, _, fg, _ = items[k]
+        index, _, fg, _, digest = items[k]
         if pixels is None:
             items[k] = retry(index)
             continue
         if preprocessing.input_size[0] == 1:
             pixels = _pil_luma(pixels)
-        items[k] = index, resize_and_crop(pixels, preprocessing), fg, None
-    moved = [(i, None if x is None else x.to(device, non_blocking=True), fg, err) for i, x, fg, err in items]
+        items[k] = index, resize_and_crop(pixels, preprocessing), fg, None, digest
+    moved = [(i, None if x is None else x.to(device, non_blocking=True), fg, err, digest) for i, x, fg, err, digest in items]
     return collate_images(moved)
 
 
@@ -275,12 +271,33 @@ def image_batches(dataset: ImageDataset, *, device: torch.device, batch_size: in
     ``device`` (``gpu``; the CLI requires CUDA there, the Python API also runs this path on the CPU, for
     comparisons)."""
     if dataset.preprocessing.decode == DECODE_MODES[0]:
-        return torch.utils.data.DataLoader(
+        return _surviving(torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
-            pin_memory=device.type == "cuda",
-        )
+            pin_memory=device.type == "cuda", worker_init_fn=_leave_interrupts_to_the_parent,
+        ))
     check_device_decodable(dataset.preprocessing)
     loader = torch.utils.data.DataLoader(
         EncodedImages(dataset), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_encoded,
+        worker_init_fn=_leave_interrupts_to_the_parent,
     )
-    return (decode_batch(batch, dataset.preprocessing, device, dataset.__getitem__) for batch in loader)
+    return (decode_batch(batch, dataset.preprocessing, device, dataset.__getitem__) for batch in _surviving(loader))
+
+
+def _leave_interrupts_to_the_parent(worker_id: int) -> None:
+    """Ctrl-C on a terminal reaches every process of the group: a worker ignores it, so that the parent alone
+    stops the run and says so in one line (each worker would print its own traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _surviving(loader: Iterable) -> Iterable:
+    """The loader's batches; a worker process that dies (killed, out of memory) ends the run with one line
+    instead of the DataLoader's traceback, its committed batches kept."""
+    try:
+        yield from loader
+    except (RuntimeError, OSError, EOFError) as e:
+        # the DataLoader's own report, or a batch cut off in transfer (the dataset turns every failure of a
+        # user's file into a skip reason, so nothing else is raised here)
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
+            raise
+        raise AttnflowError(f"a decoding worker process died ({type(e).__name__}: {first_line(e)}); the committed "
+                            "batches are kept: rerun with --resume (with fewer --workers if memory ran out)") from None

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cache import file_attrs, file_system_errors, in_memory_hdf5, inputs_digest, write_atomically
+from .cache import file_attrs, in_memory_hdf5, inputs_digest
+from .output import atomic_output
 from .errors import AttnflowError
 from .extract import extract
 from .images import folder_classes
@@ -119,6 +120,7 @@ def extract_sharded(
             loaded, paths[start:stop], shard_path(output, rank), options.replace(device=device),
             metrics=None if metrics is None else shard_path(metrics, rank),
             class_names=folder_classes(paths) if options.inputs.labels_from_dirs else None, on_skip=on_skip,
+            allow_empty=True,  # another shard may hold images; the whole is checked when assembled
         )
         barrier()
         if rank.leader:
@@ -137,10 +139,9 @@ def assemble(output: Path, shards: list[Path], *, all_paths: Sequence[str], over
     """Write ``output`` over finished shard files: virtual datasets for the large rows, copies of the rest."""
     if output.exists() and not overwrite:
         raise AttnflowError(f"{output} already exists; pass --overwrite to replace it")
-    tmp = output.with_name(output.name + ".tmp")
     image = _assemble(output, shards, all_paths)
-    with file_system_errors(tmp, resumable=True, remove=tmp):
-        write_atomically(output, image)
+    with atomic_output(output, reads=shards, resumable=True) as tmp:
+        tmp.write_bytes(image)
     return output
 
 
@@ -151,6 +152,8 @@ def _assemble(output: Path, shards: list[Path], all_paths: Sequence[str]) -> byt
         attrs = file_attrs(handles[0])
         counts = [int(h.attrs["n_images"]) for h in handles]
         n = sum(counts)
+        if n == 0:
+            raise AttnflowError(f"none of the {len(all_paths)} inputs could be decoded; no cache written")
         with in_memory_hdf5(libver=("v110", "latest")) as out:
             out.attrs.update(attrs)
             out.attrs.update({

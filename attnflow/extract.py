@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest
+from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, masks_digest
 from .capture import MAGNITUDE_UPDATES, AttentionCapture
 from .errors import AttnflowError, AttnflowNote
 from .decode import image_batches, with_decode
@@ -141,6 +141,7 @@ def extract(
     class_names: Sequence[str] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    allow_empty: bool = False,
     **option_values: Any,
 ) -> ExtractResult:
     """Capture attention for ``paths`` with ``loaded.model`` into the cache ``output``.
@@ -154,6 +155,8 @@ def extract(
             a shard of a distributed run gets the classes of the whole input list, so indices agree).
         on_skip: called once per undecodable file with (path, reason); with ``strict`` the first one raises.
         on_progress: called after each committed batch with (inputs done, inputs total).
+        allow_empty: write a cache even when no input could be decoded (a distributed run's shard); otherwise
+            that is an AttnflowError and nothing is written.
     Returns the committed counts. On any error the ``.partial`` files keep every committed batch.
     """
     options = (options or ExtractOptions()).replace(**option_values)
@@ -166,7 +169,7 @@ def extract(
     if metrics is not None:
         warn_about_layout(loaded.layout, full_maps=True)
         files["metrics"] = (plan.metrics_spec(files["cache"][0], output), metrics, output)
-    writers = _open_writers(files, len(paths), resume=options.run.resume, overwrite=options.run.overwrite)
+    writers = _open_writers(files, len(paths), resume=options.run.resume, overwrite=options.run.overwrite, reads=plan.reads)
     finished = _finished_run(writers, output, metrics)
     if finished is not None:
         return finished
@@ -181,6 +184,11 @@ def extract(
         for writer in writers.values():
             writer.close()
         raise
+    if cache_writer.n_images == 0 and not allow_empty:
+        for writer in writers.values():
+            writer.cleanup()
+        raise AttnflowError(f"none of the {cache_writer.n_skipped} inputs could be decoded (each skip is listed above, "
+                            "or rerun with --strict to stop at the first); no cache written")
     _assemble(writers)
     return ExtractResult(
         path=cache_writer.path, n_images=cache_writer.n_images, n_skipped=cache_writer.n_skipped,
@@ -202,6 +210,12 @@ class _Plan:
     class_names: list[str] | None
     mask_paths: list[Path | None] | None
 
+    @property
+    def reads(self) -> list[Path]:
+        """Every file the run reads, which no output may be."""
+        checkpoint = [Path(self.loaded.checkpoint)] if self.loaded.checkpoint else []
+        return [*self.paths, *(m for m in self.mask_paths or () if m is not None), *checkpoint]
+
     def cache_spec(self, output: str | Path) -> CacheSpec:
         loaded, adapter, store = self.loaded, self.loaded.adapter, self.options.store
         return CacheSpec(
@@ -217,6 +231,7 @@ class _Plan:
             class_names=self.class_names,
             has_masks=self.mask_paths is not None,
             final_norm=_final_layer_norm(adapter.final_norm) if store.save_tokens else None,
+            image_digests=True,
             attrs={
                 "model": loaded.name,
                 "label": loaded.label,
@@ -224,6 +239,9 @@ class _Plan:
                 "weights": loaded.weights,
                 "checkpoint": loaded.checkpoint,
                 "checkpoint_sha256": loaded.checkpoint_sha256,
+                # only when set: absent in every cache written before they were recorded
+                **({"checkpoint_key": loaded.checkpoint_key} if loaded.checkpoint_key else {}),
+                **({"masks_sha256": masks_digest(self.paths, self.mask_paths)} if self.mask_paths is not None else {}),
                 "preprocessing": json.dumps(self.preprocessing.as_dict(), sort_keys=True),
                 "amp": self.amp,
                 # only when not the default: absent means after the layer scale, as in every cache of attnflow 0.1
@@ -246,6 +264,7 @@ class _Plan:
             source=str(Path(output).resolve()),
             class_names=self.class_names,
             artifact_rule=self.options.artifacts.rule,
+            image_digests=True,
         )
 
 
@@ -312,6 +331,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
                     n_inputs_done=done,
                     labels=[class_index[class_of(paths[start + i])] for i in batch.indices] if plan.class_names is not None else None,
                     skipped=skipped,
+                    image_digests=batch.digests,
                 )
                 if on_progress:
                     on_progress(done, len(paths))
@@ -334,14 +354,15 @@ def _assemble(writers: dict[str, RowFileWriter]) -> None:
         writer.cleanup()
 
 
-def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resume: bool, overwrite: bool) -> dict[str, RowFileWriter]:
+def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resume: bool, overwrite: bool,
+                  reads: Sequence[Path]) -> dict[str, RowFileWriter]:
     """A writer per file (``key -> (spec, path, companion)``). With ``--resume``, a file that is complete
     while its companion must still be computed is computed again beside it: the two always hold the same
     batches."""
     writers: dict[str, RowFileWriter] = {}
     try:
         for key, (spec, path, companion) in files.items():
-            writers[key] = spec.writer(path, companion=companion, resume=resume, overwrite=overwrite)
+            writers[key] = spec.writer(path, companion=companion, resume=resume, overwrite=overwrite, reads=reads)
         complete = [key for key, w in writers.items() if w.complete_attrs is not None]
         behind = [w.path for w in writers.values() if w.complete_attrs is None and w.n_inputs_done < n_inputs]
         if complete and behind:
@@ -350,7 +371,7 @@ def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resu
             for key in complete:
                 spec, path, companion = files[key]
                 writers[key].close()
-                writers[key] = spec.writer(path, companion=companion, overwrite=True)
+                writers[key] = spec.writer(path, companion=companion, overwrite=True, reads=reads)
     except BaseException:
         for writer in writers.values():
             writer.close()

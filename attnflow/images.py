@@ -6,7 +6,11 @@ instead of a batch element, so one corrupt JPEG among 50,000 costs one line on s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import math
 import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
@@ -16,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 from .architectures import adapter_for
@@ -124,16 +128,50 @@ def _walk_images(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def decode_image(path: Path | str, channels: int) -> Image.Image:
-    """Open an image as 8-bit RGB (``channels == 3``) or greyscale (``channels == 1``).
+# The most pixels an image may have once resized for the model (before the crop): about 100 MB of RGB. A
+# 1 x 1,000,000 PNG passes PIL's decompression-bomb limit (on decoded pixels) but would resize to 256 x
+# 256,000,000; anything with an aspect ratio under about 500:1 stays below.
+MAX_RESIZED_PIXELS = 1 << 25
 
-    EXIF orientation is applied; palette, alpha, 16-bit and float modes are converted explicitly (16-bit
-    values are scaled to 8 bits rather than clipped, which is what a plain ``convert('L')`` would do).
+
+def read_image_file(path: Path | str) -> bytes:
+    """The bytes of the regular file ``path``. Anything else (a FIFO, a device, a socket) is refused without
+    waiting for it: opened non-blocking, checked by ``fstat`` on the very file opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+            raise ValueError(f"{kind}, not an image file")
+        return f.read()
+
+
+def content_digest(data: bytes) -> str:
+    """An image file's content digest, as a cache stores it (``image_sha256``)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _open_image(path: Path | str, data: bytes | None = None) -> Image.Image:
+    """PIL's image over ``data``, the bytes of the regular file ``path`` (read here when not given), named by
+    its path when PIL cannot read it."""
+    try:
+        return Image.open(io.BytesIO(read_image_file(path) if data is None else data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+
+
+def decode_image(path: Path | str, channels: int, data: bytes | None = None) -> Image.Image:
+    """Open an image as 8-bit RGB (``channels == 3``) or greyscale (``channels == 1``); ``data``: the file's
+    bytes when they were read already.
+
+    Only regular files are read (:func:`read_image_file`). EXIF orientation is applied; palette, alpha,
+    16-bit and float modes are converted explicitly (16-bit values are scaled to 8 bits rather than clipped,
+    which is what a plain ``convert('L')`` would do).
     """
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bad input either way.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
+        with _open_image(path, data) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -198,6 +236,27 @@ class Preprocessing:
             crop_mode=self.crop_mode,
             use_prefetcher=not normalized,
         )
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) timm's eval transform resizes a ``height`` x ``width`` image to before its crop.
+
+        ``scale = floor(input / crop_pct)`` per side; the centre mode (square inputs) resizes the shorter side to
+        ``scale`` and the longer one to ``int(scale * longer / shorter)`` (torchvision's ``Resize(int)``); squash
+        resizes to exactly ``scale``.
+        """
+        scale_h, scale_w = (math.floor(side / self.crop_pct) for side in self.input_size[1:])
+        if self.crop_mode == "squash":
+            return scale_h, scale_w
+        short, long = sorted((height, width))
+        new_long = int(scale_h * long / short)
+        return (scale_h, new_long) if height <= width else (new_long, scale_h)
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse an image whose resize for the model would exceed :data:`MAX_RESIZED_PIXELS`, saying so."""
+        new_h, new_w = self.resized_size(height, width)
+        if new_h * new_w > MAX_RESIZED_PIXELS:
+            raise ValueError(f"{width} x {height} pixels would be resized to {new_w} x {new_h} for the model, above "
+                             f"the limit of {MAX_RESIZED_PIXELS:,} resized pixels (aspect ratio too extreme)")
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> the float tensor timm's normalising transform gives, on ``pixels``' device.
@@ -269,7 +328,7 @@ def decode_mask(path: Path | str) -> Image.Image:
 
     Nonzero means any nonzero palette index, grey level or colour channel (alpha is ignored).
     """
-    with Image.open(path) as im:
+    with _open_image(path) as im:
         im = ImageOps.exif_transpose(im)
         arr = np.asarray(im)
     if arr.ndim == 3:
@@ -277,8 +336,9 @@ def decode_mask(path: Path | str) -> Image.Image:
     return Image.fromarray(np.where(arr != 0, 255, 0).astype(np.uint8), mode="L")
 
 
-# One dataset item: (position, uint8 (C, H, W) pixels or None, (P,) object fraction or None, skip reason or None).
-ImageItem = tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]
+# One dataset item: (position, uint8 (C, H, W) pixels or None, (P,) object fraction or None, skip reason or None,
+# the file's content digest or "").
+ImageItem = tuple[int, torch.Tensor | None, torch.Tensor | None, str | None, str]
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -316,15 +376,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> ImageItem:
         try:
-            image = decode_image(self.paths[index], self.channels)
+            data = read_image_file(self.paths[index])
+            image = decode_image(self.paths[index], self.channels, data)
+            self.preprocessing.check_size(*image.size)
             fg = self.object_fraction(index, image.size)
-            return index, self.transform(image), fg, None
+            return index, self.transform(image), fg, None, content_digest(data)
         except Exception as e:  # every decode failure of a user's file is a skip with its reason
             return self.failure(index, e)
 
     def failure(self, index: int, error: BaseException) -> ImageItem:
         """The item of an image that cannot be used, with ``error`` as its skip reason."""
-        return index, None, None, describe_decode_error(error)
+        return index, None, None, describe_decode_error(error), ""
 
     def object_fraction(self, index: int, image_size: tuple[int, int]) -> torch.Tensor | None:
         """With masks, image ``index``'s (P,) object fraction per patch, given its decoded (width, height)
@@ -339,6 +401,10 @@ class ImageDataset(torch.utils.data.Dataset):
         except Exception as e:  # reported as the image's skip reason, naming the mask
             raise ValueError(f"mask {mask_path}: {describe_decode_error(e)}") from None
         if mask.size != image_size:
+            (mask_w, mask_h), (image_w, image_h) = mask.size, image_size
+            if abs(mask_w * image_h - mask_h * image_w) > max(mask_w, mask_h, image_w, image_h):  # beyond a pixel's rounding
+                raise ValueError(f"mask {mask_path} is {mask_w} x {mask_h} pixels, another aspect ratio than the "
+                                 f"image's {image_w} x {image_h}: it is not this image's mask")
             mask = mask.resize(image_size, Image.Resampling.NEAREST)
         pixels = self.mask_transform(mask).float().div(255)  # (1, H, W) in [0, 1]
         return torch.nn.functional.avg_pool2d(pixels[None], self.patch_size)[0, 0].flatten()
@@ -357,6 +423,7 @@ class ImageBatch:
     pixels: torch.Tensor | None  # (B, C, H, W) uint8, None when every image of the batch failed
     fg: torch.Tensor | None  # (B, P) object fraction per patch, with masks
     failures: list[tuple[int, str]]  # (position, reason)
+    digests: list[str] = dataclasses.field(default_factory=list)  # content digest of each decoded image, in order
 
     def pin_memory(self) -> "ImageBatch":
         """The batch with its pixels in page-locked memory, so that the copy to a GPU runs without blocking
@@ -365,11 +432,12 @@ class ImageBatch:
 
 
 def collate_images(items: list[ImageItem]) -> ImageBatch:
-    good = [(i, x, fg) for i, x, fg, err in items if err is None]
+    good = [(i, x, fg, digest) for i, x, fg, err, digest in items if err is None]
     with_fg = bool(good) and good[0][2] is not None
     return ImageBatch(
-        indices=[i for i, _, _ in good],
-        pixels=torch.stack([x for _, x, _ in good]) if good else None,
-        fg=torch.stack([fg for _, _, fg in good]) if with_fg else None,
-        failures=[(i, err) for i, _, _, err in items if err is not None],
+        indices=[i for i, _, _, _ in good],
+        pixels=torch.stack([x for _, x, _, _ in good]) if good else None,
+        fg=torch.stack([fg for _, _, fg, _ in good]) if with_fg else None,
+        failures=[(i, err) for i, _, _, err, _ in items if err is not None],
+        digests=[digest for _, _, _, digest in good],
     )

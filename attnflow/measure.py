@@ -76,15 +76,16 @@ def compute_metrics(
             class_names=cache.class_names,
             artifact_rule=options.artifacts.rule,
             flow_layers=flow_layers,
+            image_digests=cache.image_digests is not None,
         )
-        writer = spec.writer(output, resume=options.run.resume, overwrite=options.run.overwrite)
+        writer = spec.writer(output, resume=options.run.resume, overwrite=options.run.overwrite, reads=[cache.path])
         if writer.complete_attrs is not None:  # --resume of a run that had finished, on the same cache
             writer.close()
             return writer.path
         try:
             n = len(cache)
             read_maps = cache.attention if full_maps else cache.prefix_rows
-            image_ids, skipped = cache.image_ids, cache.skipped
+            image_ids, skipped, digests = cache.image_ids, cache.skipped, cache.image_digests
             for start in range(writer.n_inputs_done, n, batch_size):
                 stop = min(start + batch_size, n)
                 # checked reads: float32 tensors on the device, rows of maps summing to 1, magnitudes finite
@@ -112,6 +113,7 @@ def compute_metrics(
                     n_inputs_done=stop,
                     labels=cache.labels(start, stop) if LABELS in cache else None,
                     skipped=skipped if start == 0 else (),
+                    image_digests=None if digests is None else digests[start:stop],
                 )
                 if on_progress:
                     on_progress(stop, n)

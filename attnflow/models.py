@@ -43,6 +43,7 @@ class LoadedModel:
     weights: str  # "pretrained", "checkpoint" or "random"
     family: str
     label: str
+    checkpoint_key: str = ""  # the container inside the checkpoint the weights came from ("" for its top level)
 
     @property
     def layout(self) -> TokenLayout:
@@ -127,11 +128,11 @@ def build_model(
     else:
         model = _create_demo(**kwargs)
 
-    ckpt_path, sha = "", ""
+    ckpt_path, sha, container = "", "", ""
     if checkpoint is not None:
         ckpt = Path(checkpoint).expanduser().resolve()
         obj = read_checkpoint_file(ckpt, trust=trust_checkpoint)
-        state_dict, _ = select_state_dict(obj, checkpoint_key, source=f"checkpoint {ckpt}")
+        state_dict, container = select_state_dict(obj, checkpoint_key, source=f"checkpoint {ckpt}")
         load_state_dict_strict(model, state_dict, source=str(ckpt))
         ckpt_path, sha = str(ckpt), file_sha256(ckpt)
 
@@ -145,6 +146,7 @@ def build_model(
         # random weights were never pre-trained, whatever family the architecture's name suggests
         family=family or ("untrained" if random_init else infer_family(name)),
         label=label or (name if demo is not None else default_label(name, checkpoint)),
+        checkpoint_key=container,
     )
 
 
@@ -242,5 +244,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: StateDict, *, source: s
         if key_list:
             warnings.warn(f"{what} checkpoint keys outside the captured path: {_list_keys(key_list)}", stacklevel=2)
     wanted = {k: v for k, v in state_dict.items() if k in model_sd}
+    # checked here, naming the tensor: found later, a NaN weight only shows as maps that are not softmax rows
+    broken = [k for k, v in wanted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise AttnflowError(f"checkpoint {source} holds NaN or infinite values in {_list_keys(broken)}")
     with torch.no_grad():
         model.load_state_dict(wanted, strict=False)

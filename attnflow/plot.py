@@ -19,8 +19,9 @@ from .compare import Comparison, compare_files
 from .errors import AttnflowError, OptionError
 from .families import get_family
 from .flow import attention_flow
-from .images import Preprocessing, decode_image
+from .images import Preprocessing, content_digest, decode_image, read_image_file
 from .metrics import REGISTRY, renormalise_over_patches, rollout
+from .output import atomic_output, check_output_path
 from .schema import FG
 
 DPI = 150
@@ -51,15 +52,16 @@ def pyplot():
     return plt
 
 
-def _check_output(output: str | Path) -> Path:
+def _check_output(output: str | Path, reads: Sequence[str | Path]) -> Path:
     output = Path(output)
     if output.suffix.lower() not in FORMATS:
         raise AttnflowError(f"cannot write a figure as '{output.suffix or output.name}': use {', '.join(FORMATS)}")
-    if output.is_dir():
-        raise AttnflowError(f"{output} is a directory; the output must be a file path")
-    if not output.absolute().parent.is_dir():  # checked before the work, not found by savefig after it
-        raise AttnflowError(f"cannot write {output}: no such directory {output.absolute().parent}")
-    return output
+    return check_output_path(output, reads=reads)  # before the work, not found by savefig after it
+
+
+def _save(fig, output: Path, reads: Sequence[str | Path]) -> None:
+    with atomic_output(output, reads=reads) as tmp:
+        fig.savefig(tmp, dpi=DPI, format=output.suffix.lower()[1:])
 
 
 # -- per-layer curves -----------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def plot_curves(
 ) -> tuple[Path, dict[str, list[Curve]], list[str]]:
     """Draw one panel per metric (default: ``attnflow compare``'s default set) with a line per model into
     ``output``; returns the path, the curves drawn and the notes about the inputs."""
-    output = _check_output(output)
+    output = _check_output(output, paths)
     plt = pyplot()
     comparison = compare_files(paths, metrics=metrics, heads=heads, n_bootstrap=n_bootstrap, seed=seed)
     curves, xlabel = curve_data(comparison)
@@ -136,7 +138,7 @@ def plot_curves(
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.suptitle(f"per-layer attention metrics (mean over images, heads: {heads}; bands: 95% bootstrap CI)")
     fig.tight_layout(rect=(0, 0.6 / (PANEL_SIZE[1] * nrows + 0.6), 1, 1))
-    fig.savefig(output, dpi=DPI)
+    _save(fig, output, paths)
     plt.close(fig)
     return output, curves, comparison.notes
 
@@ -175,6 +177,7 @@ class MapData:
     flow: np.ndarray | None = None  # attention flow (attnflow.flow) read out after ``layer``, sums to 1; with ``flow``
     panels: list["MapPanel"] = field(default_factory=list)  # the map panels of the row, in drawing order
     scale: "MapScale | None" = None  # the figure's shared colour scale, set by plot_maps (one object per figure)
+    image_path: Path | None = None  # the image file drawn
 
 
 @dataclass
@@ -222,10 +225,16 @@ def shared_scale(rows: Sequence[MapData], kind: str = "log") -> MapScale:
 
 
 def find_image(image_ids: Sequence[str], image: str | int) -> int:
-    """An image by index, by its path as stored, by file name or by file stem."""
+    """An image by index, by its path as stored, by file name or by file stem; a number that is also an
+    image's name or stem is refused as ambiguous."""
     if isinstance(image, int) or (isinstance(image, str) and image.lstrip("-").isdigit()):
         index = int(image)
-        if not -len(image_ids) <= index < len(image_ids):
+        in_range = -len(image_ids) <= index < len(image_ids)
+        named = [p for p in image_ids if str(image) in (p, Path(p).name, Path(p).stem)]
+        if named and not (in_range and named == [image_ids[index]]):
+            at = f" (at index {index}: {image_ids[index]})" if in_range else ""
+            raise AttnflowError(f"--image {image} is both an index{at} and the name of {named[0]}: give the path as stored")
+        if not in_range:
             raise AttnflowError(f"image index {index} is out of range (the cache holds {len(image_ids)} images)")
         return index % len(image_ids)
     for key in (lambda p: p, lambda p: Path(p).name, lambda p: Path(p).stem):
@@ -237,21 +246,29 @@ def find_image(image_ids: Sequence[str], image: str | int) -> int:
     raise AttnflowError(f"no image '{image}' in the cache (give an index, a path, a file name or a stem)")
 
 
+def _index_of_id(image_ids: Sequence[str], image_id: str, path: Path) -> int:
+    hits = [i for i, p in enumerate(image_ids) if p == image_id]
+    if not hits:
+        raise AttnflowError(f"{path} does not hold image {image_id} (the models saw different images); "
+                            "draw caches of the same images")
+    return hits[0]
+
+
 def _readout(rows: np.ndarray, layout) -> np.ndarray:
     """(..., T) attention rows -> (..., P) float64 restricted to patches and renormalised."""
     return renormalise_over_patches(torch.from_numpy(np.asarray(rows)), layout).numpy()
 
 
 def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads: bool = False, flow: bool = False,
-             heads_dir: str | Path | None = None, ep_queries_each: bool = False) -> MapData:
+             heads_dir: str | Path | None = None, ep_queries_each: bool = False, by_id: bool = False) -> MapData:
     """The maps of one image from one cache: readout attention at ``layer``, its rollout, with ``flow`` its
     exact attention flow (computed here from the full maps, mean head fusion as for the rollout), with
     ``heads_dir`` the attention of the probe heads saved there for this model (:func:`probe_head_panels`),
-    and per head."""
+    and per head. ``image`` as :func:`find_image` takes it, or with ``by_id`` the image's stored id exactly."""
     with open_cache(cache_path) as cache:
         layout, a = cache.layout, cache.attrs
         ids = cache.image_ids
-        index = find_image(ids, image)
+        index = _index_of_id(ids, str(image), cache.path) if by_id else find_image(ids, image)
         L = int(a["num_layers"])
         if not -L <= layer < L:
             raise AttnflowError(f"--layer {layer} is out of range for {a['label']} ({L} blocks)")
@@ -292,12 +309,19 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         path = _image_path(ids[index], a.get("working_dir", ""))
         preprocessing = Preprocessing.from_dict(cache.preprocessing)
         try:
-            pixels = preprocessing.transform(normalized=False)(decode_image(path, preprocessing.input_size[0]))
+            data = read_image_file(path)
+            decoded = decode_image(path, preprocessing.input_size[0], data)
+            preprocessing.check_size(*decoded.size)
+            pixels = preprocessing.transform(normalized=False)(decoded)
         except Exception as e:  # the image moved or broke since extraction: say which
             raise AttnflowError(f"cannot read image {path} for display: {e}") from None
+        digests = cache.image_digests
+        if digests is not None and content_digest(data) != digests[index]:
+            raise AttnflowError(f"image {path} has changed since {cache.path} was extracted (its content differs): "
+                                "its maps would be drawn over another picture; restore it or extract again")
         shown = pixels.permute(1, 2, 0).numpy()
         return MapData(
-            label=a["label"], family=a["family"], image_id=ids[index], image=shown[..., 0] if shown.shape[-1] == 1 else shown,
+            label=a["label"], family=a["family"], image_id=ids[index], image_path=path, image=shown[..., 0] if shown.shape[-1] == 1 else shown,
             layer=layer, readout=readout, attention=attention, rollout=rollout_map, heads=head_maps, fg=fg, notes=notes,
             flow=flow_map, panels=panels,
         )
@@ -369,10 +393,12 @@ def plot_maps(
     drawn (each with its ``panels`` and the shared ``scale``) and the notes about the inputs.
     """
     _check_scale(scale)  # before any work
-    output = _check_output(output)
+    output = _check_output(output, caches)
     plt = pyplot()
-    rows = [map_data(c, image, layer=layer, heads=heads, flow=flow, heads_dir=heads_dir, ep_queries_each=ep_queries_each)
-            for c in caches]
+    with open_cache(caches[0]) as first:  # the image is named once; every other cache is searched by its id
+        image_id = first.image_ids[find_image(first.image_ids, image)]
+    rows = [map_data(c, image_id, layer=layer, heads=heads, flow=flow, heads_dir=heads_dir, ep_queries_each=ep_queries_each,
+                     by_id=True) for c in caches]
     shared = shared_scale(rows, scale)
     for row in rows:
         row.scale = shared
@@ -395,7 +421,8 @@ def plot_maps(
     top, bottom = axes[0, 0].get_position().y1, axes[-1, 0].get_position().y0
     cax = fig.add_axes((right + 0.1 * COLORBAR_WIDTH / width, bottom, 0.15 * COLORBAR_WIDTH / width, top - bottom))
     _draw_colorbar(fig, cax, shared)
-    fig.savefig(output, dpi=DPI)
+    reads = [*caches, *(row.image_path for row in rows), *(Path(heads_dir).glob("*.pt") if heads_dir is not None else ())]
+    _save(fig, output, reads)
     plt.close(fig)
     return output, rows, [n for r in rows for n in r.notes]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,8 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import open_cache
-from .errors import AttnflowError
+from .errors import AttnflowError, first_line
 from .inference import Correction, adjust, paired_accuracy_difference
+from .output import atomic_output
 from .layout import TokenLayout
 from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .options import resolve_device
@@ -307,6 +309,8 @@ class EfficientProbe(nn.Module):
 
 
 HEAD_FORMAT = "attnflow-probe-head/1"  # the saved head file's format, checked when loading
+# What readers of a whole probe's config (plot maps --heads-dir) rely on, checked when it is loaded.
+HEAD_CONFIG_KEYS = ("pool", "dim", "with_cls", "block", "model", "checkpoint_sha256", "label", "num_prefix_tokens", "grid_size")
 
 
 def make_head(config: dict[str, Any]) -> nn.Module:
@@ -326,12 +330,13 @@ def head_path(directory: str | Path, label: str, pool: str) -> Path:
     return Path(directory) / f"{safe}.{pool}.pt"
 
 
-def save_head(path: str | Path, head: nn.Module, config: dict[str, Any]) -> Path:
+def save_head(path: str | Path, head: nn.Module, config: dict[str, Any], *, reads: Sequence[str | Path] = ()) -> Path:
     """Write a trained head: a plain dict of its tensors (on the CPU) and its JSON-able ``config`` (what
     :func:`make_head` needs, plus the model and block it was trained on); read it with :func:`load_head`.
     ``head`` is a whole probe (:class:`LinearHead` with a pool; ``config`` then also gives ``classes``),
     stored as the pool's tensors (``state``) and the batch norm's and classifier's (``classifier``), or a
-    pooling module alone."""
+    pooling module alone. The file is committed whole (:func:`attnflow.output.atomic_output`) and is never one
+    of ``reads``."""
     path = Path(path)
     json.dumps(config)  # refuse what a plain reader could not load
     saved: dict[str, Any] = {"format": HEAD_FORMAT, "config": config}
@@ -341,7 +346,9 @@ def save_head(path: str | Path, head: nn.Module, config: dict[str, Any]) -> Path
         saved["classifier"] = {k: v.detach().cpu().clone() for k, v in head.state_dict().items() if not k.startswith("pool.")}
         head = head.pool
     saved["state"] = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-    torch.save(saved, path)
+    # through a Python file: a failed write is then an OSError with its errno, not torch's bare "iostream error"
+    with atomic_output(path, reads=reads, flag="--save-heads") as tmp, open(tmp, "wb") as handle:
+        torch.save(saved, handle)
     return path
 
 
@@ -360,12 +367,19 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise AttnflowError(f"cannot read probe head {path}: not a file torch.save wrote ({type(e).__name__})") from None
     if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
         raise AttnflowError(f"{path} is not a probe head saved by attnflow probe --save-heads")
-    config = saved["config"]
-    head = make_head(config)
-    head.load_state_dict(saved["state"])
-    if "classifier" in saved:
-        head = LinearHead(int(config["dim"]), int(config["classes"]), head)
-        head.load_state_dict({**saved["classifier"], **{f"pool.{k}": v for k, v in saved["state"].items()}})
+    try:
+        config = saved["config"]
+        head = make_head(config)
+        head.load_state_dict(saved["state"])
+        if "classifier" in saved:
+            head = LinearHead(int(config["dim"]), int(config["classes"]), head)
+            head.load_state_dict({**saved["classifier"], **{f"pool.{k}": v for k, v in saved["state"].items()}})
+            for key in HEAD_CONFIG_KEYS:
+                config[key]
+    except KeyError as e:
+        raise AttnflowError(f"probe head {path} lacks '{e.args[0]}'; save it again with probe --save-heads") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # torch lists every mismatched tensor over many lines
+        raise AttnflowError(f"probe head {path} does not fit its own config: {first_line(e)}") from None
     return head.eval(), config
 
 
@@ -561,7 +575,7 @@ def probe_caches(
     pairs: Sequence[tuple[Path, Path | None]], *, split: float | None = None, pools: Sequence[str] = POOLS,
     evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES,
     ep_with_cls: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu", layer: int | None = None,
-    save_heads: Path | None = None, memory_budget: int = IN_MEMORY_BYTES,
+    save_heads: Path | None = None, memory_budget: int = IN_MEMORY_BYTES, allow_overlap: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Probe every model: ``(train cache, test cache)`` pairs, or ``(cache, None)`` split by ``split``.
 
@@ -569,7 +583,9 @@ def probe_caches(
     ``cls_entropy_norm``; with ``layer``, also ``layer``: the 0-based block probed, see :func:`load_probe_set`)
     and notes. With ``save_heads``, every trained pool's whole head (pool, batch norm, classifier) goes to
     :func:`head_path` there, under its row's name (``abmilp``, ``ep`` or ``ep+cls``; see :func:`load_head`).
-    Every evaluator runs on ``device`` (auto, cpu, cuda, cuda:N); one this machine lacks is an AttnflowError."""
+    Every evaluator runs on ``device`` (auto, cpu, cuda, cuda:N); one this machine lacks is an AttnflowError.
+    A test cache that holds training images (:func:`shared_images`) is refused; with ``allow_overlap`` it is
+    probed and every record says how many (``n_overlap``)."""
     if save_heads is not None and not Path(save_heads).is_dir():  # before hours of training, not after
         raise AttnflowError(f"--save-heads {save_heads}: no such directory")
     device = str(resolve_device(device))  # a CUDA device this machine lacks: one line, before any reading
@@ -607,6 +623,13 @@ def probe_caches(
                 )
             if test_attrs.get("model") != attrs.get("model") or test_attrs.get("checkpoint_sha256") != attrs.get("checkpoint_sha256"):
                 notes.append(f"{train_path} and {test_path} come from different models")
+            shared = shared_images(train_path, test_path)
+            if shared and not allow_overlap:
+                raise AttnflowError(
+                    f"{test_path} holds {len(shared)} of the training images of {train_path} (e.g. {shared[0]}): the "
+                    "accuracy would not measure unseen images; pass --allow-overlap to probe anyway and report it")
+            if shared:
+                notes.append(f"{test_path} holds {len(shared)} of the {len(train)} training images of {train_path}")
         if len(train) < 2 or len(test) < 1:
             raise AttnflowError(f"{train_path}: too few images to probe ({len(train)} for training, {len(test)} for testing)")
         _need_two_classes(train.labels, names, f"the training images of {train_path} hold one"
@@ -626,7 +649,7 @@ def probe_caches(
             notes.append(f"two models are labelled '{label}'; {train_path} is shown as '{label}#{labels_seen[label]}'")
             label = f"{label}#{labels_seen[label]}"
         for pool, (head, config) in trained.items() if save_heads is not None else ():
-            save_head(head_path(save_heads, label, pool), head, {
+            save_head(head_path(save_heads, label, pool), head, reads=[p for pair in pairs for p in pair if p is not None], config={
                 **config, "label": label, "model": str(attrs.get("model")), "checkpoint_sha256": str(attrs.get("checkpoint_sha256")),
                 "num_prefix_tokens": train.layout.num_prefix_tokens, "has_cls": train.layout.has_cls,
                 "grid_size": [int(g) for g in train.layout.grid_size], "trained_on": str(train_path)})
@@ -642,10 +665,28 @@ def probe_caches(
                 "model": label, "family": attrs.get("family", "unknown"), **r, **gain,
                 "cls_entropy_norm": train.cls_entropy_norm,
                 **({"layer": train.block} if layer is not None else {}),
+                **({"n_overlap": len(shared) if test_path is not None else 0} if allow_overlap else {}),
             })
     for record, p in zip(records, adjust([r["gain_p"] for r in records], Correction.holm)):
         record["gain_p_holm"] = float(p)
     return records, list(dict.fromkeys(notes))
+
+
+def shared_images(train_path: str | Path, test_path: str | Path) -> list[str]:
+    """The test cache's images that are training images too: the same file read twice, an image id that names
+    the same file (relative ids resolved against the folder each extraction ran in), or an image of the same
+    content (where both caches hold their images' digests)."""
+    with open_cache(train_path) as train, open_cache(test_path) as test:
+        if os.path.samefile(train.path, test.path):
+            return list(test.image_ids)
+        seen = {_image_file(i, train.attrs) for i in train.image_ids}
+        digests = set(train.image_digests or ())
+        test_digests = test.image_digests or [None] * len(test)
+        return [i for i, digest in zip(test.image_ids, test_digests) if _image_file(i, test.attrs) in seen or digest in digests]
+
+
+def _image_file(image_id: str, attrs: dict[str, Any]) -> str:
+    return os.path.normpath(os.path.join(str(attrs.get("working_dir", "")), image_id))
 
 
 def _classes(n: int) -> str:

@@ -9,6 +9,7 @@ the columns of ``attnflow metrics``' per-layer summary, the CLI help and the REA
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Iterator, Literal, Mapping, Sequence
@@ -44,6 +45,20 @@ NAN_REASONS = {
     "no_artifact": "where no patch is an artifact (artifact_frac is 0)",
     "not_flow_layer": "at a layer --flow-layers did not choose",
 }
+
+
+# The values each unit admits ("share of ..." units: [0, 1]); a metrics file holding a value outside its
+# metric's range was not written by attnflow's metrics, and readers refuse it. Units not listed: any value.
+UNIT_RANGES = {
+    "entropy / ln P": (0.0, 1.0),
+    "Gini coefficient": (0.0, 1.0),
+    "nats": (0.0, math.inf),
+    "input pixels": (0.0, math.inf),
+    "update norm / residual norm": (0.0, math.inf),
+    "MI / sqrt(ln P · H(p))": (0.0, math.inf),
+}
+# Rounding slack of a computed value at its range's ends (float32 sums of shares).
+RANGE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,13 @@ class Metric:
             raise ValueError(f"metric {self.name}: unknown NaN reasons {sorted(unknown)}")
         if not self.needs:
             raise ValueError(f"metric {self.name}: declares no needs")
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The smallest and largest value the metric can take, from its unit (:data:`UNIT_RANGES`)."""
+        if self.unit.startswith("share of"):
+            return 0.0, 1.0
+        return UNIT_RANGES.get(self.unit, (-math.inf, math.inf))
 
     @property
     def y_label(self) -> str:

@@ -48,7 +48,7 @@ from .capture import MAGNITUDE_UPDATES, ROW_SUM_TOLERANCE, attention_problem
 from .errors import AttnflowError
 from .layout import TokenLayout
 from .metrics import REGISTRY
-from .registry import NAN_REASONS
+from .registry import NAN_REASONS, RANGE_TOLERANCE
 
 # What the typed readers return: a numpy array, or with ``device=`` a torch tensor on that device.
 Rows = Union[np.ndarray, torch.Tensor]
@@ -64,6 +64,7 @@ PARTIAL_SUFFIX = ".partial"
 
 # Datasets of both kinds of file.
 IMAGE_IDS = "image_ids"
+IMAGE_SHA256 = "image_sha256"  # (n,): each image file's content digest, in files written since it was added
 LABELS = "labels"
 CLASS_NAMES = "class_names"
 SKIPPED = "skipped"
@@ -262,6 +263,7 @@ class Expect(NamedTuple):
 
 _FILE_DATASETS = {
     IMAGE_IDS: Expect(("n",), "text", dims=("image",)),
+    IMAGE_SHA256: Expect(("n",), "text", dims=("image",)),
     LABELS: Expect(("n",), "int", dims=("image",)),
     CLASS_NAMES: Expect(("K",), "text", dims=("class",)),
     SKIPPED: Expect(("m",), "text", dims=("skipped_input",)),
@@ -338,6 +340,10 @@ ROOT_ATTRS: dict[str, Attr] = {
     "weights": Attr("", (), "pretrained, checkpoint or random", identity=True),
     "checkpoint": Attr("", (), "the checkpoint's absolute path, or empty"),
     "checkpoint_sha256": Attr("", (), "the checkpoint's SHA-256, or empty", identity=True),
+    "checkpoint_key": Attr("", (), "the container inside the checkpoint the weights came from (teacher, model, ...); "
+                           "absent: the checkpoint's top level, or no checkpoint", identity=True),
+    "masks_sha256": Attr("", (), "SHA-256 over the mask files matched to the images (stems and contents), with --masks",
+                         identity=True),
     # the token layout
     "num_layers": Attr("positive", _BOTH, "L, the blocks"),
     "num_heads": Attr("positive", _BOTH, "H, the heads per block"),
@@ -494,7 +500,11 @@ def _check_virtual_sources(path: Path, f: h5py.File) -> None:
                 if source.file_name == ".":
                     where, holder = path, f
                 else:
-                    where = Path(source.file_name) if os.path.isabs(source.file_name) else path.parent / source.file_name
+                    if not _in_shard_folder(path, source.file_name):
+                        raise AttnflowError(
+                            f"{path} reads {name} from {source.file_name}, outside a shard folder next to it "
+                            "(<file>.shards/, as attnflow writes): refused, it would give another file's numbers")
+                    where = path.parent / source.file_name
                     holder = opened.get(source.file_name)
                     if holder is None:
                         holder = opened[source.file_name] = _open_source(path, name, source.file_name, where)
@@ -520,6 +530,27 @@ def _check_virtual_sources(path: Path, f: h5py.File) -> None:
     finally:
         for holder in opened.values():
             holder.close()
+
+
+def _in_shard_folder(path: Path, file_name: str) -> bool:
+    """Whether a virtual source ``file_name`` is a file of a ``*.shards/`` folder beside ``path`` (relative,
+    without ``..``, and still inside that folder once links are resolved)."""
+    parts = Path(file_name).parts
+    if os.path.isabs(file_name) or len(parts) != 2 or not parts[0].endswith(".shards") or ".." in parts:
+        return False
+    folder = os.path.realpath(path.parent / parts[0])
+    return os.path.realpath(path.parent / file_name).startswith(folder + os.sep)
+
+
+def _check_links(path: Path, group: h5py.Group) -> None:
+    """No external link anywhere in the file: HDF5 follows one into another file without a word."""
+    for key in group:
+        link = group.get(key, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            raise AttnflowError(f"{path}: '{group.name.rstrip('/')}/{key}' is an external link to {link.filename}; "
+                                "attnflow files hold their own data: refused")
+        if isinstance(link, h5py.HardLink) and isinstance(group.get(key), h5py.Group):
+            _check_links(path, group[key])
 
 
 def _open_source(path: Path, name: str, file_name: str, where: Path) -> h5py.File:
@@ -580,6 +611,7 @@ def validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_Attnf
 
 
 def _validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_AttnflowFile"]) -> None:
+    _check_links(path, f)
     _check_attrs(path, attrs, kind.attributes)
     symbols = _symbols(attrs)
     for name in kind.required_datasets(attrs):
@@ -805,6 +837,14 @@ class _AttnflowFile:
         infinite = np.isinf(values)
         if infinite.any():
             return "is infinite", _first(infinite)
+        metric = REGISTRY.get(name[len(METRICS_GROUP) + 1:])
+        if metric is not None:
+            low, high = metric.value_range
+            outside = (values < low - RANGE_TOLERANCE) | (values > high + RANGE_TOLERANCE)  # NaN compares false
+            if outside.any():
+                where = _first(outside)
+                return (f"holds {values[where]:.4g}, outside the range [{low:g}, {high:g}] of its unit ({metric.unit}); "
+                        "the file was not written by attnflow metrics, or was altered since"), where
         nan = np.isnan(values)
         if "no_cls" in reasons and not self.attrs["has_cls"]:
             if not nan.all():
@@ -861,6 +901,12 @@ class _AttnflowFile:
     def image_ids(self) -> list[str]:
         """The n images' paths, as given to ``attnflow extract``."""
         return from_text(self[IMAGE_IDS][()])
+
+    @property
+    def image_digests(self) -> list[str] | None:
+        """The SHA-256 of each of the n image files as read at extraction, or None for a file written before
+        attnflow stored them."""
+        return from_text(self[IMAGE_SHA256][()]) if IMAGE_SHA256 in self.file else None
 
     @property
     def class_names(self) -> list[str] | None:

@@ -30,7 +30,8 @@ def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, d
                           tokens_dtype: str = "float32") -> Path:
     """A cache of ``n`` images with cls + grid patch tokens (n, 1 + gh * gw, dim), labels i % classes (with
     ``by_class``, in class blocks, i * classes // n, as caches of class folders store them) and an identity final
-    norm; ``signal`` is added to the label's channel of every token so probes can learn it."""
+    norm; ``signal`` is added to the label's channel of every token so probes can learn it. Image ids name the
+    seed: caches of other seeds hold other images."""
     from attnflow.cache import CacheSpec
     from attnflow.layout import TokenLayout
 
@@ -51,7 +52,7 @@ def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, d
         tokens = rng.standard_normal((b, T, dim), dtype=np.float32)
         tokens[np.arange(b), :, labels] += signal
         norms = rng.random((b, 2, T), dtype=np.float32)  # per-layer rows every cache carries
-        writer.append({"tokens": tokens.astype(tokens_dtype), "magnitude": norms, "token_norm": norms}, image_ids=[f"img_{start + i:06d}.png" for i in range(b)],
+        writer.append({"tokens": tokens.astype(tokens_dtype), "magnitude": norms, "token_norm": norms}, image_ids=[f"seed{seed}/img_{start + i:06d}.png" for i in range(b)],
                       n_inputs_done=start + b, labels=labels, skipped=[])
     return writer.finish()
 

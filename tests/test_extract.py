@@ -1,6 +1,7 @@
 """End to end: real images -> real timm models -> real HDF5 caches, through the API and the CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -69,8 +70,8 @@ def test_cache_carries_exactly_the_schema(tmp_path, image_dir, run_cli):
     with h5py.File(out, "r") as f:
         assert set(f.attrs) == CACHE_ATTRS | {"final_norm_eps"}  # --save-tokens records the final norm
         dimensions = {"image", "layer", "head", "query", "key", "token", "channel", "class", "skipped_input"}
-        assert set(f) == {"attn", "magnitude", "token_norm", "image_ids", "labels", "class_names", "skipped", "skipped_reason", "tokens",
-                          "final_norm_weight", "final_norm_bias"} | dimensions  # and the scales that name the axes
+        assert set(f) == {"attn", "magnitude", "token_norm", "image_ids", "image_sha256", "labels", "class_names", "skipped",
+                          "skipped_reason", "tokens", "final_norm_weight", "final_norm_bias"} | dimensions  # and the scales that name the axes
         assert all(h5py.h5ds.is_scale(f[name].id) for name in dimensions)
         assert f["final_norm_weight"].shape == f["final_norm_bias"].shape == (192,) and f.attrs["final_norm_eps"] == 1e-6
         a = f.attrs
@@ -84,6 +85,7 @@ def test_cache_carries_exactly_the_schema(tmp_path, image_dir, run_cli):
         assert f["magnitude"].shape == (10, 12, 5) and f["tokens"].shape == (10, 5, 192)
         ids = [s.decode() for s in f["image_ids"][()]]
         assert ids == [str(p) for p in list_images([str(image_dir)])]
+        assert [s.decode() for s in f["image_sha256"][()]] == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in ids]
         names = [s.decode() for s in f["class_names"][()]]
         assert names == ["cat", "dog"]
         assert [names[i] for i in f["labels"][()]] == [Path(p).parent.name for p in ids]

@@ -106,7 +106,7 @@ def test_greyscale_model_gets_one_channel_statistics(tmp_path):
     pre = resolve_preprocessing(model)
     assert pre.input_size == (1, 32, 32) and len(pre.mean) == 1 and len(pre.std) == 1
     Image.new("RGB", (40, 40), (90, 90, 90)).save(tmp_path / "g.png")
-    index, pixels, fg, error = ImageDataset([tmp_path / "g.png"], pre)[0]
+    index, pixels, fg, error, _ = ImageDataset([tmp_path / "g.png"], pre)[0]
     assert error is None and pixels.shape == (1, 32, 32)
 
 

@@ -105,8 +105,9 @@ def test_probe_cli_on_real_caches(tmp_path, run_cli):
     for r in rows:
         assert 0 <= float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) <= 1
     as_json = json.loads(run_cli("probe", "--train", tmp_path / "full.h5", "--test", tmp_path / "full.h5", "--epochs", "3",
-                                 "--bootstrap", "20", "--pool", "cls", "--pool", "mean", "--format", "json").stdout)
+                                 "--bootstrap", "20", "--pool", "cls", "--pool", "mean", "--format", "json", "--allow-overlap").stdout)
     assert {r["pool"] for r in as_json} == {"cls", "mean"} and all(r["n_train"] == 24 for r in as_json)
+    assert all(r["n_overlap"] == 24 for r in as_json)  # the test images are the training images: said in every row
 
 
 def test_probe_errors(tmp_path, run_cli, image_dir):

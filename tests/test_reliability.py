@@ -21,6 +21,7 @@ import torch
 from attnflow import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images
+from attnflow.output import make_run_folder
 from conftest import write_images
 from test_extract import read_all, tiny
 
@@ -191,12 +192,15 @@ def test_resumed_runs_never_reuse_a_segment_name(base, tmp_path):
 def test_a_failure_between_the_two_assemblies_leaves_both_resumable(base, tmp_path):
     """The cache is in place, its metrics are not: the state a kill between the two renames leaves."""
     out = tmp_path / "c.h5"
-    (tmp_path / "c_m.h5.tmp").mkdir()  # the metrics file cannot be assembled; the cache already was
-    failed = attnflow(*args(base, out))
-    assert_one_line_error(failed, "c_m.h5.tmp", "then rerun with --resume")
+    run = start_and_stop_after_first_segment(args(base, out), out)
+    (metrics_of(out) / "in-the-way").mkdir(parents=True)  # a folder the metrics file cannot be renamed onto
+    run.send_signal(signal.SIGCONT)
+    _, err = run.communicate(timeout=300)
+    assert_one_line_error(subprocess.CompletedProcess(run.args, run.returncode, "", err), "c_m.h5 is a directory",
+                          "then rerun with --resume")
     assert out.exists() and partial(out).is_dir() and partial(metrics_of(out)).is_dir()
-    assert not metrics_of(out).exists()
-    (tmp_path / "c_m.h5.tmp").rmdir()
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary metrics file is gone
+    shutil.rmtree(metrics_of(out))
     resumed = attnflow(*args(base, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert_same(out, base / "reference.h5")
@@ -213,12 +217,12 @@ def test_a_full_disk_is_one_line_and_resumable(base, tmp_path):
     out = tmp_path / "c.h5"
     assembled = os.path.getsize(base / "reference.h5")
     tiny_cap = attnflow(*args(base, out), limit_bytes=4096)
-    assert_one_line_error(tiny_cap, "file too large writing", ".partial/seg-00000000.h5.tmp", "rerun with --resume")
+    assert_one_line_error(tiny_cap, "file too large writing", ".partial/seg-00000000.h5.", "rerun with --resume")
     assert not list(partial(out).glob("*.tmp"))  # the half-written segment is gone
     # room for every segment but not for the assembled cache: the run fails at the very end
     at_assembly = attnflow(*args(base, out, "--resume"), limit_bytes=assembled // 2)
-    assert_one_line_error(at_assembly, "file too large writing", "c.h5.tmp", "rerun with --resume")
-    assert not (tmp_path / "c.h5.tmp").exists() and not out.exists()
+    assert_one_line_error(at_assembly, "file too large writing", "c.h5.", ".tmp", "rerun with --resume")
+    assert not list(tmp_path.glob("*.tmp")) and not out.exists()
     assert len(list(partial(out).glob("seg-*.h5"))) == 24
     resumed = attnflow(*args(base, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
@@ -355,13 +359,13 @@ def test_a_kill_while_a_finished_run_removes_its_folder(base, tmp_path):
     paths = list_images([str(base / "images")])
     extract(tiny("plain"), paths, out, workers=0, batch_size=8)
     leftover = partial(out)
-    leftover.mkdir()
+    make_run_folder(leftover, out, "killed-run")
     (leftover / "seg-00000001.h5").write_bytes(b"what rmtree had not reached yet")
     again = extract(tiny("plain"), paths, out, workers=0, batch_size=8, resume=True)
     assert again.already_complete and not leftover.exists()
     # killed after creating its folder, before its manifest: nothing was committed, so it starts afresh
     fresh = tmp_path / "d.h5"
-    partial(fresh).mkdir()
+    make_run_folder(partial(fresh), fresh, "killed-run")
     (partial(fresh) / "lock").write_text("")
     extract(tiny("plain"), paths, fresh, workers=0, batch_size=8, resume=True)
     assert_same(fresh, out)
