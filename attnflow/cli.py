@@ -176,7 +176,7 @@ def extract(
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint pickle that runs code when loaded. Only for files you trust."),
     random_init: bool = typer.Option(False, "--random-init", help="Analyse random weights on purpose (for untagged names without a checkpoint)."),
     img_size: Optional[int] = typer.Option(None, help="Build the model at this input resolution; position embeddings are resampled. A multiple of the patch size, at least 2 patches."),
-    family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: inferred from the pretrained tag)."),
+    family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: from the pretrained tag; with --checkpoint from its layout (MAE decoder, DINO teacher/student, I-JEPA target encoder...) or unknown)."),
     label: Optional[str] = typer.Option(None, help="Name of the model in later tables (default: model name, plus checkpoint stem)."),
     store: Store = typer.Option(Store("full"), help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
     dtype: DType = typer.Option(DType("float16"), help="Storage type of attention maps."),
