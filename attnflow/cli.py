@@ -25,6 +25,7 @@ from .images import DECODE_MODES, INTERPOLATIONS, PREPROCESS_PRESETS
 from .capture import MAGNITUDE_UPDATES
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EP_QUERIES, EVALUATORS, POOLS
+from .registry import Y_SHARING
 from .render import Format, Table
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ Decode = _choices("Decode", DECODE_MODES)
 Pool = _choices("Pool", POOLS)
 Evaluator = _choices("Evaluator", EVALUATORS)
 InfoFormat = _choices("InfoFormat", ("table", "json"))
+ShareY = _choices("ShareY", Y_SHARING)
 
 
 MAX_BOOTSTRAP = 100_000  # plenty for percentile CIs; more only exhausts memory (compare) or time (probe)
@@ -536,15 +538,19 @@ def plot_curves_command(
     heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% bands."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
+    share_y: ShareY = typer.Option(ShareY("unit"), "--share-y", help="unit: panels whose metrics share a unit share one y range; none: each panel scales its own."),
 ) -> None:
     """Per-layer curves: a panel per metric, a line per model with its 95% bootstrap band.
 
     x = block (relative depth when depths differ), y = mean over images; families are told apart by colour
-    and line style.
+    and line style. A dotted line marks what uniform attention scores where a metric has such a reference
+    (1 for normalised entropies, the object's share of the image for *_fg_mass). PDFs embed TrueType fonts;
+    SVG text stays text.
     """
     from .plot import plot_curves
 
-    path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed)
+    path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed,
+                                 share_y=share_y.value)
     _print_notes(notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 
@@ -552,7 +558,7 @@ def plot_curves_command(
 @plot_app.command("maps")
 def plot_maps_command(
     caches: List[Path] = typer.Argument(..., help="Attention caches, one row each."),
-    image: str = typer.Option(..., "--image", help="The image: an index, its path as stored, a file name or a stem."),
+    image: List[str] = typer.Option(..., "--image", help="The image: an index, its path as stored, a file name or a stem; repeat it for a grid, a row per image and cache."),
     output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
     layer: int = typer.Option(-1, help="Block whose attention is drawn (0-based; negative from the end)."),
     heads: bool = typer.Option(False, "--heads", help="Also draw each head's map."),
@@ -561,7 +567,7 @@ def plot_maps_command(
     heads_dir: Optional[Path] = typer.Option(None, "--heads-dir", help="Also draw the attention of the probe heads saved here by probe --save-heads for each cache's model (abmilp; ep: the mean of its queries); the cache needs the tokens (--save-tokens) of the block they were trained on."),
     ep_queries_each: bool = typer.Option(False, "--ep-queries-each", help="With --heads-dir, draw each ep query's map instead of their mean."),
 ) -> None:
-    """Attention maps over one image: a row per model.
+    """Attention maps over images: a row per image and model (repeat --image for a grid).
 
     The image, the head-mean cls attention (or, without cls, the mean patch row) of --layer, the rollout
     map, and with --heads each head; the object mask outlined when the cache has one. Every map is drawn
@@ -569,7 +575,7 @@ def plot_maps_command(
     """
     from .plot import plot_maps
 
-    path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads, scale=scale, flow=flow,
+    path, _, notes = plot_maps(caches, image[0] if len(image) == 1 else image, output, layer=layer, heads=heads, scale=scale, flow=flow,
                                heads_dir=heads_dir, ep_queries_each=ep_queries_each)
     _print_notes(notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
