@@ -198,6 +198,7 @@ def extract(
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on the GPU; attention is still captured in float32."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch's forward pass (default: the cores the decoding workers leave, at least 1; OMP_NUM_THREADS when set)."),
     crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
     interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
     preprocess: Preprocess = typer.Option(Preprocess("timm"), help="timm: each model's own eval config; beyond-cls: the Beyond [cls] paper's Resize 256 (bicubic), CenterCrop 224, ImageNet mean/std for every model (built at 224)."),
@@ -213,16 +214,19 @@ def extract(
     Example: find data -name '*.JPEG' | head -500 | attnflow extract vit_small_patch16_224.dino - -o dino.h5
     """
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .progress import progress_bar
 
     from . import distributed
-    from .extract import extract as run_extract
+    from .extract import default_workers, extract as run_extract
+    from .threads import set_threads
     from .decode import check_decode_device
     from .images import build_size, list_images
     from .models import build_model
     from .options import ExtractOptions, StoreOptions, resolve_device
 
     console = _stderr_console()
+    set_threads(threads, "model", default_workers() if workers is None else workers)
     options = ExtractOptions().replace(
         store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
         token_layers=(-1,) if token_layers is None else StoreOptions.parse_token_layers(token_layers), tokens_dtype=tokens_dtype.value,
@@ -265,12 +269,7 @@ def extract(
             console.print(f"attnflow: wrote {escape(str(output))} over {distributed.launched_rank().world} shards "
                           f"({len(paths)} inputs)" + (f"; metrics in {escape(str(metrics))}" if metrics is not None else ""))
         return
-    progress = Progress(
-        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        # transient: the bar lives while work runs; what remains is the one summary line (or one error line)
-        console=console, disable=quiet or not console.is_terminal, transient=True,
-    )
+    progress = progress_bar(console, quiet=quiet, rate=True)
     with progress:
         task = progress.add_task("extract", total=len(paths), rate="")
         started: list[float] = []
@@ -309,6 +308,7 @@ def metrics_command(
     flow_layers: Optional[str] = typer.Option(None, "--flow-layers", help="With --flow: the 0-based blocks after which flow is read out, comma-separated (negative from the end), or last (the default)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch (default: every core; OMP_NUM_THREADS when set)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Per-layer summary on stdout: table, markdown, csv, tsv or json."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (once the new one is complete)."),
@@ -321,25 +321,25 @@ def metrics_command(
 
     The definitions are in the README's "Metrics" section.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from .cache import open_metrics
+    from .cache import open_cache, open_metrics
     from .measure import compute_metrics, layer_summary
     from .options import FlowOptions, MetricsOptions, resolve_device
+    from .progress import progress_bar
+    from .threads import set_threads
 
     console = _stderr_console()
+    set_threads(threads, "model")
     options = MetricsOptions().replace(
         fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, resume=resume,
         overwrite=overwrite, artifact_factor=artifact_factor, artifact_norm=artifact_norm,
         flow=flow, flow_layers=None if flow_layers is None else FlowOptions.parse_layers(flow_layers),
     )
     resolve_device(device)
-    progress = Progress(
-        TextColumn("metrics"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=quiet or not console.is_terminal, transient=True,
-    )
+    with open_cache(cache) as opened:  # the total from the start: a bar with an end and an ETA, not 0/?
+        total = len(opened)
+    progress = progress_bar(console, quiet=quiet)
     with progress:
-        task = progress.add_task("metrics", total=None)
+        task = progress.add_task("metrics", total=total)
         path = compute_metrics(
             cache, output, options, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
@@ -435,6 +435,8 @@ def demo(
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on the 5,000 held-out probe images shipped with the demo."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch (default: all cores for the models, 1 for the probe heads; OMP_NUM_THREADS when set)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No stage lines and no progress bars (the tables and the summary line stay)."),
 ) -> None:
     """Run the whole MIM-vs-JEA analysis offline on the two tiny shipped models (demo:mae, demo:dino).
 
@@ -443,13 +445,19 @@ def demo(
     """
     from .demo import run_demo
     from .options import resolve_device
+    from .progress import StepProgress, progress_bar
 
     console = _stderr_console()
     resolve_device(device)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; the demo writes into a folder")
-    run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe,
-                   on_model=lambda name: console.print(f"attnflow: demo: extracting {name}", markup=False))
+    with progress_bar(console, quiet=quiet) as progress:
+        def on_stage(text: str) -> None:  # printed above the bar, so every stage stays on record
+            if not quiet:
+                progress.console.print(f"attnflow: demo: {text}", markup=False)
+
+        run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe, threads=threads,
+                       on_stage=on_stage, on_progress=StepProgress(progress))
     _print_notes(run.comparison.notes)
     _deliver(run.comparison, format)
     if run.probe_records:
@@ -488,6 +496,8 @@ def probe_command(
     with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's cls_entropy_norm of the probed block, the last by default (csv/tsv column too)."),
     save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads here (an existing folder; one <model>.<pool>.pt each, for plot maps --heads-dir and attnflow.probe.load_head)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Probe the output tokens of this block (0-based, negative from the last), stored with extract --token-layers, with its attention for cls-attn, min-entropy-head and rollout (up to it); adds a layer column (default: the deepest stored block, the last unless --token-layers said otherwise)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch on the CPU (default 1: small heads train faster alone than with threads waiting for cores; OMP_NUM_THREADS when set)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
@@ -499,6 +509,8 @@ def probe_command(
     """
     from .options import resolve_device
     from .probe import POOLS, PROBE_COLUMNS, probe_caches
+    from .progress import StepProgress, progress_bar
+    from .threads import set_threads
 
     if len(train) != len(test):
         raise typer.BadParameter(f"{len(train)} --train caches for {len(test)} --test caches", param_hint="--train/--test")
@@ -511,12 +523,14 @@ def probe_command(
     pairs = [(c, None) for c in caches or []] + list(zip(train, test))
     if not pairs:
         raise typer.BadParameter("give caches with --split, or --train/--test pairs", param_hint="CACHES")
-    records, notes = probe_caches(
-        pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
-        evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
-        epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-        n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads,
-    )
+    set_threads(threads, "heads")
+    with progress_bar(_stderr_console(), quiet=quiet) as progress:
+        records, notes = probe_caches(
+            pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
+            evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
+            epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
+            n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads, on_progress=StepProgress(progress),
+        )
     _print_notes(notes)
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
     if layer is not None:  # the 0-based block probed, after the model

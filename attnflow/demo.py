@@ -22,7 +22,9 @@ from .images import list_images
 from .models import build_model
 from .plot import plot_curves, plot_maps, pyplot
 from .probe import PROBE_COLUMNS, pools_for_store, probe_caches
+from .progress import OnProgress
 from .render import Format, emit
+from .threads import threads_for
 
 
 @dataclass
@@ -55,31 +57,42 @@ def run_demo(
     workers: int | None = 0,
     n_bootstrap: int = 2000,
     probe: bool = True,
-    on_model: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_progress: OnProgress | None = None,
 ) -> DemoRun:
     """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models; then, with
-    ``probe``, extract tokens of the 5,000 probe images and compare cls with selective pooling."""
+    ``probe``, extract tokens of the 5,000 probe images and compare cls with selective pooling.
+
+    ``on_stage`` hears each stage's name as it starts, ``on_progress`` the progress within it (extraction by
+    image, probes by epoch). torch's threads follow :mod:`attnflow.threads` (``threads`` overrides it) while
+    the demo runs, and are restored afterwards."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stage = on_stage or (lambda text: None)
     paths = demo_images(limit)
     caches, metrics = [], []
     for name in DEMO_MODELS:
-        if on_model:
-            on_model(name)
+        stage(f"extracting {name} ({len(paths)} images, metrics in the same pass)")
         short = name.split(":", 1)[1]
-        result = extract(
-            build_model(name), paths, out / f"{short}.h5", masks=demo_data_dir() / "masks", labels_from_dirs=True,
-            metrics=out / f"{short}_metrics.h5", batch_size=50, workers=workers, device=device, overwrite=overwrite,
-        )
+        with threads_for(threads, "model", workers or 0):
+            result = extract(
+                build_model(name), paths, out / f"{short}.h5", masks=demo_data_dir() / "masks", labels_from_dirs=True,
+                metrics=out / f"{short}_metrics.h5", batch_size=50, workers=workers, device=device, overwrite=overwrite,
+                on_progress=_images_progress(on_progress, f"extract {name}"),
+            )
         caches.append(result.path)
         metrics.append(result.metrics_path)
+    stage("comparing")
     comparison = compare_files(metrics, n_bootstrap=n_bootstrap)
     compare_csv = out / "compare.csv"
     with open(compare_csv, "w", newline="") as handle:
         comparison.write(Format.csv, handle)
     probe_csv, probe_records = None, None
     if probe:
-        probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, on_model=on_model)
+        probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, threads=threads,
+                                              stage=stage, on_progress=on_progress)
+    stage("drawing figures")
     figures = []
     try:
         pyplot()
@@ -107,19 +120,29 @@ def write_probe_images(folder: Path) -> list[Path]:
     return sorted(paths)
 
 
-def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, on_model) -> tuple[Path, list]:
+def _images_progress(on_progress: OnProgress | None, step: str):
+    """extract's ``(done, total)`` callback reporting to ``on_progress`` as ``step``."""
+    return None if on_progress is None else (lambda done, total: on_progress(step, done, total))
+
+
+def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, threads: int | None, stage,
+               on_progress: OnProgress | None) -> tuple[Path, list]:
+    stage(f"writing the probe images into {out / 'probe_images'}")
     paths = write_probe_images(out / "probe_images")
     caches, store = [], "rows"  # the cls rows the attention pools need; rollout pooling would need full maps
     for name in DEMO_MODELS:
-        if on_model:
-            on_model(f"{name} (probe images)")
+        stage(f"extracting {name} (probe images: {len(paths):,}, tokens kept)")
         short = name.split(":", 1)[1]
-        caches.append(extract(
-            build_model(name), paths, out / f"{short}_probe.h5", store=store, save_tokens=True, labels_from_dirs=True,
-            batch_size=100, workers=workers, device=device, overwrite=overwrite,
-        ).path)
-    records, notes = probe_caches([(c, None) for c in caches], split=0.8, pools=pools_for_store(store),
-                                  epochs=PROBE_EPOCHS, seed=0)
+        with threads_for(threads, "model", workers or 0):
+            caches.append(extract(
+                build_model(name), paths, out / f"{short}_probe.h5", store=store, save_tokens=True, labels_from_dirs=True,
+                batch_size=100, workers=workers, device=device, overwrite=overwrite,
+                on_progress=_images_progress(on_progress, f"extract {name} (probe images)"),
+            ).path)
+    stage(f"probing cls against selective pooling ({PROBE_EPOCHS} epochs per linear probe)")
+    with threads_for(threads, "heads"):
+        records, notes = probe_caches([(c, None) for c in caches], split=0.8, pools=pools_for_store(store),
+                                      epochs=PROBE_EPOCHS, seed=0, on_progress=on_progress)
     for note in notes:
         warnings.warn(AttnflowNote(note), stacklevel=3)
     probe_csv = out / "probe.csv"

@@ -25,7 +25,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from .errors import AttnflowError
 from .layout import TokenLayout
 from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .options import resolve_device
+from .progress import OnProgress
 from .schema import LABELS, TOKENS
 
 POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp", "ep")
@@ -159,8 +160,8 @@ class ProbeSet:
         return len(self.labels)
 
 
-def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
-                   layer: int | None = None) -> tuple[ProbeSet, dict[str, Any], list[str]]:
+def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *, layer: int | None = None,
+                   on_progress: OnProgress | None = None) -> tuple[ProbeSet, dict[str, Any], list[str]]:
     """Read tokens, labels and what the attention pools need from a cache; returns the set, its attributes
     and its class names. ``layer`` is the block (0-based, negative from the last) whose output tokens are
     probed and whose attention weighs them (rollout: up to that block); it must be one the cache stores tokens
@@ -183,7 +184,10 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
         data = ProbeSet(tokens, torch.from_numpy(cache.labels()), layout, block=block)
         if layout.has_cls and cache.store != "none":
             mean_w, best_w, entropy = [], [], 0.0
+            step = f"{attrs['label']}: reading attention"
             for start in range(0, len(cache), STREAM_CHUNK):  # (b, H, T): the block's cls rows, a chunk at a time
+                if on_progress:
+                    on_progress(step, start, len(cache))
                 rows = torch.from_numpy(cache.prefix_rows(start, min(start + STREAM_CHUNK, len(cache)), layer=block)[:, :, 0, :])
                 per_head = cls_metrics(rows, layout)
                 q = renormalise_over_patches(rows, layout)
@@ -198,6 +202,8 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
             if cache.store == "full":
                 maps = []
                 for start in range(0, len(cache), 64):
+                    if on_progress:
+                        on_progress(f"{attrs['label']}: rollout weights", start, len(cache))
                     maps.append(rollout(torch.from_numpy(cache.attention(start, min(start + 64, len(cache)))), layout)[:, block])
                 data.weights["rollout"] = torch.cat(maps).float()
             else:
@@ -423,6 +429,7 @@ def predict(head: nn.Module, x: Tokens, device: str = "cpu") -> torch.Tensor:
 def fit_linear(
     train_x: Tokens, train_y: torch.Tensor, *, classes: int, pool: nn.Module | None = None, epochs: int = 100,
     batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device: str = "cpu",
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> "LinearHead":
     """Train a (pooling +) batch-norm + linear head on frozen inputs (n, D), or tokens (n, N, D) with ``pool``;
     returns the head in eval mode on ``device``, with the weights of the epoch whose held-out 10% of the training
@@ -442,7 +449,7 @@ def fit_linear(
     x, y = (train_x if streamed else train_x.to(device)), train_y.to(device)
     held_x = x[held] if streamed else x[held.to(device)]
     best, best_state = -1.0, None
-    for _ in range(epochs):
+    for epoch in range(epochs):
         head.train()
         for batch, inputs in _epoch_batches(x, fit, batch_size, generator):
             if len(batch) < 2:
@@ -456,6 +463,8 @@ def fit_linear(
         score = (predict(head, held_x, device) == train_y[held]).float().mean().item()
         if score > best:
             best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
     head.load_state_dict(best_state)
     return head.eval()
 
@@ -497,12 +506,14 @@ def probe(
     classes: int, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES, ep_with_cls: bool = False,
     seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu",
     trained: dict[str, tuple[nn.Module, dict[str, Any]]] | None = None, memory_budget: int = IN_MEMORY_BYTES,
+    on_progress: OnProgress | None = None, model: str = "",
 ) -> list[dict[str, Any]]:
     """Accuracy of every available pool x evaluator (the trained pools, ``abmilp`` and ``ep``, only with the
     linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``; with ``ep_with_cls``
     and a cls token its rows are named ``ep+cls``), every evaluator on ``device``. With ``trained``, each
     trained pool's whole head (:class:`LinearHead`: pool, batch norm and classifier, its best epoch's weights)
-    and config are put there by row name."""
+    and config are put there by row name. ``on_progress`` hears of every pool x evaluator as a step named after
+    ``model``, the pool and the evaluator: a linear probe epoch by epoch, a k-NN once done."""
     results = []
     dim = train.tokens.shape[-1]
     for pool in pools:
@@ -515,13 +526,17 @@ def probe(
         with_cls = pool == "ep" and ep_with_cls and train.layout.has_cls
         name = EP_WITH_CLS if with_cls else pool
         for evaluator in evaluators:
+            if pool in TRAINED_POOLS and evaluator != "linear":
+                continue
+            step = f"{model + ': ' if model else ''}{name} {evaluator}"
+            on_epoch = (lambda done, total, step=step: on_progress(step, done, total)) if on_progress else None
+            if on_progress:
+                on_progress(step, 0, epochs if evaluator == "linear" else 1)
             if pool in TRAINED_POOLS:
-                if evaluator != "linear":
-                    continue
                 config = {"pool": name, "dim": dim, "relu": relu, "queries": ep_queries, "with_cls": with_cls, "classes": classes}
                 torch.manual_seed(_pool_seed(seed))  # the pool's first weights from the seed, not from what ran before
                 head = fit_linear(pool_tokens(train, with_cls, memory_budget), train.labels, classes=classes,
-                                  pool=make_head(config), epochs=epochs, seed=seed, device=device)
+                                  pool=make_head(config), epochs=epochs, seed=seed, device=device, on_epoch=on_epoch)
                 predictions = predict(head, pool_tokens(test, with_cls, memory_budget), device)
                 if trained is not None:
                     trained[name] = (head, {**config, "block": train.block})
@@ -529,9 +544,11 @@ def probe(
             elif evaluator == "knn":
                 right = knn_accuracy(pooled(train, pool, device=device), train.labels, pooled(test, pool, device=device),
                                      test.labels, device=device)
+                if on_progress:
+                    on_progress(step, 1, 1)
             else:
                 predictions = train_linear(pooled(train, pool, device=device), train.labels, pooled(test, pool, device=device),
-                                           classes=classes, epochs=epochs, seed=seed, device=device)
+                                           classes=classes, epochs=epochs, seed=seed, device=device, on_epoch=on_epoch)
                 right = predictions == test.labels
             accuracy, low, high = bootstrap_accuracy(right, n_bootstrap, seed)
             results.append({"pool": name, "evaluator": evaluator, "accuracy": accuracy, "ci_low": low, "ci_high": high,
@@ -549,7 +566,7 @@ def probe_caches(
     pairs: Sequence[tuple[Path, Path | None]], *, split: float | None = None, pools: Sequence[str] = POOLS,
     evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES,
     ep_with_cls: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu", layer: int | None = None,
-    save_heads: Path | None = None, memory_budget: int = IN_MEMORY_BYTES,
+    save_heads: Path | None = None, memory_budget: int = IN_MEMORY_BYTES, on_progress: OnProgress | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Probe every model: ``(train cache, test cache)`` pairs, or ``(cache, None)`` split by ``split``.
 
@@ -568,7 +585,7 @@ def probe_caches(
         if pool in pools and "linear" not in evaluators:
             notes.append(f"{pool} pooling is trained with the linear probe; without --evaluator linear it is skipped")
     for train_path, test_path in pairs:
-        train, attrs, names = load_probe_set(train_path, pools, notes, layer=layer)
+        train, attrs, names = load_probe_set(train_path, pools, notes, layer=layer, on_progress=on_progress)
         if "cls" in pools and not train.layout.has_cls:
             notes.append(f"{attrs.get('label', train_path)} has no cls token: cls pooling skipped (gain_over_cls is NaN)")
         if "ep" in pools and ep_with_cls and not train.layout.has_cls:
@@ -583,7 +600,7 @@ def probe_caches(
             first, rest = stratified_split(train.labels, split, seed)
             train, test = train.subset(first), train.subset(rest)
         else:
-            test, test_attrs, test_names = load_probe_set(test_path, pools, notes, layer=layer)
+            test, test_attrs, test_names = load_probe_set(test_path, pools, notes, layer=layer, on_progress=on_progress)
             if test_names != names:
                 raise AttnflowError(f"{train_path} and {test_path} have different classes "
                                     f"({_class_list(names)} vs {_class_list(test_names)})")
@@ -604,7 +621,8 @@ def probe_caches(
         trained: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
         rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
                      epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-                     n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget)
+                     n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget,
+                     on_progress=on_progress, model=str(attrs.get("label", train_path)))
         base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
         label = attrs.get("label", str(train_path))
         labels_seen[label] = labels_seen.get(label, 0) + 1
