@@ -218,7 +218,7 @@ def extract(
     from .progress import progress_bar
 
     from . import distributed
-    from .extract import default_workers, extract as run_extract
+    from .extract import default_workers, extract as run_extract, size_notes
     from .threads import set_threads
     from .decode import check_decode_device
     from .images import build_size, list_images
@@ -259,6 +259,8 @@ def extract(
         _check_img_size(img_size, loaded.adapter.patch_size)
     if loaded.weights == "random" and not quiet:
         console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
+    for note in size_notes(loaded, options, len(paths), img_size_given=img_size is not None):
+        console.print(f"attnflow: note: {note}", markup=False)  # before the work, while it can still be changed
 
     def on_skip(path: str, reason: str) -> None:
         console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")

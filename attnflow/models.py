@@ -181,6 +181,7 @@ def load_model(
         checkpoint_key=checkpoint_key,
         random_init=random_init,
         trust_checkpoint=trust_checkpoint,
+        family="unknown",  # the module alone records no family: none is inferred, no note asks for one
     ).model
 
 
