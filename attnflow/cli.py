@@ -34,6 +34,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "Beyond [cls]" is a paper title, not a markup tag
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -112,6 +113,14 @@ def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
         return adapter_for(built).patch_size
     except Exception:  # an unknown or unsupported name: reported by build_model with its own message
         return None
+
+
+def _check_metric_names(names: Sequence[str]) -> None:
+    """--metric names a metric attnflow declares: any other name is a usage error (exit 2), whatever the files hold."""
+    unknown = [name for name in names if name not in REGISTRY]
+    if unknown:
+        raise typer.BadParameter(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(REGISTRY.names()))})",
+                                 param_hint="'--metric'")
 
 
 def _check_output(output: Optional[Path]) -> None:
@@ -211,6 +220,7 @@ def extract(
 ) -> None:
     """Capture every block's attention for IMAGES into an HDF5 cache.
 
+    \b
     Example: find data -name '*.JPEG' | head -500 | attnflow extract vit_small_patch16_224.dino - -o dino.h5
     """
     from rich.markup import escape
@@ -405,6 +415,7 @@ def compare(
 ) -> None:
     """Compare models' metrics per layer and between two groups (MIM vs JEA by default): bootstrap CIs, Mann-Whitney U, Cliff's delta.
 
+    \b
     Example: attnflow compare --mim mae.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
     """
     from .compare import compare_files
@@ -416,6 +427,7 @@ def compare(
         raise typer.BadParameter(f"{len(family)} families for {len(paths)} files", param_hint="--family")
     if len(label) > len(paths):
         raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
+    _check_metric_names(metric)
     _check_layers(layers, depth, "--layers")
     _check_layers(summary_layers, depth, "--summary-layers")
     _check_output(output)
@@ -496,7 +508,7 @@ def probe_command(
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the split, the probes and the bootstrap (a non-negative integer)."),
     device: str = typer.Option("cpu", callback=_device_option, help="auto, cpu, cuda or cuda:N for the probes."),
     with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's cls_entropy_norm of the probed block, the last by default (csv/tsv column too)."),
-    save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads here (an existing folder; one <model>.<pool>.pt each, for plot maps --heads-dir and attnflow.probe.load_head)."),
+    save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads into this folder (created if missing; one <label>.<pool>.pt each, characters other than letters, digits, '.', '_', '-' in the label written as '_'; for plot maps --heads-dir and attnflow.probe.load_head)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Probe the output tokens of this block (0-based, negative from the last), stored with extract --token-layers, with its attention for cls-attn, min-entropy-head and rollout (up to it); adds a layer column (default: the deepest stored block, the last unless --token-layers said otherwise)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch on the CPU (default 1: small heads train faster alone than with threads waiting for cores; OMP_NUM_THREADS when set)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -507,6 +519,7 @@ def probe_command(
 
     Reads cached tokens and labels (extract with --save-tokens --labels-from-dirs).
 
+    \b
     Example: attnflow probe mae.h5 dino.h5 --split 0.8 --with-attention
     """
     from .options import resolve_device
@@ -542,7 +555,8 @@ def probe_command(
     _deliver(Table(records, columns, "linear and k-NN probes (accuracy, 95% bootstrap CI over test images)"), format, output)
 
 
-plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)
+plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(plot_app, name="plot")
 
 
@@ -565,6 +579,7 @@ def plot_curves_command(
     """
     from .plot import plot_curves
 
+    _check_metric_names(metric)
     path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed,
                                  share_y=share_y.value)
     _print_notes(notes)

@@ -78,7 +78,7 @@ def wrap_text(text: str, inches: float, points: float = LABEL_POINTS) -> str:
 def _check_output(output: str | Path) -> Path:
     output = Path(output)
     if output.suffix.lower() not in FORMATS:
-        raise AttnflowError(f"cannot write a figure as '{output.suffix or output.name}': use {', '.join(FORMATS)}")
+        raise OptionError("-o", f"cannot write a figure as '{output.suffix or output.name}': use {', '.join(FORMATS)}")
     if output.is_dir():
         raise AttnflowError(f"{output} is a directory; the output must be a file path")
     if not output.absolute().parent.is_dir():  # checked before the work, not found by savefig after it

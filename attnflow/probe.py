@@ -573,10 +573,16 @@ def probe_caches(
     Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the probed block's
     ``cls_entropy_norm``; with ``layer``, also ``layer``: the 0-based block probed, see :func:`load_probe_set`)
     and notes. With ``save_heads``, every trained pool's whole head (pool, batch norm, classifier) goes to
-    :func:`head_path` there, under its row's name (``abmilp``, ``ep`` or ``ep+cls``; see :func:`load_head`).
+    :func:`head_path` there (the folder is created if missing), under its row's name (``abmilp``, ``ep`` or ``ep+cls``; see :func:`load_head`).
     Every evaluator runs on ``device`` (auto, cpu, cuda, cuda:N); one this machine lacks is an AttnflowError."""
-    if save_heads is not None and not Path(save_heads).is_dir():  # before hours of training, not after
-        raise AttnflowError(f"--save-heads {save_heads}: no such directory")
+    if save_heads is not None:  # made before hours of training, so that a path that cannot be one fails first
+        save_heads = Path(save_heads)
+        if save_heads.exists() and not save_heads.is_dir():
+            raise AttnflowError(f"--save-heads {save_heads} is a file; give a folder")
+        try:
+            save_heads.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AttnflowError(f"--save-heads {save_heads}: cannot create the folder ({e.strerror or e})") from None
     device = str(resolve_device(device))  # a CUDA device this machine lacks: one line, before any reading
     notes: list[str] = []
     records: list[dict[str, Any]] = []
