@@ -7,7 +7,8 @@ against selective pooling on held-out probe images. The models are declared in
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,29 @@ class DemoRun:
     figures: list[Path]
     probe_csv: Path | None = None
     probe_records: list = None  # attnflow.probe records
+    stage_seconds: list = field(default_factory=list)  # (stage, seconds) in the order they ran
+    probe_images: Path | None = None  # the folder of probe PNGs the probe caches were extracted from
+
+
+class _Stages:
+    """Names each stage as it starts (to ``on_stage``) and times it: what each part of the demo costs."""
+
+    def __init__(self, on_stage: Callable[[str], None] | None):
+        self.on_stage = on_stage
+        self.seconds: list[tuple[str, float]] = []
+        self._started: tuple[str, float] | None = None
+
+    def __call__(self, text: str) -> None:
+        self.finish()
+        if self.on_stage:
+            self.on_stage(text)
+        self._started = (text.split(" (")[0], time.perf_counter())
+
+    def finish(self) -> None:
+        if self._started is not None:
+            name, start = self._started
+            self.seconds.append((name, time.perf_counter() - start))
+            self._started = None
 
 
 def demo_images(limit: int | None = None) -> list[Path]:
@@ -69,7 +93,7 @@ def run_demo(
     the demo runs, and are restored afterwards."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = on_stage or (lambda text: None)
+    stage = _Stages(on_stage)
     paths = demo_images(limit)
     caches, metrics = [], []
     for name in DEMO_MODELS:
@@ -101,10 +125,28 @@ def run_demo(
     else:
         figures.append(plot_curves(metrics, out / "curves.png", n_bootstrap=n_bootstrap)[0])
         figures.append(plot_maps(caches, 0, out / "maps.png", heads=True)[0])
-    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records)
+    stage.finish()
+    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records,
+                   stage.seconds, out / "probe_images" if probe else None)
 
 
 PROBE_EPOCHS = 50
+
+
+def demo_disk_use(run: DemoRun) -> str:
+    """What the demo left in its folder, in MB: the whole folder, and the probe caches and probe images in it
+    (most of it), so that nobody finds half a gigabyte unannounced."""
+    def megabytes(paths) -> float:
+        return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
+
+    total = megabytes(run.out.rglob("*"))
+    text = f"{run.out} holds {total:,.0f} MB"
+    if run.probe_images is not None:
+        probe_caches = [run.out / f"{name.split(':', 1)[1]}_probe.h5" for name in DEMO_MODELS]
+        images = list(run.probe_images.rglob("*.png"))
+        text += (f", of which the probe caches {megabytes(probe_caches):,.0f} MB and {len(images):,} probe images "
+                 f"(PNG, in {run.probe_images}) {megabytes(images):,.0f} MB")
+    return text
 
 
 def write_probe_images(folder: Path) -> list[Path]:

@@ -81,3 +81,17 @@ def test_demo_names_each_stage(tmp_path, restore_threads):
              on_progress=lambda step, done, total: steps.add((step, done == total)))
     assert [s.split(" (")[0] for s in stages] == ["extracting demo:mae", "extracting demo:dino", "comparing", "drawing figures"]
     assert ("extract demo:mae", True) in steps and ("extract demo:dino", True) in steps
+
+
+def test_demo_cli_says_what_each_stage_cost_and_what_it_left(tmp_path, run_cli, restore_threads):
+    result = run_cli("demo", "--out", tmp_path / "d", "--limit", 10, "--no-probe", "-f", "csv")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "attnflow: demo: extracting demo:mae (10 images, metrics in the same pass)" in lines
+    [costs] = [line for line in lines if line.startswith("attnflow: demo: seconds per stage: ")]
+    for stage in ("extracting demo:mae", "extracting demo:dino", "comparing", "drawing figures", "total"):
+        assert stage in costs
+    [disk] = [line for line in lines if " holds " in line]
+    assert disk.endswith(" MB") and str(tmp_path / "d") in disk
+    quiet = run_cli("demo", "--out", tmp_path / "q", "--limit", 10, "--no-probe", "-f", "csv", "--quiet")
+    assert quiet.exit_code == 0 and "extracting" not in quiet.stderr and "seconds per stage" not in quiet.stderr
