@@ -169,11 +169,11 @@ def _images_progress(on_progress: OnProgress | None, step: str):
 
 def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, threads: int | None, stage,
                on_progress: OnProgress | None) -> tuple[Path, list]:
-    stage(f"writing the probe images into {out / 'probe_images'}")
+    stage(f"writing the probe images (PNG, into {out / 'probe_images'})")
     paths = write_probe_images(out / "probe_images")
     caches, store = [], "rows"  # the cls rows the attention pools need; rollout pooling would need full maps
     for name in DEMO_MODELS:
-        stage(f"extracting {name} (probe images: {len(paths):,}, tokens kept)")
+        stage(f"extracting {name} probe images ({len(paths):,}, tokens kept)")
         short = name.split(":", 1)[1]
         with threads_for(threads, "model", workers or 0):
             caches.append(extract(
@@ -181,7 +181,7 @@ def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, 
                 batch_size=100, workers=workers, device=device, overwrite=overwrite,
                 on_progress=_images_progress(on_progress, f"extract {name} (probe images)"),
             ).path)
-    stage(f"probing cls against selective pooling ({PROBE_EPOCHS} epochs per linear probe)")
+    stage(f"probes ({PROBE_EPOCHS} epochs per linear probe)")
     with threads_for(threads, "heads"):
         records, notes = probe_caches([(c, None) for c in caches], split=0.8, pools=pools_for_store(store),
                                       epochs=PROBE_EPOCHS, seed=0, on_progress=on_progress)
