@@ -228,7 +228,7 @@ def extract(
     from .progress import progress_bar
 
     from . import distributed
-    from .extract import default_workers, extract as run_extract, size_notes
+    from .extract import default_workers, extract as run_extract, size_notes, time_note
     from .threads import set_threads
     from .decode import check_decode_device
     from .images import build_size, list_images
@@ -285,13 +285,17 @@ def extract(
     with progress:
         task = progress.add_task("extract", total=len(paths), rate="")
         started: list[float] = []
+        import time
+
+        begun = time.perf_counter()
 
         def on_progress(done: int, total: int) -> None:
-            import time
-
             now = time.perf_counter()
             if not started:
                 started.extend((now, done))
+                note = None if quiet or resume else time_note(done, total, now - begun)
+                if note:  # above the bar on a terminal; the only estimate a log file gets
+                    progress.console.print(f"attnflow: note: {note}", markup=False)
             elapsed = now - started[0]
             rate = f"{(done - started[1]) / elapsed:.1f} img/s" if elapsed > 0 else ""
             progress.update(task, completed=done, rate=rate)

@@ -84,6 +84,27 @@ def size_notes(loaded: LoadedModel, options: ExtractOptions, n_images: int, *, i
     return notes
 
 
+# An extract whose first batch says the rest will take longer than this (seconds) gets a line saying how long:
+# a log file has no progress bar to read the ETA from.
+LONG_EXTRACT_SECONDS = 60.0
+
+
+def time_note(done: int, total: int, seconds: float) -> str | None:
+    """After the first batch of ``done`` of ``total`` images took ``seconds`` (start-up included, so an upper
+    estimate): how long the rest will take, when that is more than :data:`LONG_EXTRACT_SECONDS`."""
+    if done <= 0 or done >= total:
+        return None
+    per_image = seconds / done
+    remaining = per_image * (total - done)
+    if remaining <= LONG_EXTRACT_SECONDS:
+        return None
+    minutes, secs = divmod(round(remaining), 60)
+    hours, minutes = divmod(minutes, 60)
+    duration = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+    return (f"the first {done:,} images took {per_image:.2g} s each (start-up included); the other "
+            f"{total - done:,} will take about {duration}")
+
+
 def _size(n_bytes: float) -> str:
     for unit in ("bytes", "kB", "MB", "GB"):
         if n_bytes < 1000 or unit == "GB":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attnflow.extract import cache_bytes_per_image, extract, size_notes
+from attnflow.extract import LONG_EXTRACT_SECONDS, cache_bytes_per_image, extract, size_notes, time_note
 from attnflow.images import list_images
 from attnflow.models import LoadedModel
 from attnflow.options import ExtractOptions
@@ -49,3 +49,12 @@ def test_cli_points_out_a_large_default_resolution(run_cli, tmp_path):
     small = run_cli("extract", "vit_small_patch14_dinov2", tmp_path / "images", "--random-init", "--store", "none",
                     "--img-size", "56", "-o", tmp_path / "d.h5", "--workers", "0")
     assert small.exit_code == 0 and "builds at" not in small.stderr
+
+
+def test_time_estimate_after_the_first_batch():
+    assert time_note(32, 1000, 3.2) == "the first 32 images took 0.1 s each (start-up included); the other 968 will take about 1 min 37 s"
+    assert time_note(32, 50_032, 32.0) == ("the first 32 images took 1 s each (start-up included); the other 50,000 will "
+                                           "take about 13 h 53 min")
+    assert time_note(32, 100, 1.0) is None  # the rest is quick: nothing to say
+    assert time_note(32, 32, 100.0) is None  # nothing left
+    assert time_note(10, 10 + int(LONG_EXTRACT_SECONDS) + 1, 10.0) is not None
