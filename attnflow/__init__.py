@@ -13,19 +13,31 @@ The package reads as the pipeline it implements (README "Architecture" lists eve
 - :mod:`attnflow.cli` is the ``attnflow`` command, a thin layer over the above.
 """
 
-from .cache import open_cache
-from .capture import AttentionCapture
-from .errors import AttnflowError
-from .layout import TokenLayout
-from .models import build_model, load_model
 from .version import __version__
 
-__all__ = [
-    "AttentionCapture",
-    "AttnflowError",
-    "TokenLayout",
-    "__version__",
-    "build_model",
-    "load_model",
-    "open_cache",
-]
+# Exported names, loaded on first use (PEP 562): `import attnflow` and `attnflow --version` do not wait
+# seconds for torch and timm, which only the commands that compute need.
+_EXPORTS = {
+    "AttentionCapture": "capture",
+    "AttnflowError": "errors",
+    "TokenLayout": "layout",
+    "build_model": "models",
+    "load_model": "models",
+    "open_cache": "cache",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # once: later lookups skip this function
+        return value
+    raise AttributeError(f"module 'attnflow' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -26,6 +26,7 @@ from .inference import Correction
 from .capture import MAGNITUDE_UPDATES
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EP_QUERIES, EVALUATORS, POOLS
+from .registry import Y_SHARING
 from .render import Format, Table
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "Beyond [cls]" is a paper title, not a markup tag
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -55,6 +57,7 @@ Decode = _choices("Decode", DECODE_MODES)
 Pool = _choices("Pool", POOLS)
 Evaluator = _choices("Evaluator", EVALUATORS)
 InfoFormat = _choices("InfoFormat", ("table", "json"))
+ShareY = _choices("ShareY", Y_SHARING)
 
 
 MAX_BOOTSTRAP = 100_000  # plenty for percentile CIs; more only exhausts memory (compare) or time (probe)
@@ -111,6 +114,14 @@ def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
         return adapter_for(built).patch_size
     except Exception:  # an unknown or unsupported name: reported by build_model with its own message
         return None
+
+
+def _check_metric_names(names: Sequence[str]) -> None:
+    """--metric names a metric attnflow declares: any other name is a usage error (exit 2), whatever the files hold."""
+    unknown = [name for name in names if name not in REGISTRY]
+    if unknown:
+        raise typer.BadParameter(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(REGISTRY.names()))})",
+                                 param_hint="'--metric'")
 
 
 def _check_output(output: Optional[Path], reads: Sequence[Path]) -> None:
@@ -202,7 +213,7 @@ def extract(
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint pickle that runs code when loaded. Only for files you trust."),
     random_init: bool = typer.Option(False, "--random-init", help="Analyse random weights on purpose (for untagged names without a checkpoint)."),
     img_size: Optional[int] = typer.Option(None, help="Build the model at this input resolution; position embeddings are resampled. A multiple of the patch size, at least 2 patches."),
-    family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: inferred from the pretrained tag)."),
+    family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: from the pretrained tag; with --checkpoint from its layout (MAE decoder, DINO teacher/student, I-JEPA target encoder...) or unknown)."),
     label: Optional[str] = typer.Option(None, help="Name of the model in later tables (default: model name, plus checkpoint stem)."),
     store: Store = typer.Option(Store("full"), help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
     dtype: DType = typer.Option(DType("float16"), help="Storage type of attention maps."),
@@ -222,6 +233,7 @@ def extract(
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on the GPU; attention is still captured in float32."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch's forward pass (default: the cores the decoding workers leave, at least 1; OMP_NUM_THREADS when set)."),
     crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
     interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
     preprocess: Preprocess = typer.Option(Preprocess("timm"), help="timm: each model's own eval config; beyond-cls: the Beyond [cls] paper's Resize 256 (bicubic), CenterCrop 224, ImageNet mean/std for every model (built at 224)."),
@@ -234,19 +246,23 @@ def extract(
 ) -> None:
     """Capture every block's attention for IMAGES into an HDF5 cache.
 
+    \b
     Example: find data -name '*.JPEG' | head -500 | attnflow extract vit_small_patch16_224.dino - -o dino.h5
     """
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .progress import progress_bar
 
     from . import distributed
-    from .extract import extract as run_extract
+    from .extract import default_workers, extract as run_extract, size_notes, time_note
+    from .threads import set_threads
     from .decode import check_decode_device
     from .images import build_size, list_images
     from .models import build_model
     from .options import ExtractOptions, StoreOptions, resolve_device
 
     console = _stderr_console()
+    set_threads(threads, "model", default_workers() if workers is None else workers)
     options = ExtractOptions().replace(
         store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
         token_layers=(-1,) if token_layers is None else StoreOptions.parse_token_layers(token_layers), tokens_dtype=tokens_dtype.value,
@@ -279,6 +295,8 @@ def extract(
         _check_img_size(img_size, loaded.adapter.patch_size)
     if loaded.weights == "random" and not quiet:
         console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
+    for note in size_notes(loaded, options, len(paths), img_size_given=img_size is not None):
+        console.print(f"attnflow: note: {note}", markup=False)  # before the work, while it can still be changed
 
     def on_skip(path: str, reason: str) -> None:
         console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")
@@ -289,22 +307,21 @@ def extract(
             console.print(f"attnflow: wrote {escape(str(output))} over {distributed.launched_rank().world} shards "
                           f"({len(paths)} inputs)" + (f"; metrics in {escape(str(metrics))}" if metrics is not None else ""))
         return
-    progress = Progress(
-        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        # transient: the bar lives while work runs; what remains is the one summary line (or one error line)
-        console=console, disable=quiet or not console.is_terminal, transient=True,
-    )
+    progress = progress_bar(console, quiet=quiet, rate=True)
     with progress:
         task = progress.add_task("extract", total=len(paths), rate="")
         started: list[float] = []
+        import time
+
+        begun = time.perf_counter()
 
         def on_progress(done: int, total: int) -> None:
-            import time
-
             now = time.perf_counter()
             if not started:
                 started.extend((now, done))
+                note = None if quiet or resume else time_note(done, total, now - begun)
+                if note:  # above the bar on a terminal; the only estimate a log file gets
+                    progress.console.print(f"attnflow: note: {note}", markup=False)
             elapsed = now - started[0]
             rate = f"{(done - started[1]) / elapsed:.1f} img/s" if elapsed > 0 else ""
             progress.update(task, completed=done, rate=rate)
@@ -333,6 +350,7 @@ def metrics_command(
     flow_layers: Optional[str] = typer.Option(None, "--flow-layers", help="With --flow: the 0-based blocks after which flow is read out, comma-separated (negative from the end), or last (the default)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch (default: every core; OMP_NUM_THREADS when set)."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="Per-layer summary on stdout: table, markdown, csv, tsv or json."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (once the new one is complete)."),
@@ -345,25 +363,25 @@ def metrics_command(
 
     The definitions are in the README's "Metrics" section.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from .cache import open_metrics
+    from .cache import open_cache, open_metrics
     from .measure import compute_metrics, layer_summary
     from .options import FlowOptions, MetricsOptions, resolve_device
+    from .progress import progress_bar
+    from .threads import set_threads
 
     console = _stderr_console()
+    set_threads(threads, "model")
     options = MetricsOptions().replace(
         fusion=fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, resume=resume,
         overwrite=overwrite, artifact_factor=artifact_factor, artifact_norm=artifact_norm,
         flow=flow, flow_layers=None if flow_layers is None else FlowOptions.parse_layers(flow_layers),
     )
     resolve_device(device)
-    progress = Progress(
-        TextColumn("metrics"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=quiet or not console.is_terminal, transient=True,
-    )
+    with open_cache(cache) as opened:  # the total from the start: a bar with an end and an ETA, not 0/?
+        total = len(opened)
+    progress = progress_bar(console, quiet=quiet)
     with progress:
-        task = progress.add_task("metrics", total=None)
+        task = progress.add_task("metrics", total=total)
         path = compute_metrics(
             cache, output, options, on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
@@ -434,6 +452,7 @@ def compare(
     and rank-biserial; otherwise Mann-Whitney U and Cliff's delta), and the verdict names them. Verdicts use
     p-values adjusted over the whole summary (--correction). See the README, "How attnflow tests differences".
 
+    \b
     Example: attnflow compare --mim mae.h5 --mim simmim.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
     """
     from .compare import compare_files
@@ -445,6 +464,7 @@ def compare(
         raise typer.BadParameter(f"{len(family)} families for {len(paths)} files", param_hint="--family")
     if len(label) > len(paths):
         raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
+    _check_metric_names(metric)
     _check_layers(layers, depth, "--layers")
     _check_layers(summary_layers, depth, "--summary-layers")
     _check_output(output, paths)
@@ -468,6 +488,8 @@ def demo(
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on the 5,000 held-out probe images shipped with the demo."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch (default: all cores for the models, 1 for the probe heads; OMP_NUM_THREADS when set)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No stage lines and no progress bars (the tables and the summary line stay)."),
 ) -> None:
     """Run the whole MIM-vs-JEA analysis offline on the two tiny shipped models (demo:mae, demo:dino).
 
@@ -476,13 +498,19 @@ def demo(
     """
     from .demo import run_demo
     from .options import resolve_device
+    from .progress import StepProgress, progress_bar
 
     console = _stderr_console()
     resolve_device(device)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; the demo writes into a folder")
-    run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe,
-                   on_model=lambda name: console.print(f"attnflow: demo: extracting {name}", markup=False))
+    with progress_bar(console, quiet=quiet) as progress:
+        def on_stage(text: str) -> None:  # printed above the bar, so every stage stays on record
+            if not quiet:
+                progress.console.print(f"attnflow: demo: {text}", markup=False)
+
+        run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe, threads=threads,
+                       on_stage=on_stage, on_progress=StepProgress(progress))
     _print_notes(run.comparison.notes)
     _deliver(run.comparison, format)
     if run.probe_records:
@@ -501,6 +529,17 @@ def demo(
         + (f"; probes {run.probe_csv}" if run.probe_csv else ""),
         markup=False,
     )
+    if quiet:
+        return
+    from .demo import PROBE_EPOCHS, demo_disk_use
+
+    console.print("attnflow: demo: seconds per stage: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in run.stage_seconds)
+                  + f"; total {sum(seconds for _, seconds in run.stage_seconds):.1f}", markup=False)
+    console.print(f"attnflow: demo: {demo_disk_use(run)}", markup=False)
+    if run.probe_records:
+        console.print(f"attnflow: demo: the probes trained {PROBE_EPOCHS} epochs each (attnflow probe's default is 100); "
+                      f"the same numbers: attnflow probe {out / 'mae_probe.h5'} {out / 'dino_probe.h5'} --split 0.8 "
+                      f"--epochs {PROBE_EPOCHS}", markup=False)
 
 
 @app.command("probe")
@@ -519,9 +558,11 @@ def probe_command(
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the split, the probes and the bootstrap (a non-negative integer)."),
     device: str = typer.Option("cpu", callback=_device_option, help="auto, cpu, cuda or cuda:N for the probes."),
     with_attention: bool = typer.Option(False, "--with-attention", help="Add each model's cls_entropy_norm of the probed block, the last by default (csv/tsv column too)."),
-    save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads here (an existing folder; one <model>.<pool>.pt each, for plot maps --heads-dir and attnflow.probe.load_head)."),
+    save_heads: Optional[Path] = typer.Option(None, "--save-heads", help="Save each model's trained abmilp and ep heads into this folder (created if missing; one <label>.<pool>.pt each, characters other than letters, digits, '.', '_', '-' in the label written as '_'; for plot maps --heads-dir and attnflow.probe.load_head)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Probe the output tokens of this block (0-based, negative from the last), stored with extract --token-layers, with its attention for cls-attn, min-entropy-head and rollout (up to it); adds a layer column (default: the deepest stored block, the last unless --token-layers said otherwise)."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Probe even when a --test cache holds training images (same path or content); an n_overlap column says how many."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch on the CPU (default 1: small heads train faster alone than with threads waiting for cores; OMP_NUM_THREADS when set)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     format: Format = typer.Option(Format.table, "--format", "-f", help="table, markdown, csv, tsv or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the data here instead of stdout."),
 ) -> None:
@@ -529,10 +570,13 @@ def probe_command(
 
     Reads cached tokens and labels (extract with --save-tokens --labels-from-dirs).
 
+    \b
     Example: attnflow probe mae.h5 dino.h5 --split 0.8 --with-attention
     """
     from .options import resolve_device
     from .probe import GAIN_COLUMNS, POOLS, PROBE_COLUMNS, probe_caches
+    from .progress import StepProgress, progress_bar
+    from .threads import set_threads
 
     if len(train) != len(test):
         raise typer.BadParameter(f"{len(train)} --train caches for {len(test)} --test caches", param_hint="--train/--test")
@@ -546,12 +590,15 @@ def probe_command(
     pairs = [(c, None) for c in caches or []] + list(zip(train, test))
     if not pairs:
         raise typer.BadParameter("give caches with --split, or --train/--test pairs", param_hint="CACHES")
-    records, notes = probe_caches(
-        pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
-        evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
-        epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-        n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads, allow_overlap=allow_overlap,
-    )
+    set_threads(threads, "heads")
+    with progress_bar(_stderr_console(), quiet=quiet) as progress:
+        records, notes = probe_caches(
+            pairs, split=split, pools=list(dict.fromkeys(p.value for p in pool)) or list(POOLS),  # a repeated flag: one row
+            evaluators=list(dict.fromkeys(e.value for e in evaluator)) or ["knn", "linear"],
+            epochs=epochs, relu=abmilp_relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
+            n_bootstrap=bootstrap, device=device, layer=layer, save_heads=save_heads, allow_overlap=allow_overlap,
+            on_progress=StepProgress(progress),
+        )
     _print_notes(notes)
     columns = list(PROBE_COLUMNS) + (["cls_entropy_norm"] if with_attention else [])
     if layer is not None:  # the 0-based block probed, after the model
@@ -566,7 +613,8 @@ def probe_command(
                                      "paired CI, McNemar p, Holm-adjusted)"), format, output, probed)
 
 
-plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True)
+plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(plot_app, name="plot")
 
 
@@ -578,15 +626,20 @@ def plot_curves_command(
     heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% bands."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
+    share_y: ShareY = typer.Option(ShareY("unit"), "--share-y", help="unit: panels whose metrics share a unit share one y range; none: each panel scales its own."),
 ) -> None:
     """Per-layer curves: a panel per metric, a line per model with its 95% bootstrap band.
 
     x = block (relative depth when depths differ), y = mean over images; families are told apart by colour
-    and line style.
+    and line style. A dotted line marks what uniform attention scores where a metric has such a reference
+    (1 for normalised entropies, the object's share of the image for *_fg_mass). PDFs embed TrueType fonts;
+    SVG text stays text.
     """
     from .plot import plot_curves
 
-    path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed)
+    _check_metric_names(metric)
+    path, _, notes = plot_curves(files, output, metrics=metric or None, heads=heads.value, n_bootstrap=bootstrap, seed=seed,
+                                 share_y=share_y.value)
     _print_notes(notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 
@@ -594,7 +647,7 @@ def plot_curves_command(
 @plot_app.command("maps")
 def plot_maps_command(
     caches: List[Path] = typer.Argument(..., help="Attention caches, one row each."),
-    image: str = typer.Option(..., "--image", help="The image: an index, its path as stored, a file name or a stem."),
+    image: List[str] = typer.Option(..., "--image", help="The image: an index, its path as stored, a file name or a stem; repeat it for a grid, a row per image and cache."),
     output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
     layer: int = typer.Option(-1, help="Block whose attention is drawn (0-based; negative from the end)."),
     heads: bool = typer.Option(False, "--heads", help="Also draw each head's map."),
@@ -603,7 +656,7 @@ def plot_maps_command(
     heads_dir: Optional[Path] = typer.Option(None, "--heads-dir", help="Also draw the attention of the probe heads saved here by probe --save-heads for each cache's model (abmilp; ep: the mean of its queries); the cache needs the tokens (--save-tokens) of the block they were trained on."),
     ep_queries_each: bool = typer.Option(False, "--ep-queries-each", help="With --heads-dir, draw each ep query's map instead of their mean."),
 ) -> None:
-    """Attention maps over one image: a row per model.
+    """Attention maps over images: a row per image and model (repeat --image for a grid).
 
     The image, the head-mean cls attention (or, without cls, the mean patch row) of --layer, the rollout
     map, and with --heads each head; the object mask outlined when the cache has one. Every map is drawn
@@ -611,7 +664,7 @@ def plot_maps_command(
     """
     from .plot import plot_maps
 
-    path, _, notes = plot_maps(caches, image, output, layer=layer, heads=heads, scale=scale, flow=flow,
+    path, _, notes = plot_maps(caches, image[0] if len(image) == 1 else image, output, layer=layer, heads=heads, scale=scale, flow=flow,
                                heads_dir=heads_dir, ep_queries_each=ep_queries_each)
     _print_notes(notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)

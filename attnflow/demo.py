@@ -10,7 +10,8 @@ and training scripts are in ``examples/``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,9 @@ from .images import list_images
 from .models import build_model
 from .plot import plot_curves, plot_maps, pyplot
 from .probe import GAIN_COLUMNS, PROBE_COLUMNS, pools_for_store, probe_caches
+from .progress import OnProgress
 from .render import Format, emit
+from .threads import threads_for
 
 
 @dataclass
@@ -39,6 +42,29 @@ class DemoRun:
     figures: list[Path]
     probe_csv: Path | None = None
     probe_records: list = None  # attnflow.probe records
+    stage_seconds: list = field(default_factory=list)  # (stage, seconds) in the order they ran
+    probe_images: Path | None = None  # the folder of probe PNGs the probe caches were extracted from
+
+
+class _Stages:
+    """Names each stage as it starts (to ``on_stage``) and times it: what each part of the demo costs."""
+
+    def __init__(self, on_stage: Callable[[str], None] | None):
+        self.on_stage = on_stage
+        self.seconds: list[tuple[str, float]] = []
+        self._started: tuple[str, float] | None = None
+
+    def __call__(self, text: str) -> None:
+        self.finish()
+        if self.on_stage:
+            self.on_stage(text)
+        self._started = (text.split(" (")[0], time.perf_counter())
+
+    def finish(self) -> None:
+        if self._started is not None:
+            name, start = self._started
+            self.seconds.append((name, time.perf_counter() - start))
+            self._started = None
 
 
 def demo_images(limit: int | None = None) -> list[Path]:
@@ -58,32 +84,43 @@ def run_demo(
     workers: int | None = 0,
     n_bootstrap: int = 2000,
     probe: bool = True,
-    on_model: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_progress: OnProgress | None = None,
 ) -> DemoRun:
     """Extract (with masks and labels, metrics streamed) -> compare, for the shipped models and the untrained
     reference; then, with ``probe``, extract tokens of the 5,000 probe images and compare cls with selective
-    pooling."""
+    pooling.
+
+    ``on_stage`` hears each stage's name as it starts, ``on_progress`` the progress within it (extraction by
+    image, probes by epoch). torch's threads follow :mod:`attnflow.threads` (``threads`` overrides it) while
+    the demo runs, and are restored afterwards."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stage = _Stages(on_stage)
     paths = demo_images(limit)
     caches, metrics = [], []
     for name in DEMO_MODELS:
-        if on_model:
-            on_model(name)
+        stage(f"extracting {name} ({len(paths)} images, metrics in the same pass)")
         short = name.split(":", 1)[1]
-        result = extract(
-            build_model(name), paths, out / f"{short}.h5", masks=demo_data_dir() / "masks", labels_from_dirs=True,
-            metrics=out / f"{short}_metrics.h5", batch_size=50, workers=workers, device=device, overwrite=overwrite,
-        )
+        with threads_for(threads, "model", workers or 0):
+            result = extract(
+                build_model(name), paths, out / f"{short}.h5", masks=demo_data_dir() / "masks", labels_from_dirs=True,
+                metrics=out / f"{short}_metrics.h5", batch_size=50, workers=workers, device=device, overwrite=overwrite,
+                on_progress=_images_progress(on_progress, f"extract {name}"),
+            )
         caches.append(result.path)
         metrics.append(result.metrics_path)
+    stage("comparing")
     comparison = compare_files(metrics, n_bootstrap=n_bootstrap, groups=ALL_PAIRS)
     compare_csv = out / "compare.csv"
     with open(compare_csv, "w", newline="") as handle:
         comparison.write(Format.csv, handle)
     probe_csv, probe_records = None, None
     if probe:
-        probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, on_model=on_model)
+        probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, threads=threads,
+                                              stage=stage, on_progress=on_progress)
+    stage("drawing figures")
     figures = []
     try:
         pyplot()
@@ -92,10 +129,28 @@ def run_demo(
     else:
         figures.append(plot_curves(metrics, out / "curves.png", n_bootstrap=n_bootstrap)[0])
         figures.append(plot_maps(caches, 0, out / "maps.png", heads=True)[0])
-    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records)
+    stage.finish()
+    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records,
+                   stage.seconds, out / "probe_images" if probe else None)
 
 
 PROBE_EPOCHS = 50
+
+
+def demo_disk_use(run: DemoRun) -> str:
+    """What the demo left in its folder, in MB: the whole folder, and the probe caches and probe images in it
+    (most of it), so that nobody finds half a gigabyte unannounced."""
+    def megabytes(paths) -> float:
+        return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
+
+    total = megabytes(run.out.rglob("*"))
+    text = f"{run.out} holds {total:,.0f} MB"
+    if run.probe_images is not None:
+        probe_caches = [run.out / f"{name.split(':', 1)[1]}_probe.h5" for name in DEMO_MODELS]
+        images = list(run.probe_images.rglob("*.png"))
+        text += (f", of which the probe caches {megabytes(probe_caches):,.0f} MB and {len(images):,} probe images "
+                 f"(PNG, in {run.probe_images}) {megabytes(images):,.0f} MB")
+    return text
 
 
 def write_probe_images(folder: Path) -> list[Path]:
@@ -111,19 +166,29 @@ def write_probe_images(folder: Path) -> list[Path]:
     return sorted(paths)
 
 
-def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, on_model) -> tuple[Path, list]:
+def _images_progress(on_progress: OnProgress | None, step: str):
+    """extract's ``(done, total)`` callback reporting to ``on_progress`` as ``step``."""
+    return None if on_progress is None else (lambda done, total: on_progress(step, done, total))
+
+
+def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, threads: int | None, stage,
+               on_progress: OnProgress | None) -> tuple[Path, list]:
+    stage(f"writing the probe images (PNG, into {out / 'probe_images'})")
     paths = write_probe_images(out / "probe_images")
     caches, store = [], "rows"  # the cls rows the attention pools need; rollout pooling would need full maps
     for name in DEMO_MODELS:
-        if on_model:
-            on_model(f"{name} (probe images)")
+        stage(f"extracting {name} probe images ({len(paths):,}, tokens kept)")
         short = name.split(":", 1)[1]
-        caches.append(extract(
-            build_model(name), paths, out / f"{short}_probe.h5", store=store, save_tokens=True, labels_from_dirs=True,
-            batch_size=100, workers=workers, device=device, overwrite=overwrite,
-        ).path)
-    records, notes = probe_caches([(c, None) for c in caches], split=0.8, pools=pools_for_store(store),
-                                  epochs=PROBE_EPOCHS, seed=0)
+        with threads_for(threads, "model", workers or 0):
+            caches.append(extract(
+                build_model(name), paths, out / f"{short}_probe.h5", store=store, save_tokens=True, labels_from_dirs=True,
+                batch_size=100, workers=workers, device=device, overwrite=overwrite,
+                on_progress=_images_progress(on_progress, f"extract {name} (probe images)"),
+            ).path)
+    stage(f"probes ({PROBE_EPOCHS} epochs per linear probe)")
+    with threads_for(threads, "heads"):
+        records, notes = probe_caches([(c, None) for c in caches], split=0.8, pools=pools_for_store(store),
+                                      epochs=PROBE_EPOCHS, seed=0, on_progress=on_progress)
     for note in notes:
         warnings.warn(AttnflowNote(note), stacklevel=3)
     probe_csv = out / "probe.csv"

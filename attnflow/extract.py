@@ -44,6 +44,75 @@ class ExtractResult:
     already_complete: bool = False  # --resume of a run that had finished: nothing was computed
 
 
+# A model's default input above this side (px) is unusual for analysing attention (DINOv2 names build at
+# 518 px: 1,370 tokens, every map 29 times the size of one at 224 px): a note says so and how to change it.
+LARGE_INPUT_SIDE = 384
+# A cache estimated above this many bytes, or above LARGE_IMAGE_BYTES an image, is announced before it is written.
+ANNOUNCED_CACHE_BYTES = 1 << 30
+LARGE_IMAGE_BYTES = 10 << 20
+
+
+def cache_bytes_per_image(loaded: LoadedModel, options: ExtractOptions) -> int:
+    """What one image adds to a cache of ``loaded`` before compression: its attention maps as ``--store`` and
+    ``--dtype`` keep them (full: L x H x T x T; rows: the p prefix rows of each), its stored tokens, and the
+    float32 magnitudes and token norms (L x T each) every cache holds."""
+    adapter, layout, store = loaded.adapter, loaded.layout, options.store
+    L, T = adapter.num_layers, layout.num_prefix_tokens + layout.num_patches
+    rows = {"full": T, "rows": layout.num_prefix_tokens, "none": 0}[store.store]
+    maps = L * adapter.num_heads * rows * T * (2 if store.dtype == "float16" else 4)
+    tokens = 0
+    if store.save_tokens:
+        tokens = len(store.token_blocks(L)) * T * adapter.width * (2 if store.tokens_dtype == "float16" else 4)
+    return maps + tokens + 2 * L * T * 4
+
+
+def size_notes(loaded: LoadedModel, options: ExtractOptions, n_images: int, *, img_size_given: bool) -> list[str]:
+    """What to say before writing a cache that will be large: the estimated size when it passes
+    :data:`ANNOUNCED_CACHE_BYTES` (or :data:`LARGE_IMAGE_BYTES` an image), and a model's unusually large default
+    resolution (above :data:`LARGE_INPUT_SIDE` px, when ``--img-size`` was not given) with what 224 px gives."""
+    notes = []
+    per_image = cache_bytes_per_image(loaded, options)
+    layout, side = loaded.layout, loaded.adapter.input_size[-1]
+    tokens = layout.num_prefix_tokens + layout.num_patches
+    if not img_size_given and side > LARGE_INPUT_SIDE:
+        at_224 = layout.num_prefix_tokens + (224 // layout.patch_size[0]) * (224 // layout.patch_size[1])
+        notes.append(f"{loaded.name} builds at {side} px by default ({tokens:,} tokens, {_size(per_image)} an image "
+                     f"before compression with --store {options.store.store}); --img-size 224 gives {at_224:,} tokens")
+    if per_image * n_images > ANNOUNCED_CACHE_BYTES or per_image > LARGE_IMAGE_BYTES:
+        notes.append(f"the cache will take about {_size(per_image * n_images)} before compression "
+                     f"({_size(per_image)} an image x {n_images:,}); --store rows or none, or a smaller --img-size, keeps less")
+    return notes
+
+
+# An extract whose first batch says the rest will take longer than this (seconds) gets a line saying how long:
+# a log file has no progress bar to read the ETA from.
+LONG_EXTRACT_SECONDS = 60.0
+
+
+def time_note(done: int, total: int, seconds: float) -> str | None:
+    """After the first batch of ``done`` of ``total`` images took ``seconds`` (start-up included, so an upper
+    estimate): how long the rest will take, when that is more than :data:`LONG_EXTRACT_SECONDS`."""
+    if done <= 0 or done >= total:
+        return None
+    per_image = seconds / done
+    remaining = per_image * (total - done)
+    if remaining <= LONG_EXTRACT_SECONDS:
+        return None
+    minutes, secs = divmod(round(remaining), 60)
+    hours, minutes = divmod(minutes, 60)
+    duration = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+    return (f"the first {done:,} images took {per_image:.2g} s each (start-up included); the other "
+            f"{total - done:,} will take about {duration}")
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n_bytes < 1000 or unit == "GB":
+            return f"{n_bytes:,.0f} {unit}" if unit == "bytes" else f"{n_bytes:,.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
 def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 

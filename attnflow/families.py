@@ -75,8 +75,11 @@ def _words(text: str) -> set[str]:
     return set(re.split(r"[_\-]", text)) - {""}
 
 
-def infer_family(name: str) -> str:
+def infer_family(name: str, *, architecture: bool = True) -> str:
     """Family of a timm model name with its pretrained tag, e.g. ``vit_base_patch16_224.mae`` -> ``mim``.
+
+    With ``architecture=False`` only the tag's words count: weights loaded from a checkpoint need not be
+    what the architecture's name suggests (an MAE checkpoint fits ``vit_small_patch14_dinov2`` as well).
 
     Fine-tuned tags (``*_ft_*``) are supervised even when pre-training was MIM, JEA or image-text: the
     attention a researcher sees there is the classifier's. Then MIM tags (``mae``, ``ijepa``, EVA-02
@@ -86,6 +89,8 @@ def infer_family(name: str) -> str:
     ``augreg``...); anything else is ``unknown``.
     """
     arch, _, tag = name.lower().partition(".")
+    if not architecture:
+        arch = ""
     tag_words, arch_words = _words(tag), _words(arch)
     if "ft" in tag_words:
         return "supervised"
@@ -100,3 +105,46 @@ def infer_family(name: str) -> str:
     if tag_words & SUPERVISED_TAG_WORDS:
         return "supervised"
     return "unknown"
+
+
+# What a pre-training checkpoint's own layout says about its objective: (family, what was seen), tried in
+# order. Containers are the checkpoint's top-level keys; key patterns are matched against every tensor name
+# of every container, so prefixes (``module.``, ``encoder.``) do not matter.
+CHECKPOINT_CONTAINER_RULES = (
+    (frozenset({"teacher", "student"}), "jea", "DINO/iBOT teacher and student"),
+    (frozenset({"target_encoder"}), "mim", "I-JEPA target encoder"),
+)
+CHECKPOINT_KEY_RULES = (
+    (re.compile(r"(^|\.)momentum_encoder\."), "jea", "MoCo v3 momentum encoder"),
+    (re.compile(r"(^|\.)(decoder_embed|decoder_blocks|decoder_pred|decoder_pos_embed)[.]?"), "mim", "MAE decoder keys"),
+    (re.compile(r"(^|\.)decoder\."), "mim", "SimMIM decoder keys"),
+    (re.compile(r"(^|\.)(lm_head|cls_pt_layers)\."), "mim", "BEiT masked-token head"),
+)
+
+
+def checkpoint_family(checkpoint: Any) -> tuple[str, str] | None:
+    """``(family, evidence)`` when a checkpoint's layout identifies its pre-training objective: DINO/iBOT's
+    teacher and student, I-JEPA's target encoder, MoCo v3's momentum encoder, an MAE, SimMIM or BEiT decoder
+    or masked-token head; None when it does not (a bare encoder state dict says nothing about how it was
+    trained). ``checkpoint`` is the object read from the file (:func:`attnflow.checkpoint.read_checkpoint_file`)."""
+    if not isinstance(checkpoint, dict):
+        return None
+    top = {str(k) for k in checkpoint}
+    for containers, family, evidence in CHECKPOINT_CONTAINER_RULES:
+        if containers <= top:
+            return family, evidence
+    names = list(_tensor_names(checkpoint))
+    for pattern, family, evidence in CHECKPOINT_KEY_RULES:
+        if any(pattern.search(n) for n in names):
+            return family, evidence
+    return None
+
+
+def _tensor_names(obj: Any, prefix: str = "", depth: int = 0):
+    """Dotted names of the leaves of nested dicts (at most three levels: containers, then a state dict)."""
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and depth < 3:
+            yield from _tensor_names(value, name + ".", depth + 1)
+        else:
+            yield name

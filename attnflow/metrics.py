@@ -180,20 +180,20 @@ CLS_ROW = MetricGroup(
                "H(Q_0)", nan_when=("no_cls", "cls_mass")),
         Metric("cls_entropy_norm", "head", {Need.prefix_rows}, NORMALISED_ENTROPY, "normalised cls entropy",
                "cls attention more uniform", "H(Q_0) / ln P (1 = uniform, 0 = one patch)", default=True, summary=True,
-               nan_when=("no_cls", "cls_mass", "one_patch")),
+               nan_when=("no_cls", "cls_mass", "one_patch"), uniform=1.0),
         Metric("cls_top10_mass", "head", {Need.prefix_rows}, CLS_SHARE, "cls mass on the top 10% patches",
                "cls attention more concentrated", "sum of the ceil(0.1 P) largest values of Q_0", default=True, summary=True,
                nan_when=("no_cls", "cls_mass")),
         Metric("cls_eff_frac", "head", {Need.prefix_rows}, "share of patches", "patches cls effectively attends",
                "cls attention spread over more patches", "exp(H(Q_0)) / P, the effective fraction of patches attended",
-               nan_when=("no_cls", "cls_mass")),
+               nan_when=("no_cls", "cls_mass"), uniform=1.0),
         Metric("cls_gini", "head", {Need.prefix_rows}, "Gini coefficient", "cls attention inequality",
                "cls attention more concentrated",
                "Gini coefficient of Q_0: values sorted ascending s_1..s_P, sum_i (2i - P - 1) s_i / (P sum s)",
-               nan_when=("no_cls", "cls_mass")),
+               nan_when=("no_cls", "cls_mass"), uniform=0.0),
         Metric("cls_fg_mass", "head", {Need.prefix_rows, Need.masks}, CLS_SHARE, "cls mass on the object",
                "cls attention puts more mass on the object", "sum_{j in S} Q_0(j) fg_j", default=True, summary=True,
-               nan_when=("no_cls", "cls_mass", "no_mask")),
+               nan_when=("no_cls", "cls_mass", "no_mask"), uniform="fg_frac"),
     ),
 )
 
@@ -282,7 +282,8 @@ PATCH_ROWS = MetricGroup(
         Metric("patch_entropy", "head", {Need.full_maps}, "nats", "patch attention entropy", "patch attention more uniform",
                "mean_{i in S} H(Q_i)", nan_when=("undefined",)),
         Metric("patch_entropy_norm", "head", {Need.full_maps}, NORMALISED_ENTROPY, "normalised patch entropy",
-               "patch attention more uniform", "mean_{i in S} H(Q_i) / ln P", summary=True, nan_when=("undefined",)),
+               "patch attention more uniform", "mean_{i in S} H(Q_i) / ln P", summary=True, nan_when=("undefined",),
+               uniform=1.0),
         Metric("attn_distance", "head", {Need.full_maps}, "input pixels", "mean attention distance",
                "attention reaches farther",
                "mean_{i in S} sum_{j in S} Q_i(j) ‖pos_i - pos_j‖, pos = (row · patch_h, col · patch_w) "
@@ -417,11 +418,12 @@ ROLLOUT = MetricGroup(
     metrics=(
         Metric("rollout_entropy_norm", "layer", {Need.full_maps}, NORMALISED_ENTROPY, "normalised rollout entropy",
                "rollout more uniform", "H(r_l) / ln P of the rollout readout r_l after layer l (see Rollout)",
-               default=True, summary=True, nan_when=("undefined",)),
+               default=True, summary=True, nan_when=("undefined",), uniform=1.0),
         Metric("rollout_top10_mass", "layer", {Need.full_maps}, ROLLOUT_SHARE, "rollout mass on the top 10% patches",
                "rollout more concentrated", "sum of the ceil(0.1 P) largest values of r_l", nan_when=("undefined",)),
         Metric("rollout_fg_mass", "layer", {Need.full_maps, Need.masks}, ROLLOUT_SHARE, "rollout mass on the object",
-               "rollout puts more mass on the object", "sum_{j in S} r_l(j) fg_j", summary=True, nan_when=("undefined",)),
+               "rollout puts more mass on the object", "sum_{j in S} r_l(j) fg_j", summary=True, nan_when=("undefined",),
+               uniform="fg_frac"),
     ),
 )
 
@@ -458,13 +460,13 @@ FLOW = MetricGroup(
         Metric("flow_entropy_norm", "layer", {Need.full_maps, Need.flow}, NORMALISED_ENTROPY,
                "normalised flow entropy", "attention flow more uniform",
                "H(f_l) / ln P of the attention flow map f_l after layer l (see Attention flow; NaN at layers "
-               "--flow-layers did not choose)", nan_when=("not_flow_layer", "undefined")),
+               "--flow-layers did not choose)", nan_when=("not_flow_layer", "undefined"), uniform=1.0),
         Metric("flow_top10_mass", "layer", {Need.full_maps, Need.flow}, FLOW_SHARE, "flow mass on the top 10% patches",
                "attention flow more concentrated", "sum of the ceil(0.1 P) largest values of f_l",
                nan_when=("not_flow_layer", "undefined")),
         Metric("flow_fg_mass", "layer", {Need.full_maps, Need.flow, Need.masks}, FLOW_SHARE, "flow mass on the object",
                "attention flow puts more mass on the object", "sum_{j in S} f_l(j) fg_j",
-               nan_when=("not_flow_layer", "undefined")),
+               nan_when=("not_flow_layer", "undefined"), uniform="fg_frac"),
     ),
 )
 

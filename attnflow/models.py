@@ -19,8 +19,8 @@ from timm.models import get_arch_name
 from .architectures import ModelAdapter, adapter_for, timm_signature
 from .checkpoint import StateDict, file_sha256, read_checkpoint_file, select_state_dict, strip_encoder_prefix
 from .demo_models import DEMO_MODELS, create_demo_vit, demo_data_dir
-from .errors import AttnflowError, first_line
-from .families import FAMILIES, infer_family
+from .errors import AttnflowError, AttnflowNote, first_line
+from .families import FAMILIES, checkpoint_family, infer_family
 from .layout import TokenLayout
 
 # Keys a pre-training checkpoint carries that the encoder has no use for (an architecture's own ones, such as
@@ -135,6 +135,8 @@ def build_model(
         state_dict, container = select_state_dict(obj, checkpoint_key, source=f"checkpoint {ckpt}")
         load_state_dict_strict(model, state_dict, source=str(ckpt))
         ckpt_path, sha = str(ckpt), file_sha256(ckpt)
+        if family is None:
+            family = _family_of_checkpoint(name, obj, ckpt)
 
     model.eval()
     return LoadedModel(
@@ -148,6 +150,21 @@ def build_model(
         label=label or (name if demo is not None else default_label(name, checkpoint)),
         checkpoint_key=container,
     )
+
+
+def _family_of_checkpoint(name: str, obj, path: Path) -> str:
+    """The family of weights read from a checkpoint: what its layout says of its objective, else the pretrained
+    tag the user wrote; never the architecture's name, which says nothing of the weights put into it. Unknown
+    otherwise, with a note asking for --family."""
+    found = checkpoint_family(obj)
+    if found is not None:
+        return found[0]
+    family = infer_family(name, architecture=False)
+    if family == "unknown":
+        warnings.warn(AttnflowNote(
+            f"the family of {path.name} is unknown (its layout does not show how it was trained and '{name}' has no "
+            "pretrained tag); pass --family (e.g. --family mim) so that compare groups it"), stacklevel=3)
+    return family
 
 
 def load_model(
@@ -178,6 +195,7 @@ def load_model(
         checkpoint_key=checkpoint_key,
         random_init=random_init,
         trust_checkpoint=trust_checkpoint,
+        family="unknown",  # the module alone records no family: none is inferred, no note asks for one
     ).model
 
 

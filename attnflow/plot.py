@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from .cache import open_cache
-from .compare import Comparison, compare_files
+from .compare import Comparison, describe, load_models, plan_layers
 from .errors import AttnflowError, OptionError
 from .families import get_family
 from .flow import attention_flow
 from .images import Preprocessing, content_digest, decode_image, read_image_file
 from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .output import atomic_output, check_output_path
+from .registry import Y_SHARING
 from .schema import FG
 
 DPI = 150
@@ -38,6 +39,11 @@ LOG_SHARE_LIMITS = (1 / 8, 16.0)
 SHARE_LABEL = "attention / uniform share (value x P; 1 = uniform)"
 COLORBAR_WIDTH = 0.95  # inches at the right of the maps figure: the bar, its ticks and its label
 MASK_COLOR = "cyan"
+# Paper-ready files: TrueType (Type 42) fonts in PDF and PostScript, which venues accept where they reject
+# Type 3, and SVG text kept as <text> elements, editable in a vector editor, instead of drawn as paths.
+PAPER_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none"}
+REFERENCE_STYLE = dict(color="0.35", linestyle=(0, (1, 2)), linewidth=1.0, zorder=1)
+LABEL_POINTS = 8  # font size of axis labels and panel titles
 
 
 def pyplot():
@@ -55,13 +61,27 @@ def pyplot():
 def _check_output(output: str | Path, reads: Sequence[str | Path]) -> Path:
     output = Path(output)
     if output.suffix.lower() not in FORMATS:
-        raise AttnflowError(f"cannot write a figure as '{output.suffix or output.name}': use {', '.join(FORMATS)}")
+        raise OptionError("-o", f"cannot write a figure as '{output.suffix or output.name}': use {', '.join(FORMATS)}")
     return check_output_path(output, reads=reads)  # before the work, not found by savefig after it
 
 
-def _save(fig, output: Path, reads: Sequence[str | Path]) -> None:
-    with atomic_output(output, reads=reads) as tmp:
+def save_figure(fig, output: Path, reads: Sequence[str | Path] = ()) -> None:
+    """Write ``fig`` whole (never over one of ``reads``) with :data:`PAPER_RC` (fonts embedded as TrueType,
+    SVG text as text) and close it."""
+    import matplotlib
+
+    with matplotlib.rc_context(PAPER_RC), atomic_output(output, reads=reads) as tmp:
         fig.savefig(tmp, dpi=DPI, format=output.suffix.lower()[1:])
+    pyplot().close(fig)
+
+
+def wrap_text(text: str, inches: float, points: float = LABEL_POINTS) -> str:
+    """``text`` broken into lines that fit ``inches`` at ``points`` (an average glyph is about half an em wide),
+    so that a long label or title stays inside its panel instead of running into its neighbour."""
+    import textwrap
+
+    width = max(12, int(inches * 72 / (0.55 * points)))
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) or text
 
 
 # -- per-layer curves -----------------------------------------------------------------------------------
@@ -108,12 +128,19 @@ def plot_curves(
     heads: str = "mean",
     n_bootstrap: int = 2000,
     seed: int = 0,
+    share_y: str = "unit",
 ) -> tuple[Path, dict[str, list[Curve]], list[str]]:
     """Draw one panel per metric (default: ``attnflow compare``'s default set) with a line per model into
-    ``output``; returns the path, the curves drawn and the notes about the inputs."""
+    ``output``; returns the path, the curves drawn and the notes about the inputs.
+
+    ``share_y="unit"``: panels whose metrics share a unit share one y range; ``"none"``: each panel its own.
+    Where a metric declares what uniform attention scores (:attr:`~attnflow.registry.Metric.uniform`), a
+    dotted reference line marks it (per model where it depends on the images, as ``fg_frac`` does)."""
+    if share_y not in Y_SHARING:
+        raise OptionError("--share-y", f"choose from {', '.join(Y_SHARING)}, not '{share_y}'")
     output = _check_output(output, paths)
     plt = pyplot()
-    comparison = compare_files(paths, metrics=metrics, heads=heads, n_bootstrap=n_bootstrap, seed=seed)
+    comparison = curve_comparison(paths, metrics=metrics, heads=heads, n_bootstrap=n_bootstrap, seed=seed)
     curves, xlabel = curve_data(comparison)
     panels = [name for name in comparison.metrics if curves[name]]
     if not panels:
@@ -122,25 +149,80 @@ def plot_curves(
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.6), dpi=DPI, squeeze=False)
     colours = _family_colours(comparison)
+    references = {name: reference_values(comparison, name) for name in panels}
     for ax, name in zip(axes.flat, panels):
         for curve in curves[name]:
             colour = colours[curve.label]
             ax.plot(curve.x, curve.mean, linestyle=get_family(curve.family).linestyle, marker="o", markersize=3, color=colour,
                     label=f"{curve.label} ({curve.family})")
             ax.fill_between(curve.x, curve.low, curve.high, color=colour, alpha=0.2, linewidth=0)
-        ax.set_title(name)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(REGISTRY[name].y_label, fontsize=8)
+        for value in references[name]:
+            ax.axhline(value, label="uniform attention", **REFERENCE_STYLE)
+        ax.set_title(name, fontsize=LABEL_POINTS + 1)
+        ax.set_xlabel(xlabel, fontsize=LABEL_POINTS)
+        # the label runs along the panel's height: wrapped to it, it cannot reach the title
+        ax.set_ylabel(wrap_text(REGISTRY[name].y_label, 0.8 * PANEL_SIZE[1]), fontsize=LABEL_POINTS)
+        ax.tick_params(labelsize=LABEL_POINTS - 1)
         ax.grid(alpha=0.3)
+    if share_y == "unit":
+        share_y_by_unit(list(zip(axes.flat, panels)))
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
-    fig.suptitle(f"per-layer attention metrics (mean over images, heads: {heads}; bands: 95% bootstrap CI)")
-    fig.tight_layout(rect=(0, 0.6 / (PANEL_SIZE[1] * nrows + 0.6), 1, 1))
-    _save(fig, output, paths)
-    plt.close(fig)
+    legend = {}
+    for ax in list(axes.flat)[:len(panels)]:  # every model once, and the reference line once if any panel has one
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), frameon=False,
+               fontsize=LABEL_POINTS)
+    fig.suptitle(wrap_text(f"per-layer attention metrics (mean over images, heads: {heads}; bands: 95% bootstrap CI)",
+                           PANEL_SIZE[0] * ncols, 12))
+    legend_rows = math.ceil(len(legend) / min(4, len(legend)))
+    fig.tight_layout(rect=(0, (0.25 + 0.2 * legend_rows) / (PANEL_SIZE[1] * nrows + 0.6), 1, 1))
+    save_figure(fig, output, paths)
     return output, curves, comparison.notes
+
+
+def curve_comparison(paths: Sequence[str | Path], *, metrics: Sequence[str] | None, heads: str, n_bootstrap: int,
+                     seed: int) -> Comparison:
+    """The per-layer records the curves draw, with the notes about the inputs; not ``compare``'s group summary,
+    whose notes speak of options (``--groups``, ``--depth``) that ``plot curves`` does not have: curves align
+    models of different depths by themselves (:func:`curve_data`)."""
+    notes: list[str] = []
+    metrics = list(dict.fromkeys(metrics)) if metrics else metrics
+    models, names = load_models(paths, metrics=metrics, heads=heads, notes=notes)
+    rows = plan_layers(models, "all", "absolute")  # its note on depths is compare's, see above
+    records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
+    return Comparison(models, names, rows, records, [], list(dict.fromkeys(notes)), heads)
+
+
+def reference_values(comparison: Comparison, name: str) -> list[float]:
+    """Where metric ``name``'s reference lines go: its declared uniform value, or the mean of the image metric
+    it names over each model's images (distinct values only: models of the same images draw one line)."""
+    uniform = REGISTRY[name].uniform
+    if uniform is None:
+        return []
+    if not isinstance(uniform, str):
+        return [float(uniform)]
+    from .cache import open_metrics
+
+    values = []
+    for model in comparison.models:
+        with open_metrics(model.path) as metrics:
+            if uniform in metrics.metric_names:
+                values.append(float(np.nanmean(metrics.values(uniform))))
+    return sorted({round(v, 9) for v in values if math.isfinite(v)})
+
+
+def share_y_by_unit(panels: Sequence[tuple[Any, str]]) -> None:
+    """Give the panels whose metrics share a unit one y range: the union of their own."""
+    by_unit: dict[str, list[Any]] = {}
+    for ax, name in panels:
+        by_unit.setdefault(REGISTRY[name].unit, []).append(ax)
+    for group in by_unit.values():
+        low = min(ax.get_ylim()[0] for ax in group)
+        high = max(ax.get_ylim()[1] for ax in group)
+        for ax in group:
+            ax.set_ylim(low, high)
 
 
 def _family_colours(comparison: Comparison) -> dict[str, Any]:
@@ -381,12 +463,15 @@ def _image_path(image_id: str, working_dir: str) -> Path:
 
 
 def plot_maps(
-    caches: Sequence[str | Path], image: str | int, output: str | Path, *, layer: int = -1, heads: bool = False,
-    scale: str = "log", flow: bool = False, heads_dir: str | Path | None = None, ep_queries_each: bool = False,
+    caches: Sequence[str | Path], image: str | int | Sequence[str | int], output: str | Path, *, layer: int = -1,
+    heads: bool = False, scale: str = "log", flow: bool = False, heads_dir: str | Path | None = None,
+    ep_queries_each: bool = False,
 ) -> tuple[Path, list[MapData], list[str]]:
-    """A row per cache: the image, the head-mean readout attention of ``layer``, the rollout map, with
-    ``flow`` the attention flow map, with ``heads_dir`` the saved probe heads' attention (:func:`probe_head_panels`;
-    ``ep_queries_each``: each ep query) and, with ``heads``, each head's map, over the image's extent; the object mask outlined when the cache has one.
+    """A row per image and cache (``image``: one image, or several for a grid, each found in every cache as
+    :func:`find_image` does; rows go image by image, the caches in order within each): the image, the head-mean
+    readout attention of ``layer``, the rollout map, with ``flow`` the attention flow map, with ``heads_dir`` the
+    saved probe heads' attention (:func:`probe_head_panels`; ``ep_queries_each``: each ep query) and, with
+    ``heads``, each head's map, over the image's extent; the object mask outlined when the cache has one.
 
     Every map is drawn in units of the uniform share (x P) on one colour scale for the whole figure
     (:func:`shared_scale`: ``log`` or ``linear``), with a labelled colour bar. Returns the path, the rows
@@ -395,39 +480,53 @@ def plot_maps(
     _check_scale(scale)  # before any work
     output = _check_output(output, caches)
     plt = pyplot()
-    with open_cache(caches[0]) as first:  # the image is named once; every other cache is searched by its id
-        image_id = first.image_ids[find_image(first.image_ids, image)]
+    images = [image] if isinstance(image, (str, int)) else list(image)
+    if not images:
+        raise OptionError("--image", "names no image")
+    with open_cache(caches[0]) as first:  # each image is named once; every other cache is searched by its id
+        image_ids = [first.image_ids[find_image(first.image_ids, one)] for one in images]
     rows = [map_data(c, image_id, layer=layer, heads=heads, flow=flow, heads_dir=heads_dir, ep_queries_each=ep_queries_each,
-                     by_id=True) for c in caches]
+                     by_id=True) for image_id in image_ids for c in caches]
     shared = shared_scale(rows, scale)
     for row in rows:
         row.scale = shared
     ncols = 1 + max(len(r.panels) for r in rows)
-    width = MAP_SIZE * ncols
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(width, MAP_SIZE * len(rows) + 0.5), dpi=DPI, squeeze=False)
+    # Room inside the figure for what lies outside the map panels, so nothing is clipped: the row labels at
+    # the left, the wrapped titles above each row, the suptitle, and the colour bar with its label at the right.
+    title_lines = max(wrap_text(p.title, MAP_SIZE * 0.95).count("\n") + 1 for r in rows for p in r.panels)
+    row_height = MAP_SIZE + 0.18 * title_lines
+    left_margin = 0.45 if len(images) == 1 else 0.6
+    width = left_margin + MAP_SIZE * ncols + COLORBAR_WIDTH
+    height = row_height * len(rows) + 0.5
+    fig = plt.figure(figsize=(width, height), dpi=DPI)
+    grid = fig.add_gridspec(len(rows), ncols, left=left_margin / width, right=1 - COLORBAR_WIDTH / width,
+                            bottom=0.1 / height, top=1 - (0.4 + 0.18 * title_lines) / height, wspace=0.08,
+                            hspace=0.18 * title_lines / MAP_SIZE + 0.05)
+    axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(ncols)] for r in range(len(rows))])
     for ax_row, row in zip(axes, rows):
         _draw_image(ax_row[0], row)
         _finish_panel(ax_row[0], row)
-        ax_row[0].set_title("image", fontsize=8)
+        ax_row[0].set_title("image", fontsize=LABEL_POINTS)
         for ax, panel in zip(ax_row[1:], row.panels):
             _draw_map(ax, row, panel.share, shared)
-            ax.set_title(panel.title, fontsize=8)
+            ax.set_title(wrap_text(panel.title, MAP_SIZE * 0.95), fontsize=LABEL_POINTS)
         for ax in ax_row[1 + len(row.panels):]:
             ax.set_visible(False)
-        ax_row[0].set_ylabel(f"{row.label}\n({row.family})", fontsize=8)
-    fig.suptitle(f"{Path(rows[0].image_id).name}: attention over patches, one {scale} colour scale for all maps", fontsize=9)
-    right = 1 - COLORBAR_WIDTH / width
-    fig.tight_layout(rect=(0, 0, right, 1))
+        name = f"{Path(row.image_id).name}\n" if len(images) > 1 else ""
+        ax_row[0].set_ylabel(f"{name}{row.label}\n({row.family})", fontsize=LABEL_POINTS - (len(images) > 1))
+    what = Path(rows[0].image_id).name if len(images) == 1 else f"{len(images)} images"
+    fig.suptitle(wrap_text(f"{what}: attention over patches, one {scale} colour scale for all maps", width - 0.2, 9),
+                 fontsize=9)
     top, bottom = axes[0, 0].get_position().y1, axes[-1, 0].get_position().y0
+    right = 1 - COLORBAR_WIDTH / width
     cax = fig.add_axes((right + 0.1 * COLORBAR_WIDTH / width, bottom, 0.15 * COLORBAR_WIDTH / width, top - bottom))
-    _draw_colorbar(fig, cax, shared)
+    _draw_colorbar(fig, cax, shared, wrap_inches=max(0.5, top - bottom) * height)
     reads = [*caches, *(row.image_path for row in rows), *(Path(heads_dir).glob("*.pt") if heads_dir is not None else ())]
-    _save(fig, output, reads)
-    plt.close(fig)
+    save_figure(fig, output, reads)
     return output, rows, [n for r in rows for n in r.notes]
 
 
-def _draw_colorbar(fig, cax, scale: MapScale) -> None:
+def _draw_colorbar(fig, cax, scale: MapScale, wrap_inches: float = 4.0) -> None:
     from matplotlib.cm import ScalarMappable
 
     bar = fig.colorbar(ScalarMappable(norm=scale.norm(), cmap=MAP_COLORMAP), cax=cax,
@@ -438,7 +537,7 @@ def _draw_colorbar(fig, cax, scale: MapScale) -> None:
         bar.minorticks_off()
     bar.ax.axhline(1.0, color="white", linewidth=1.2)  # the uniform level
     bar.ax.tick_params(labelsize=7)
-    bar.set_label(scale.label, fontsize=7)
+    bar.set_label(wrap_text(scale.label, 0.9 * wrap_inches, 7), fontsize=7)  # along the bar: wrapped to its length
 
 
 def _draw_image(ax, row: MapData, alpha: float = 1.0) -> None:

@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from .output import atomic_output
 from .layout import TokenLayout
 from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .options import resolve_device
+from .progress import OnProgress
 from .schema import LABELS, TOKENS
 
 POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp", "ep")
@@ -169,8 +170,8 @@ class ProbeSet:
         return len(self.labels)
 
 
-def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
-                   layer: int | None = None) -> tuple[ProbeSet, dict[str, Any], list[str]]:
+def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *, layer: int | None = None,
+                   on_progress: OnProgress | None = None) -> tuple[ProbeSet, dict[str, Any], list[str]]:
     """Read tokens, labels and what the attention pools need from a cache; returns the set, its attributes
     and its class names. ``layer`` is the block (0-based, negative from the last) whose output tokens are
     probed and whose attention weighs them (rollout: up to that block); it must be one the cache stores tokens
@@ -193,7 +194,10 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
         data = ProbeSet(tokens, torch.from_numpy(cache.labels()), layout, block=block)
         if layout.has_cls and cache.store != "none":
             mean_w, best_w, entropy = [], [], 0.0
+            step = f"{attrs['label']}: reading attention"
             for start in range(0, len(cache), STREAM_CHUNK):  # (b, H, T): the block's cls rows, a chunk at a time
+                if on_progress:
+                    on_progress(step, start, len(cache))
                 rows = torch.from_numpy(cache.prefix_rows(start, min(start + STREAM_CHUNK, len(cache)), layer=block)[:, :, 0, :])
                 per_head = cls_metrics(rows, layout)
                 q = renormalise_over_patches(rows, layout)
@@ -208,6 +212,8 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *,
             if cache.store == "full":
                 maps = []
                 for start in range(0, len(cache), 64):
+                    if on_progress:
+                        on_progress(f"{attrs['label']}: rollout weights", start, len(cache))
                     maps.append(rollout(torch.from_numpy(cache.attention(start, min(start + 64, len(cache)))), layout)[:, block])
                 data.weights["rollout"] = torch.cat(maps).float()
             else:
@@ -445,6 +451,7 @@ def predict(head: nn.Module, x: Tokens, device: str = "cpu") -> torch.Tensor:
 def fit_linear(
     train_x: Tokens, train_y: torch.Tensor, *, classes: int, pool: nn.Module | None = None, epochs: int = 100,
     batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device: str = "cpu",
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> "LinearHead":
     """Train a (pooling +) batch-norm + linear head on frozen inputs (n, D), or tokens (n, N, D) with ``pool``;
     returns the head in eval mode on ``device``, with the weights of the epoch whose held-out 10% of the training
@@ -464,7 +471,7 @@ def fit_linear(
     x, y = (train_x if streamed else train_x.to(device)), train_y.to(device)
     held_x = x[held] if streamed else x[held.to(device)]
     best, best_state = -1.0, None
-    for _ in range(epochs):
+    for epoch in range(epochs):
         head.train()
         for batch, inputs in _epoch_batches(x, fit, batch_size, generator):
             if len(batch) < 2:
@@ -478,6 +485,8 @@ def fit_linear(
         score = (predict(head, held_x, device) == train_y[held]).float().mean().item()
         if score > best:
             best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
     head.load_state_dict(best_state)
     return head.eval()
 
@@ -519,14 +528,15 @@ def probe(
     classes: int, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES, ep_with_cls: bool = False,
     seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu",
     trained: dict[str, tuple[nn.Module, dict[str, Any]]] | None = None, memory_budget: int = IN_MEMORY_BYTES,
-    correct: dict[tuple[str, str], np.ndarray] | None = None,
+    correct: dict[tuple[str, str], np.ndarray] | None = None, on_progress: OnProgress | None = None, model: str = "",
 ) -> list[dict[str, Any]]:
     """Accuracy of every available pool x evaluator (the trained pools, ``abmilp`` and ``ep``, only with the
     linear evaluator; ``ep`` only where the token width is a multiple of ``ep_queries``; with ``ep_with_cls``
     and a cls token its rows are named ``ep+cls``), every evaluator on ``device``. With ``trained``, each
     trained pool's whole head (:class:`LinearHead`: pool, batch norm and classifier, its best epoch's weights)
     and config are put there by row name; with ``correct``, each row's (n_test,) booleans, whether it got
-    each test image right, by ``(pool, evaluator)``."""
+    each test image right, by ``(pool, evaluator)``. ``on_progress`` hears of every pool x evaluator as a step
+    named after ``model``, the pool and the evaluator: a linear probe epoch by epoch, a k-NN once done."""
     results = []
     dim = train.tokens.shape[-1]
     for pool in pools:
@@ -539,13 +549,17 @@ def probe(
         with_cls = pool == "ep" and ep_with_cls and train.layout.has_cls
         name = EP_WITH_CLS if with_cls else pool
         for evaluator in evaluators:
+            if pool in TRAINED_POOLS and evaluator != "linear":
+                continue
+            step = f"{model + ': ' if model else ''}{name} {evaluator}"
+            on_epoch = (lambda done, total, step=step: on_progress(step, done, total)) if on_progress else None
+            if on_progress:
+                on_progress(step, 0, epochs if evaluator == "linear" else 1)
             if pool in TRAINED_POOLS:
-                if evaluator != "linear":
-                    continue
                 config = {"pool": name, "dim": dim, "relu": relu, "queries": ep_queries, "with_cls": with_cls, "classes": classes}
                 torch.manual_seed(_pool_seed(seed))  # the pool's first weights from the seed, not from what ran before
                 head = fit_linear(pool_tokens(train, with_cls, memory_budget), train.labels, classes=classes,
-                                  pool=make_head(config), epochs=epochs, seed=seed, device=device)
+                                  pool=make_head(config), epochs=epochs, seed=seed, device=device, on_epoch=on_epoch)
                 predictions = predict(head, pool_tokens(test, with_cls, memory_budget), device)
                 if trained is not None:
                     trained[name] = (head, {**config, "block": train.block})
@@ -553,9 +567,11 @@ def probe(
             elif evaluator == "knn":
                 right = knn_accuracy(pooled(train, pool, device=device), train.labels, pooled(test, pool, device=device),
                                      test.labels, device=device)
+                if on_progress:
+                    on_progress(step, 1, 1)
             else:
                 predictions = train_linear(pooled(train, pool, device=device), train.labels, pooled(test, pool, device=device),
-                                           classes=classes, epochs=epochs, seed=seed, device=device)
+                                           classes=classes, epochs=epochs, seed=seed, device=device, on_epoch=on_epoch)
                 right = predictions == test.labels
             accuracy, low, high = bootstrap_accuracy(right, n_bootstrap, seed)
             results.append({"pool": name, "evaluator": evaluator, "accuracy": accuracy, "ci_low": low, "ci_high": high,
@@ -576,18 +592,25 @@ def probe_caches(
     evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES,
     ep_with_cls: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu", layer: int | None = None,
     save_heads: Path | None = None, memory_budget: int = IN_MEMORY_BYTES, allow_overlap: bool = False,
+    on_progress: OnProgress | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Probe every model: ``(train cache, test cache)`` pairs, or ``(cache, None)`` split by ``split``.
 
     Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the probed block's
     ``cls_entropy_norm``; with ``layer``, also ``layer``: the 0-based block probed, see :func:`load_probe_set`)
     and notes. With ``save_heads``, every trained pool's whole head (pool, batch norm, classifier) goes to
-    :func:`head_path` there, under its row's name (``abmilp``, ``ep`` or ``ep+cls``; see :func:`load_head`).
+    :func:`head_path` there (the folder is created if missing), under its row's name (``abmilp``, ``ep`` or ``ep+cls``; see :func:`load_head`).
     Every evaluator runs on ``device`` (auto, cpu, cuda, cuda:N); one this machine lacks is an AttnflowError.
     A test cache that holds training images (:func:`shared_images`) is refused; with ``allow_overlap`` it is
     probed and every record says how many (``n_overlap``)."""
-    if save_heads is not None and not Path(save_heads).is_dir():  # before hours of training, not after
-        raise AttnflowError(f"--save-heads {save_heads}: no such directory")
+    if save_heads is not None:  # made before hours of training, so that a path that cannot be one fails first
+        save_heads = Path(save_heads)
+        if save_heads.exists() and not save_heads.is_dir():
+            raise AttnflowError(f"--save-heads {save_heads} is a file; give a folder")
+        try:
+            save_heads.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AttnflowError(f"--save-heads {save_heads}: cannot create the folder ({e.strerror or e})") from None
     device = str(resolve_device(device))  # a CUDA device this machine lacks: one line, before any reading
     notes: list[str] = []
     records: list[dict[str, Any]] = []
@@ -596,7 +619,7 @@ def probe_caches(
         if pool in pools and "linear" not in evaluators:
             notes.append(f"{pool} pooling is trained with the linear probe; without --evaluator linear it is skipped")
     for train_path, test_path in pairs:
-        train, attrs, names = load_probe_set(train_path, pools, notes, layer=layer)
+        train, attrs, names = load_probe_set(train_path, pools, notes, layer=layer, on_progress=on_progress)
         if "cls" in pools and not train.layout.has_cls:
             notes.append(f"{attrs.get('label', train_path)} has no cls token: cls pooling skipped (gain_over_cls is NaN)")
         if "ep" in pools and ep_with_cls and not train.layout.has_cls:
@@ -611,7 +634,7 @@ def probe_caches(
             first, rest = stratified_split(train.labels, split, seed)
             train, test = train.subset(first), train.subset(rest)
         else:
-            test, test_attrs, test_names = load_probe_set(test_path, pools, notes, layer=layer)
+            test, test_attrs, test_names = load_probe_set(test_path, pools, notes, layer=layer, on_progress=on_progress)
             if test_names != names:
                 raise AttnflowError(f"{train_path} and {test_path} have different classes "
                                     f"({_class_list(names)} vs {_class_list(test_names)})")
@@ -641,7 +664,7 @@ def probe_caches(
         rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
                      epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
                      n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget,
-                     correct=correct)
+                     correct=correct, on_progress=on_progress, model=str(attrs.get("label", train_path)))
         base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
         label = attrs.get("label", str(train_path))
         labels_seen[label] = labels_seen.get(label, 0) + 1

@@ -35,6 +35,10 @@ class Need(str, Enum):
     flow = "flow (--flow)"  # attention flow maps: opt-in (attnflow metrics --flow), from full maps
 
 
+# How figures share y ranges between metrics' panels (plot curves --share-y): the panels of metrics with one
+# unit share a range, or none do.
+Y_SHARING = ("unit", "none")
+
 # Why a metric's value may be NaN (the codes of :attr:`Metric.nan_when`); any other NaN is an error.
 NAN_REASONS = {
     "no_cls": "for a model without a cls token",
@@ -78,6 +82,9 @@ class Metric:
         default: whether ``attnflow compare`` and ``attnflow plot curves`` show it without ``--metric``.
         summary: whether it is a column of ``attnflow metrics``' per-layer summary.
         nan_when: the :data:`NAN_REASONS` for which its value may be NaN.
+        uniform: what uniform attention over the patches scores, the reference a figure draws: a number
+            (1 for a normalised entropy), or the name of an image metric whose mean over a model's images it
+            equals (``fg_frac`` for a mass on the object); None where no value is a natural reference.
     """
 
     name: str
@@ -90,6 +97,7 @@ class Metric:
     default: bool = False
     summary: bool = False
     nan_when: tuple[str, ...] = ()
+    uniform: float | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs", frozenset(Need(n) for n in self.needs))  # declarations may pass a set
@@ -144,6 +152,10 @@ class Registry:
                 if metric.name in by_name:
                     raise ValueError(f"metric {metric.name} is declared twice")
                 by_name[metric.name] = metric
+        for metric in by_name.values():
+            named = metric.uniform if isinstance(metric.uniform, str) else None
+            if named is not None and (named not in by_name or by_name[named].level != "image"):
+                raise ValueError(f"metric {metric.name}: its uniform reference '{named}' is not an image metric")
         object.__setattr__(self, "_by_name", by_name)
 
     def __iter__(self) -> Iterator[Metric]:

@@ -71,7 +71,9 @@ def emit(
 
         table = Table(title=title)
         for c in columns:
-            table.add_column(c)
+            # fold, not ellipsis: on a narrow terminal a long name wraps onto more lines instead of being cut, so
+            # magnitude_cls and magnitude_patch never both read "magnit…"
+            table.add_column(c, overflow="fold")
         for r in rows:
             table.add_row(*(format_cell(r.get(c, "")) for c in columns), )
         Console(file=out).print(table)

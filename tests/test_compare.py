@@ -224,6 +224,6 @@ def test_errors(tmp_path, run_cli, image_dir):
     assert run_cli("compare", tmp_path / "ok.h5", "--layers", "first").exit_code == 2
     assert run_cli("compare", tmp_path / "ok.h5", "--heads", "median").exit_code == 2
     unknown = run_cli("compare", tmp_path / "ok.h5", "--metric", "cls_vibes")
-    assert unknown.exit_code == 1 and "unknown metric 'cls_vibes'" in unknown.stderr
+    assert unknown.exit_code == 2 and "unknown metric 'cls_vibes'" in unknown.stderr  # a usage error
     missing = run_cli("compare", tmp_path / "ok.h5", "--metric", "rollout_entropy_norm", "-f", "csv")
     assert missing.exit_code == 0 and "no file has metric 'rollout_entropy_norm'" in missing.stderr
