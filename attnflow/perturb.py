@@ -313,14 +313,14 @@ def find_head(where: Path, loaded: LoadedModel, flag: str) -> ProbeHead:
         candidates = [head_path(where, loaded.label, pool) for pool in HEAD_POOLS]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise AttnflowError(f"{flag} {where}: no probe head for {loaded.label} there "
+            raise AttnflowError(f"{_spelled(flag, where)}: no probe head for {loaded.label} there "
                                 f"(looked for {', '.join(c.name for c in candidates)})")
         where = found
     elif not where.exists():
-        raise AttnflowError(f"{flag} {where}: no such file or directory")
+        raise AttnflowError(f"{_spelled(flag, where)}: no such file or directory")
     head, config = load_head(where)
     if not hasattr(head, "attention"):
-        raise AttnflowError(f"{flag} {where}: a head without pooling weights ({config.get('pool')})")
+        raise AttnflowError(f"{_spelled(flag, where)}: a head without pooling weights ({config.get('pool')})")
     adapter, layout = loaded.adapter, loaded.layout
     problems = []
     if int(config["dim"]) != adapter.width:
@@ -330,15 +330,20 @@ def find_head(where: Path, loaded: LoadedModel, flag: str) -> ProbeHead:
     if tuple(config.get("grid_size", layout.grid_size)) != tuple(layout.grid_size):
         problems.append(f"a {'x'.join(map(str, config['grid_size']))} patch grid, the model's is {'x'.join(map(str, layout.grid_size))}")
     if problems:
-        raise AttnflowError(f"{flag} {where} does not fit {loaded.label}: it was trained on {'; '.join(problems)}")
+        raise AttnflowError(f"{_spelled(flag, where)} does not fit {loaded.label}: it was trained on {'; '.join(problems)}")
     block = config.get("block")
     if block is not None and int(block) != adapter.num_layers - 1:
-        raise AttnflowError(f"{flag} {where} was trained on the tokens of block {block}; perturb reads the last "
+        raise AttnflowError(f"{_spelled(flag, where)} was trained on the tokens of block {block}; perturb reads the last "
                             f"block's ({adapter.num_layers - 1}): use a head probed at the last block")
     if (config.get("model"), config.get("checkpoint_sha256")) != (loaded.name, loaded.checkpoint_sha256):
-        warnings.warn(AttnflowNote(f"{flag} {where} was trained on {config.get('label')} ({config.get('model')}), "
+        warnings.warn(AttnflowNote(f"{_spelled(flag, where)} was trained on {config.get('label')} ({config.get('model')}), "
                                    f"not on {loaded.label}"), stacklevel=3)
     return ProbeHead(where, head, config)
+
+
+def _spelled(flag: str, where: Path) -> str:
+    """How the user wrote the option: ``--probe DIR`` or ``--relevance probe:DIR``."""
+    return f"{flag}{where}" if flag.endswith(":") else f"{flag} {where}"
 
 
 def _sha256(path: Path) -> str:
@@ -519,7 +524,7 @@ def perturb(
 
 
 def _run(plan: _Plan, paths: Sequence[Path], preprocessing, writer: RowFileWriter, *, on_skip, on_progress) -> None:
-    options, model = plan.options, plan.loaded.model
+    options, model, chosen = plan.options, plan.loaded.model, plan.options.perturbation
     start = writer.n_inputs_done
     path_texts = [str(p) for p in paths]
     class_index = {c: i for i, c in enumerate(plan.class_names or [])}
@@ -543,7 +548,11 @@ def _run(plan: _Plan, paths: Sequence[Path], preprocessing, writer: RowFileWrite
             if batch.indices:
                 pixels = preprocessing.normalize(batch.pixels.to(plan.device))
                 image_index = [start + i for i in batch.indices]
-                rows = perturb_batch(plan, pixels, image_index, None if labels is None else torch.tensor(labels))
+                rows = measure(
+                    model, pixels, plan.layout, plan.relevance, chosen.fractions, mode=plan.mode, readout=plan.readout,
+                    layer=plan.layer, seed=chosen.seed, image_index=image_index, heads=plan.heads, scorer=plan.scorer,
+                    labels=None if labels is None else torch.tensor(labels), chunk=options.run.batch_size,
+                )
             done = start + max([*batch.indices, *(i for i, _ in batch.failures)]) + 1
             writer.append(rows, image_ids=[path_texts[start + i] for i in batch.indices], n_inputs_done=done,
                           labels=labels, skipped=skipped)
@@ -551,58 +560,93 @@ def _run(plan: _Plan, paths: Sequence[Path], preprocessing, writer: RowFileWrite
                 on_progress(done, len(paths))
 
 
-def perturb_batch(plan: _Plan, pixels: torch.Tensor, image_index: Sequence[int], labels: torch.Tensor | None) -> dict[str, np.ndarray]:
-    """One batch: the clean pass with capture (representation, relevance maps, clean prediction), then every
-    perturbed copy. ``pixels`` (B, C, H, W) normalised; ``image_index`` the images' positions in the input list
-    (they seed ``random``). Returns the rows of :func:`_row_datasets`."""
-    model, layout, chosen = plan.loaded.model, plan.layout, plan.options.perturbation
+def measure(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    layout: TokenLayout,
+    relevance: Sequence[str],
+    fractions: Sequence[float],
+    *,
+    mode: str,
+    readout: str,
+    layer: int = -1,
+    seed: int = 0,
+    image_index: Sequence[int] | None = None,
+    heads: dict[str, ProbeHead] | None = None,
+    scorer: ProbeHead | None = None,
+    labels: torch.Tensor | None = None,
+    chunk: int = 32,
+) -> dict[str, np.ndarray]:
+    """Perturbation measurements of one batch of images (what :func:`perturb` stores per image).
+
+    The clean pass runs with attention capture and gives the clean representation, the relevance maps and the
+    clean prediction; then every perturbed copy runs, ``chunk`` sequences per forward pass, without capture.
+
+    Args:
+        pixels: (B, C, H, W) normalised images.
+        relevance: R names of :data:`RELEVANCE_MAPS`, or keys of ``heads`` (``probe:<pool>``).
+        fractions: F fractions in (0, 1).
+        mode, readout: see :data:`MODES`, :data:`READOUTS` (``drop`` needs :func:`drop_problem` to be None).
+        layer: the block the attention maps are read at, 0-based or negative from the last.
+        image_index: the images' positions in the input list, which seed ``random`` (default 0..B-1).
+        scorer, labels: a probe head and the (B,) true classes, to score its predictions.
+    Returns:
+        ``perturb/similarity`` (B, R, O, F) float32, ``perturb/relevance`` (B, R, P) float32 (each map sums
+        to 1), and with ``scorer`` ``perturb/correct`` (B, R, O, F) and ``perturb/clean_correct`` (B,) int8.
+    """
+    if mode == "drop" and drop_problem(model) is not None:
+        raise OptionError("--mode", f"drop: the model is {drop_problem(model)}; use --mode pixels")
+    if readout == "cls" and not layout.has_cls:
+        raise OptionError("--readout", "cls: the model has no cls token; use --readout mean")
+    heads = heads or {}
     p, P, B = layout.num_prefix_tokens, layout.num_patches, pixels.shape[0]
+    image_index = list(range(B)) if image_index is None else list(image_index)
     with AttentionCapture(model) as capture:
         clean_tokens = model.forward_features(pixels)  # (B, T, D), final norm applied
         attn = capture.pop().attn  # (B, L, H, T, T)
-    clean = representation(clean_tokens, p, plan.readout)
+    layer = layer % attn.shape[1]
+    clean = representation(clean_tokens, p, readout)
     maps = []
-    for name in plan.relevance:
+    for name in relevance:
         if name == "random":
-            maps.append(torch.stack([random_relevance(chosen.seed, i, P) for i in image_index]).to(pixels.device))
-        elif name in plan.heads:
-            head = plan.heads[name]
-            maps.append(head_relevance(head.head, head.config, clean_tokens, layout))
+            maps.append(torch.stack([random_relevance(seed, i, P) for i in image_index]).to(pixels.device))
+        elif name in heads:
+            maps.append(head_relevance(heads[name].head, heads[name].config, clean_tokens, layout))
         else:
-            maps.append(attention_relevance(name, attn, layout, plan.layer))
+            maps.append(attention_relevance(name, attn, layout, layer))
     del attn
-    relevance = torch.stack(maps, 1)  # (B, R, P) float64
-    R, O, Fn = relevance.shape[1], len(ORDERS), len(chosen.fractions)
-    order = torch.stack([removal_order(relevance, o) for o in ORDERS], 2).reshape(B * R * O, P)  # (N, P)
+    relevance_maps = torch.stack(maps, 1)  # (B, R, P) float64
+    R, O, Fn = relevance_maps.shape[1], len(ORDERS), len(fractions)
+    order = torch.stack([removal_order(relevance_maps, o) for o in ORDERS], 2).reshape(B * R * O, P)  # (N, P)
     image_of = torch.arange(B, device=pixels.device).repeat_interleave(R * O)  # (N,) the image of every copy
     similarity = torch.empty(B * R * O, Fn, dtype=torch.float64)
     correct = torch.empty(B * R * O, Fn, dtype=torch.int8)
-    embedded = embed(model, pixels) if plan.mode == "drop" else None
-    chunk = plan.options.run.batch_size
-    for f, fraction in enumerate(chosen.fractions):
+    embedded = embed(model, pixels) if mode == "drop" else None  # computed once, shared by every copy
+    for f, fraction in enumerate(fractions):
         k = removed_count(fraction, P)
         for lo in range(0, len(order), chunk):
             rows = slice(lo, lo + chunk)
             images = image_of[rows]
-            if plan.mode == "drop":
-                keep = order[rows, k:].sort(-1).values  # raster order, as the clean sequence has them
+            if mode == "drop":
+                keep = order[rows, k:].sort(-1).values  # raster order, as in the clean sequence
                 tokens = forward_kept(model, embedded[images], keep, p)
             else:
                 removed = torch.zeros(len(images), P, dtype=torch.bool, device=pixels.device)
                 removed.scatter_(1, order[rows, :k], True)
                 tokens = model.forward_features(zero_patches(pixels[images], removed, layout))
             similarity[rows, f] = F.cosine_similarity(
-                representation(tokens, p, plan.readout).double(), clean[images].double(), dim=-1).cpu()
-            if plan.scorer is not None:
-                predicted = _predict(plan.scorer, tokens, layout)
+                representation(tokens, p, readout).double(), clean[images].double(), dim=-1).cpu()
+            if scorer is not None:
+                predicted = _predict(scorer, tokens, layout)
                 correct[rows, f] = (predicted == labels.to(predicted.device)[images.to(predicted.device)]).to(torch.int8).cpu()
     out = {
         PERTURB_SIMILARITY: similarity.view(B, R, O, Fn).float().numpy(),
-        PERTURB_RELEVANCE: relevance.float().cpu().numpy(),
+        PERTURB_RELEVANCE: relevance_maps.float().cpu().numpy(),
     }
-    if plan.scorer is not None:
+    if scorer is not None:
         out[PERTURB_CORRECT] = correct.view(B, R, O, Fn).numpy()
-        out[PERTURB_CLEAN_CORRECT] = (_predict(plan.scorer, clean_tokens, layout).cpu() == labels).to(torch.int8).numpy()
+        clean_predicted = _predict(scorer, clean_tokens, layout).cpu()
+        out[PERTURB_CLEAN_CORRECT] = (clean_predicted == labels.cpu()).to(torch.int8).numpy()
     return out
 
 
