@@ -689,6 +689,22 @@ def plot_maps_command(
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 
 
+@plot_app.command("perturb")
+def plot_perturb_command(
+    files: List[Path] = typer.Argument(..., help="Perturbation files (attnflow perturb), one per model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
+    bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% bands."),
+    seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
+) -> None:
+    """Perturbation curves: a panel per relevance map, a line per model and order (positive solid, negative
+    dashed), models coloured by family, with 95% bootstrap bands; probe accuracy in a second row where measured."""
+    from .perturb import plot_perturbation
+
+    path, summary = plot_perturbation(files, output, n_bootstrap=bootstrap, seed=seed)
+    _print_notes(summary.notes)
+    _stderr_console().print(f"attnflow: wrote {path}", markup=False)
+
+
 @app.command()
 def info(
     path: Path = typer.Argument(..., help="An attnflow cache or metrics file."),

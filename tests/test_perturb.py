@@ -7,6 +7,7 @@ a hand-built model whose answer is known; the demo models; resume after SIGKILL;
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
@@ -33,7 +34,7 @@ from attnflow.perturb import (
     auc, drop_problem, embed, forward_kept, perturb, removal_order, removed_count, summarize, zero_patches,
 )
 from attnflow.probe import AbMILP, LinearHead, head_path, save_head
-from attnflow.schema import open_perturbation
+from attnflow.schema import ROOT_ATTRS, open_perturbation
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -155,6 +156,9 @@ def test_drop_mode_against_an_independent_recomputation(tmp_path, image_dir, one
         similarity, maps = f.similarity(), f.relevance_maps()
         assert f.relevance == ["cls-attn", "random"] and f.orders == ["positive", "negative"] and f.fractions == list(FRACTIONS)
         assert [d.label for d in f.file["perturb/similarity"].dims] == ["image", "relevance", "order", "fraction"]
+        written = set(f.attrs)
+    assert written <= set(ROOT_ATTRS), written - set(ROOT_ATTRS)  # every attribute declared once, in the schema
+    assert {key for key, attr in ROOT_ATTRS.items() if "perturb" in attr.required} <= written
     pixels = normalised_pixels(model, paths)
     p, P = layout.num_prefix_tokens, layout.num_patches
     with torch.no_grad():
@@ -319,6 +323,32 @@ def test_on_the_demo_models_random_lies_between_positive_and_negative(tmp_path):
     dino = areas["demo:dino"]
     assert dino["random"]["auc_negative"] < dino["cls-attn"]["auc_negative"]
     assert dino["cls-attn"]["gap"] > areas["demo:mae"]["cls-attn"]["gap"]
+
+
+def test_cli_prints_the_summary_and_plots_it(tmp_path, run_cli):
+    out = tmp_path / "dino.h5"
+    result = run_cli("perturb", "demo:dino", *map(str, demo_images(4)), "-o", out, "-r", "cls-attn", "-r", "random",
+                     "--fractions", "0.5", "--workers", "0", "--bootstrap", "50", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(f"attnflow: wrote {out}: 4 images, 0 skipped, demo:dino (jea), mode drop, readout cls")
+    printed = json.loads(result.stdout)
+    assert [(r["relevance"], r["order"], r["fraction"]) for r in printed["curves"]] == [
+        (m, o, f) for m in ("cls-attn", "random") for o in ("positive", "negative") for f in (0.0, 0.5)]
+    assert set(printed["curves"][0]) == {"model", "family", "relevance", "order", "fraction", "similarity", "ci_low",
+                                         "ci_high", "n_images"}
+    assert [r["relevance"] for r in printed["auc"]] == ["cls-attn", "random"]
+    assert printed["auc"] == json.loads(json.dumps(summarize([out], n_bootstrap=50).aucs, default=str).replace("NaN", "null"))
+    csv = run_cli("perturb", "demo:dino", *map(str, demo_images(4)), "-o", out, "-r", "cls-attn", "-r", "random",
+                  "--fractions", "0.5", "--workers", "0", "--bootstrap", "50", "-f", "csv", "--resume")
+    assert csv.exit_code == 0 and "already complete" in csv.stderr
+    assert csv.stdout.splitlines()[0] == "model,family,relevance,order,fraction,similarity,ci_low,ci_high,n_images"
+    assert len(csv.stdout.splitlines()) == 1 + 8
+    figure = tmp_path / "curves.png"
+    drawn = run_cli("plot", "perturb", out, "-o", figure, "--bootstrap", "50")
+    assert drawn.exit_code == 0, drawn.stderr
+    assert Image.open(figure).size[0] > 0
+    bad = run_cli("plot", "perturb", tmp_path / "missing.h5", "-o", figure)
+    assert bad.exit_code == 1 and bad.stderr.splitlines() == [f"attnflow: error: no such file: {tmp_path / 'missing.h5'}"]
 
 
 # -- probe heads -------------------------------------------------------------------------------------------
