@@ -5,6 +5,7 @@ line on stderr), 2 a usage error.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -433,6 +434,7 @@ def demo(
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on the 5,000 held-out probe images shipped with the demo."),
+    perturb: bool = typer.Option(True, "--perturb/--no-perturb", help="Also draw perturbation curves (attnflow perturb: cls-attn, rollout, random) of both models on the demo images."),
 ) -> None:
     """Run the whole MIM-vs-JEA analysis offline on the two tiny shipped models (demo:mae, demo:dino).
 
@@ -446,10 +448,16 @@ def demo(
     resolve_device(device)
     if out.exists() and not out.is_dir():
         raise AttnflowError(f"--out {out} is a file; the demo writes into a folder")
-    run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe,
+    run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe, perturb=perturb,
                    on_model=lambda name: console.print(f"attnflow: demo: extracting {name}", markup=False))
     _print_notes(run.comparison.notes)
     _deliver(run.comparison, format)
+    if run.perturbation_summary is not None:
+        from .perturb import AUC_COLUMNS
+
+        if format not in (Format.csv, Format.tsv, Format.json):
+            sys.stdout.write("\n")
+        _deliver(Table(run.perturbation_summary.aucs, list(AUC_COLUMNS), "perturbation curves: areas under them (95% bootstrap CIs over images)"), format)
     if run.probe_records:
         from .probe import PROBE_COLUMNS
 
@@ -463,7 +471,8 @@ def demo(
         f"attnflow: demo: {run.n_images} images; caches {', '.join(map(str, run.caches))}; metrics "
         f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}"
         + (f"; figures {', '.join(map(str, run.figures))}" if run.figures else "")
-        + (f"; probes {run.probe_csv}" if run.probe_csv else ""),
+        + (f"; probes {run.probe_csv}" if run.probe_csv else "")
+        + (f"; perturbation curves {', '.join(map(str, run.perturbation))}" if run.perturbation else ""),
         markup=False,
     )
 
@@ -526,7 +535,7 @@ def probe_command(
 
 # -- attnflow perturb --------------------------------------------------------------------------------------
 # The model, checkpoint, preprocessing and image options are extract's own declarations, reused as they are.
-_EXTRACT_OPTIONS = {name: parameter.default for name, parameter in __import__("inspect").signature(extract).parameters.items()}
+_EXTRACT_OPTIONS = {name: parameter.default for name, parameter in inspect.signature(extract).parameters.items()}
 PerturbMode = _choices("PerturbMode", ("drop", "pixels"))
 PerturbReadout = _choices("PerturbReadout", ("cls", "mean"))
 

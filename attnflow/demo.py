@@ -36,6 +36,8 @@ class DemoRun:
     figures: list[Path]
     probe_csv: Path | None = None
     probe_records: list = None  # attnflow.probe records
+    perturbation: list[Path] | None = None  # one perturbation file per model (attnflow perturb)
+    perturbation_summary: object = None  # attnflow.perturb.PerturbSummary of those files
 
 
 def demo_images(limit: int | None = None) -> list[Path]:
@@ -55,10 +57,12 @@ def run_demo(
     workers: int | None = 0,
     n_bootstrap: int = 2000,
     probe: bool = True,
+    perturb: bool = True,
     on_model: Callable[[str], None] | None = None,
 ) -> DemoRun:
-    """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models; then, with
-    ``probe``, extract tokens of the 5,000 probe images and compare cls with selective pooling."""
+    """Extract (with masks and labels, metrics streamed) -> compare, for both shipped models; with ``perturb``,
+    perturbation curves of the same images (cls-attn, rollout, random; drop mode); then, with ``probe``,
+    extract tokens of the 5,000 probe images and compare cls with selective pooling."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = demo_images(limit)
@@ -77,6 +81,10 @@ def run_demo(
     compare_csv = out / "compare.csv"
     with open(compare_csv, "w", newline="") as handle:
         comparison.write(Format.csv, handle)
+    perturbation, perturbation_summary = None, None
+    if perturb:
+        perturbation, perturbation_summary = _run_perturb(out, paths, overwrite=overwrite, device=device, workers=workers,
+                                                          n_bootstrap=n_bootstrap, on_model=on_model)
     probe_csv, probe_records = None, None
     if probe:
         probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, on_model=on_model)
@@ -88,7 +96,31 @@ def run_demo(
     else:
         figures.append(plot_curves(metrics, out / "curves.png", n_bootstrap=n_bootstrap)[0])
         figures.append(plot_maps(caches, 0, out / "maps.png", heads=True)[0])
-    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records)
+        if perturbation:
+            from .perturb import plot_perturbation
+
+            figures.append(plot_perturbation(perturbation, out / "perturb.png", n_bootstrap=n_bootstrap)[0])
+    return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records,
+                   perturbation, perturbation_summary)
+
+
+def _run_perturb(out: Path, paths: list[Path], *, overwrite: bool, device: str, workers: int | None, n_bootstrap: int,
+                 on_model) -> tuple[list[Path], object]:
+    """Perturbation curves of both models on the demo images (attnflow perturb's defaults), and their summary,
+    also written as ``perturb.csv`` (one record per curve point)."""
+    from .perturb import perturb, summarize
+
+    files = []
+    for name in DEMO_MODELS:
+        if on_model:
+            on_model(f"{name} (perturbation curves)")
+        short = name.split(":", 1)[1]
+        files.append(perturb(build_model(name), paths, out / f"{short}_perturb.h5", batch_size=50, workers=workers,
+                             device=device, overwrite=overwrite).path)
+    summary = summarize(files, n_bootstrap=n_bootstrap)
+    with open(out / "perturb.csv", "w", newline="") as handle:
+        summary.write(Format.csv, handle)
+    return files, summary
 
 
 PROBE_EPOCHS = 50
