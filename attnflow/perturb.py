@@ -696,7 +696,8 @@ class PerturbSummary:
             display = [_auc_display(r) for r in self.aucs]
             emit(display, ["model", "family", "relevance", "auc_positive", "auc_negative", "gap", "positive_vs_random",
                            "negative_vs_random", "n_images"], fmt, out=out,
-                 title="area under the curves [95% bootstrap CI over images]; gap = negative - positive, paired by image")
+                 title="area under the curves [95% bootstrap CI; the unit is the image, within one network]; gap = negative - "
+                       "positive and *_vs_random = the map's area - random's, each paired by image")
 
 
 def _auc_display(record: dict[str, Any]) -> dict[str, Any]:
