@@ -5,6 +5,7 @@ line on stderr), 2 a usage error.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -490,6 +491,7 @@ def demo(
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on the 5,000 held-out probe images shipped with the demo."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch (default: all cores for the models, 1 for the probe heads; OMP_NUM_THREADS when set)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stage lines and no progress bars (the tables and the summary line stay)."),
+    perturb: bool = typer.Option(True, "--perturb/--no-perturb", help="Also draw perturbation curves (attnflow perturb: cls-attn, rollout, random) of both models on the demo images."),
 ) -> None:
     """Run the whole MIM-vs-JEA analysis offline on the two tiny shipped models (demo:mae, demo:dino).
 
@@ -509,10 +511,16 @@ def demo(
             if not quiet:
                 progress.console.print(f"attnflow: demo: {text}", markup=False)
 
-        run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe, threads=threads,
+        run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe, perturb=perturb, threads=threads,
                        on_stage=on_stage, on_progress=StepProgress(progress))
     _print_notes(run.comparison.notes)
     _deliver(run.comparison, format)
+    if run.perturbation_summary is not None:
+        from .perturb import AUC_COLUMNS
+
+        if format not in (Format.csv, Format.tsv, Format.json):
+            sys.stdout.write("\n")
+        _deliver(Table(run.perturbation_summary.aucs, list(AUC_COLUMNS), "perturbation curves: areas under them (95% bootstrap CIs over images)"), format)
     if run.probe_records:
         from .probe import GAIN_COLUMNS, PROBE_COLUMNS
 
@@ -526,7 +534,8 @@ def demo(
         f"attnflow: demo: {run.n_images} images; caches {', '.join(map(str, run.caches))}; metrics "
         f"{', '.join(map(str, run.metrics))}; table {run.compare_csv}"
         + (f"; figures {', '.join(map(str, run.figures))}" if run.figures else "")
-        + (f"; probes {run.probe_csv}" if run.probe_csv else ""),
+        + (f"; probes {run.probe_csv}" if run.probe_csv else "")
+        + (f"; perturbation curves {', '.join(map(str, run.perturbation))}" if run.perturbation else ""),
         markup=False,
     )
     if quiet:
@@ -613,6 +622,120 @@ def probe_command(
                                      "paired CI, McNemar p, Holm-adjusted)"), format, output, probed)
 
 
+# -- attnflow perturb --------------------------------------------------------------------------------------
+# The model, checkpoint, preprocessing and image options are extract's own declarations, reused as they are.
+_EXTRACT_OPTIONS = {name: parameter.default for name, parameter in inspect.signature(extract).parameters.items()}
+PerturbMode = _choices("PerturbMode", ("drop", "pixels"))
+PerturbReadout = _choices("PerturbReadout", ("cls", "mean"))
+
+
+@app.command("perturb")
+def perturb_command(
+    model: str = _EXTRACT_OPTIONS["model"],
+    images: List[str] = _EXTRACT_OPTIONS["images"],
+    output: Path = typer.Option(..., "-o", "--output", help="Perturbation file to write (HDF5): every per-image value."),
+    relevance: List[str] = typer.Option([], "--relevance", "-r", help="Relevance map patches are removed by (repeatable; default cls-attn, rollout, random): cls-attn (head-mean cls row at --layer; without cls the mean patch row), rollout, flow (exact attention flow), probe:DIR (a head saved by probe --save-heads: abmilp weights or the mean of ep's queries), random (seeded; the baseline)."),
+    fractions: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--fractions", help="Fractions of the P patches removed, comma-separated, each in (0, 1); round(f x P) patches (half up)."),
+    mode: Optional[PerturbMode] = typer.Option(None, "--mode", help="drop: removed patch tokens leave the sequence after the position embedding (ViTs with learned absolute positions; the default there); pixels: removed patches set to the normalised zero, the dataset mean (every architecture; the default elsewhere)."),
+    readout: Optional[PerturbReadout] = typer.Option(None, "--readout", help="The representation compared with the clean one: cls (the final-normed cls token, the default where there is one) or mean (of the final-normed patch tokens left)."),
+    layer: int = typer.Option(-1, "--layer", help="Block the attention maps are read at, 0-based or negative from the last (rollout and flow: up to it)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the random relevance map (per image, so resumed runs agree)."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="A probe head saved by probe --save-heads (the file, or the folder holding <label>.abmilp.pt / .ep.pt): also score whether its prediction stays right (needs --labels-from-dirs)."),
+    bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% CIs of the summary."),
+    format: Format = typer.Option(Format.table, "--format", "-f", help="The summary on stdout: table, markdown, csv or tsv (one record per curve point), json (curves and areas)."),
+    checkpoint: Optional[Path] = _EXTRACT_OPTIONS["checkpoint"],
+    checkpoint_key: Optional[str] = _EXTRACT_OPTIONS["checkpoint_key"],
+    trust_checkpoint: bool = _EXTRACT_OPTIONS["trust_checkpoint"],
+    random_init: bool = _EXTRACT_OPTIONS["random_init"],
+    img_size: Optional[int] = _EXTRACT_OPTIONS["img_size"],
+    family: Optional[Family] = _EXTRACT_OPTIONS["family"],
+    label: Optional[str] = _EXTRACT_OPTIONS["label"],
+    labels_from_dirs: bool = _EXTRACT_OPTIONS["labels_from_dirs"],
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per clean forward pass; the perturbed copies run in passes of this many sequences."),
+    workers: Optional[int] = _EXTRACT_OPTIONS["workers"],
+    device: str = _EXTRACT_OPTIONS["device"],
+    crop_pct: Optional[float] = _EXTRACT_OPTIONS["crop_pct"],
+    interpolation: Optional[Interpolation] = _EXTRACT_OPTIONS["interpolation"],
+    preprocess: Preprocess = _EXTRACT_OPTIONS["preprocess"],
+    strict: bool = _EXTRACT_OPTIONS["strict"],
+    limit: Optional[int] = _EXTRACT_OPTIONS["limit"],
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted perturbation run of the same inputs and options into the same output."),
+    overwrite: bool = _EXTRACT_OPTIONS["overwrite"],
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on stdout."),
+) -> None:
+    """Remove patches in order of relevance and measure how the representation changes (perturbation curves).
+
+    For each image, relevance map, order (positive: most relevant first; negative: least relevant first) and
+    fraction, the cosine similarity of the perturbed representation to the clean one, and with --probe whether
+    the probe's prediction stays right. Prints per curve point the mean over images with a 95% bootstrap CI,
+    and per relevance map the areas under the curves (f = 0 counts as similarity 1) with the gap negative -
+    positive, paired by image. Every value per image goes into OUT.h5.
+
+    Example: attnflow perturb demo:dino attnflow/demo_data/images -o dino_perturb.h5 -r cls-attn -r rollout -r random
+    """
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .images import build_size, list_images
+    from .models import build_model
+    from .options import resolve_device
+    from .perturb import DEFAULT_RELEVANCE, PerturbationOptions, PerturbOptions, perturb, summarize
+
+    console = _stderr_console()
+    options = PerturbOptions().replace(
+        relevance=tuple(relevance) or DEFAULT_RELEVANCE, fractions=PerturbationOptions.parse_fractions(fractions),
+        mode=mode.value if mode else None, readout=readout.value if readout else None, layer=layer, seed=seed,
+        probe=probe, crop_pct=crop_pct, interpolation=interpolation.value if interpolation else None,
+        labels_from_dirs=labels_from_dirs, preprocess=preprocess.value, strict=strict, batch_size=batch_size,
+        workers=workers, device=device, resume=resume, overwrite=overwrite,
+    )
+    img_size = build_size(preprocess.value, img_size)
+    if img_size is not None:
+        patch_size = _patch_size_of(model)
+        if patch_size is not None:
+            _check_img_size(img_size, patch_size)
+    if checkpoint_key is not None and checkpoint is None:
+        raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
+    resolve_device(device)
+    paths = list_images(
+        images, on_duplicates=lambda n: console.print(f"attnflow: note: {n} duplicate input path{'s' if n > 1 else ''} dropped", markup=False)
+    )
+    if limit is not None:
+        paths = paths[:limit]
+    if not paths:
+        raise AttnflowError("no images found in " + " ".join(images))
+    _check_output(output, paths)
+    loaded = build_model(
+        model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key, random_init=random_init,
+        trust_checkpoint=trust_checkpoint, family=family.value if family else None, label=label,
+    )
+
+    def on_skip(path: str, reason: str) -> None:
+        console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")
+
+    progress = Progress(
+        TextColumn("perturb"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet or not console.is_terminal, transient=True,
+    )
+    with progress:
+        task = progress.add_task("perturb", total=len(paths))
+        result = perturb(loaded, paths, output, options, on_skip=on_skip,
+                         on_progress=lambda done, total: progress.update(task, completed=done))
+    if quiet:
+        return
+    if loaded.weights == "random":  # after the run: an option the model refuses stays a one-line error
+        console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
+    console.print(
+        f"attnflow: wrote {escape(str(result.path))}: {result.n_images} images, {result.n_skipped} skipped, "
+        f"{escape(loaded.label)} ({loaded.family}), mode {result.mode}, readout {result.readout}, "
+        + (f"{result.n_new} new in {result.seconds:.1f} s" if not result.already_complete else "already complete, nothing to do"),
+        markup=False,
+    )
+    summary = summarize([result.path], n_bootstrap=bootstrap, seed=seed)
+    _print_notes(summary.notes)
+    _deliver(summary, format)
+
+
 plot_app = typer.Typer(help="Figures: per-layer metric curves and attention maps over images (needs matplotlib).", no_args_is_help=True,
                        rich_markup_mode=None)
 app.add_typer(plot_app, name="plot")
@@ -667,6 +790,22 @@ def plot_maps_command(
     path, _, notes = plot_maps(caches, image[0] if len(image) == 1 else image, output, layer=layer, heads=heads, scale=scale, flow=flow,
                                heads_dir=heads_dir, ep_queries_each=ep_queries_each)
     _print_notes(notes)
+    _stderr_console().print(f"attnflow: wrote {path}", markup=False)
+
+
+@plot_app.command("perturb")
+def plot_perturb_command(
+    files: List[Path] = typer.Argument(..., help="Perturbation files (attnflow perturb), one per model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
+    bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% bands."),
+    seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
+) -> None:
+    """Perturbation curves: a panel per relevance map, a line per model and order (positive solid, negative
+    dashed), models coloured by family, with 95% bootstrap bands; probe accuracy in a second row where measured."""
+    from .perturb import plot_perturbation
+
+    path, summary = plot_perturbation(files, output, n_bootstrap=bootstrap, seed=seed)
+    _print_notes(summary.notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .compare import ALL_PAIRS, Comparison, compare_files
-from .demo_models import DEMO_MODELS, demo_data_dir
+from .demo_models import DEMO_MODELS, TRAINED_DEMO_MODELS, demo_data_dir
 from .errors import AttnflowError, AttnflowNote
 from .extract import extract
 from .images import list_images
@@ -44,6 +44,8 @@ class DemoRun:
     probe_records: list = None  # attnflow.probe records
     stage_seconds: list = field(default_factory=list)  # (stage, seconds) in the order they ran
     probe_images: Path | None = None  # the folder of probe PNGs the probe caches were extracted from
+    perturbation: list[Path] | None = None  # one perturbation file per trained model (attnflow perturb)
+    perturbation_summary: object = None  # attnflow.perturb.PerturbSummary of those files
 
 
 class _Stages:
@@ -84,13 +86,15 @@ def run_demo(
     workers: int | None = 0,
     n_bootstrap: int = 2000,
     probe: bool = True,
+    perturb: bool = True,
     threads: int | None = None,
     on_stage: Callable[[str], None] | None = None,
     on_progress: OnProgress | None = None,
 ) -> DemoRun:
     """Extract (with masks and labels, metrics streamed) -> compare, for the shipped models and the untrained
-    reference; then, with ``probe``, extract tokens of the 5,000 probe images and compare cls with selective
-    pooling.
+    reference; with ``perturb``, perturbation curves of the trained models on the same images (cls-attn,
+    rollout, random; drop mode); then, with ``probe``, extract tokens of the 5,000 probe images and compare
+    cls with selective pooling.
 
     ``on_stage`` hears each stage's name as it starts, ``on_progress`` the progress within it (extraction by
     image, probes by epoch). torch's threads follow :mod:`attnflow.threads` (``threads`` overrides it) while
@@ -116,6 +120,10 @@ def run_demo(
     compare_csv = out / "compare.csv"
     with open(compare_csv, "w", newline="") as handle:
         comparison.write(Format.csv, handle)
+    perturbation, perturbation_summary = None, None
+    if perturb:
+        perturbation, perturbation_summary = _run_perturb(out, paths, overwrite=overwrite, device=device, workers=workers,
+                                                          n_bootstrap=n_bootstrap, threads=threads, stage=stage)
     probe_csv, probe_records = None, None
     if probe:
         probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, threads=threads,
@@ -129,9 +137,32 @@ def run_demo(
     else:
         figures.append(plot_curves(metrics, out / "curves.png", n_bootstrap=n_bootstrap)[0])
         figures.append(plot_maps(caches, 0, out / "maps.png", heads=True)[0])
+        if perturbation:
+            from .perturb import plot_perturbation
+
+            figures.append(plot_perturbation(perturbation, out / "perturb.png", n_bootstrap=n_bootstrap)[0])
     stage.finish()
     return DemoRun(out, caches, metrics, compare_csv, comparison, len(paths), figures, probe_csv, probe_records,
-                   stage.seconds, out / "probe_images" if probe else None)
+                   stage.seconds, out / "probe_images" if probe else None, perturbation, perturbation_summary)
+
+
+def _run_perturb(out: Path, paths: list[Path], *, overwrite: bool, device: str, workers: int | None, n_bootstrap: int,
+                 threads: int | None, stage: _Stages) -> tuple[list[Path], object]:
+    """Perturbation curves of the trained models on the demo images (attnflow perturb's defaults), and their
+    summary, also written as ``perturb.csv`` (one record per curve point)."""
+    from .perturb import perturb, summarize
+
+    files = []
+    for name in TRAINED_DEMO_MODELS:
+        stage(f"perturbation curves of {name} ({len(paths)} images)")
+        short = name.split(":", 1)[1]
+        with threads_for(threads, "model", workers or 0):
+            files.append(perturb(build_model(name), paths, out / f"{short}_perturb.h5", batch_size=50, workers=workers,
+                                 device=device, overwrite=overwrite).path)
+    summary = summarize(files, n_bootstrap=n_bootstrap)
+    with open(out / "perturb.csv", "w", newline="") as handle:
+        summary.write(Format.csv, handle)
+    return files, summary
 
 
 PROBE_EPOCHS = 50

@@ -57,6 +57,7 @@ Rows = Union[np.ndarray, torch.Tensor]
 
 SCHEMA = "attnflow.cache/1"
 METRICS_SCHEMA = "attnflow.metrics/1"
+PERTURB_SCHEMA = "attnflow.perturb/1"
 STORE_MODES = ("full", "rows", "none")
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("gzip", "lzf", "none")
@@ -84,6 +85,12 @@ FINAL_NORM_EPS = "final_norm_eps"  # a root attribute
 METRICS_GROUP = "metrics"
 ROLLOUT_MAP = "rollout/map"
 FLOW_MAP = "flow/map"  # (n, F, P): attention flow read out after the blocks of the root attribute flow_layers
+# Datasets of a perturbation file (``attnflow perturb``): R relevance maps, O orders, F fractions (the root
+# attributes ``relevance``, ``orders`` and ``fractions`` name them, in the order of the axes).
+PERTURB_SIMILARITY = "perturb/similarity"  # (n, R, O, F) cosine similarity to the clean representation
+PERTURB_CORRECT = "perturb/correct"  # (n, R, O, F) int8: 1 where the probe's prediction is still right
+PERTURB_CLEAN_CORRECT = "perturb/clean_correct"  # (n,) int8: 1 where the probe is right on the clean image
+PERTURB_RELEVANCE = "perturb/relevance"  # (n, R, P) each relevance map over the patches, summing to 1
 
 # The dataset of attention maps a store mode keeps.
 MAPS_DATASET = {"full": ATTN, "rows": ATTN_ROWS}
@@ -286,6 +293,13 @@ METRICS_DATASETS = {
     ROLLOUT_MAP: Expect(("n", "L", "P"), "float", "", ("image", "layer", "patch")),
     FLOW_MAP: Expect(("n", "F", "P"), "float", "norm", ("image", "flow_layer", "patch")),
 }
+PERTURB_DATASETS = {
+    **_FILE_DATASETS,
+    PERTURB_SIMILARITY: Expect(("n", "R", "O", "F"), "float", "finite", ("image", "relevance", "order", "fraction")),
+    PERTURB_CORRECT: Expect(("n", "R", "O", "F"), "int", "", ("image", "relevance", "order", "fraction")),
+    PERTURB_CLEAN_CORRECT: Expect(("n",), "int", "", ("image",)),
+    PERTURB_RELEVANCE: Expect(("n", "R", "P"), "float", "norm", ("image", "relevance", "patch")),
+}
 # ``metrics/<name>`` by the level of the metric (:data:`attnflow.metrics.HEAD_METRICS`, ``LAYER_METRICS``,
 # ``IMAGE_METRICS``); a name this attnflow does not know only needs a row per image.
 METRIC_DATASETS = {
@@ -309,6 +323,10 @@ _ATTR_KINDS = {
     "store": (f"one of {', '.join(STORE_MODES)}", lambda v: isinstance(v, str) and v in STORE_MODES),
     "dtype": (f"one of {', '.join(DTYPES)}", lambda v: isinstance(v, str) and v in DTYPES),
     "magnitude_update": (f"one of {', '.join(MAGNITUDE_UPDATES)}", lambda v: isinstance(v, str) and v in MAGNITUDE_UPDATES),
+    "texts": ("a list of text", lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)),
+    "fractions": ("increasing numbers in (0, 1)", lambda v: isinstance(v, list) and bool(v)
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1 for x in v)
+                  and all(a < b for a, b in zip(v, v[1:]))),
     "layers": ("increasing non-negative integers", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)
                and all(a < b for a, b in zip(v, v[1:]))),
 }
@@ -325,7 +343,7 @@ class Attr(NamedTuple):
     identity: bool = False
 
 
-_BOTH, _CACHE, _METRICS = ("cache", "metrics"), ("cache",), ("metrics",)
+_BOTH, _CACHE, _METRICS, _PERTURB = ("cache", "metrics"), ("cache",), ("metrics",), ("perturb",)
 # Every root attribute of an attnflow file. A metrics file inherits its cache's, but for the run's own
 # bookkeeping (``schema``, ``created``, ``complete``, the counts) and ``compression``.
 ROOT_ATTRS: dict[str, Attr] = {
@@ -385,6 +403,17 @@ ROOT_ATTRS: dict[str, Attr] = {
     "artifact_norm": Attr("number", (), "artifact rule (instead of artifact_factor): a patch whose norm exceeds this", identity=True),
     "source": Attr("", (), "the cache the metrics were computed from"),
     "flow_layers": Attr("layers", (), "the 0-based blocks after which flow/map reads attention flow out (--flow)", identity=True),
+    # a perturbation file's own (attnflow perturb)
+    "relevance": Attr("texts", _PERTURB, "the R relevance maps patches are removed by (axis 'relevance')", identity=True),
+    "orders": Attr("texts", _PERTURB, "the O orders: positive (most relevant first), negative (least first)", identity=True),
+    "fractions": Attr("fractions", _PERTURB, "the F fractions of the patches removed (axis 'fraction')", identity=True),
+    "mode": Attr("text", _PERTURB, "drop (tokens taken out of the sequence) or pixels (set to the mean)", identity=True),
+    "readout": Attr("text", _PERTURB, "the representation compared: cls or mean (of the patch tokens)", identity=True),
+    "relevance_layer": Attr("count", _PERTURB, "the 0-based block the attention maps are read at (rollout, flow: up to it)", identity=True),
+    "seed": Attr("count", _PERTURB, "the seed of the random relevance", identity=True),
+    "relevance_heads": Attr("", (), "JSON: relevance name -> the probe head file it comes from"),
+    "probe_head": Attr("", (), "the probe head whose predictions are scored (--probe), or empty", identity=True),
+    "probe_head_sha256": Attr("", (), "that head file's SHA-256, or empty", identity=True),
 }
 
 
@@ -396,6 +425,7 @@ def _attr_kinds(kind: str) -> dict[str, str]:
 FILE_ATTRS = {name: a.kind for name, a in ROOT_ATTRS.items() if a.required == _BOTH}
 CACHE_ATTRS = _attr_kinds("cache")
 METRICS_ATTRS = _attr_kinds("metrics")
+PERTURB_ATTRS = {**FILE_ATTRS, **_attr_kinds("perturb")}
 # Checked where present.
 OPTIONAL_ATTRS = {name: a.kind for name, a in ROOT_ATTRS.items() if a.kind and not a.required}
 PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -666,7 +696,7 @@ def _check_tokens(path: Path, f: h5py.File, attrs: dict[str, Any]) -> None:
         raise AttnflowError(f"{path}: dataset '{name}' holds {f[name].dtype}, but the tokens dtype is {want}")
 
 
-_KIND = {SCHEMA: "an attention cache", METRICS_SCHEMA: "a metrics file"}
+_KIND = {SCHEMA: "an attention cache", METRICS_SCHEMA: "a metrics file", PERTURB_SCHEMA: "a perturbation file"}
 
 
 class _AttnflowFile:
@@ -1232,6 +1262,72 @@ class MetricsFile(_AttnflowFile):
         return self._rows(FLOW_MAP, start, stop, None), layers
 
 
+class PerturbFile(_AttnflowFile):
+    """A finished perturbation file (``attnflow perturb``): per image, relevance map, order and fraction, the
+    cosine similarity of the perturbed representation to the clean one (and, with a probe, whether its
+    prediction is still right)."""
+
+    schema = PERTURB_SCHEMA
+    hint = " (write one with `attnflow perturb MODEL IMAGES -o OUT.h5`)"
+    attributes = PERTURB_ATTRS
+    datasets = PERTURB_DATASETS
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        try:
+            self._check_axes()
+        except BaseException:
+            self.file.close()
+            raise
+
+    @classmethod
+    def required_datasets(cls, attrs: dict[str, Any]) -> list[str]:
+        extra = [PERTURB_CORRECT, PERTURB_CLEAN_CORRECT] if attrs.get("probe_head") else []
+        return [*super().required_datasets(attrs), PERTURB_SIMILARITY, PERTURB_RELEVANCE, *extra]
+
+    def _check_axes(self) -> None:
+        """The axes of the per-image datasets agree with the attributes that name them."""
+        R, O, F = (len(self.attrs[key]) for key in ("relevance", "orders", "fractions"))
+        for name in (PERTURB_SIMILARITY, PERTURB_CORRECT):
+            if name in self.file and self.file[name].shape[1:] != (R, O, F):
+                raise AttnflowError(f"{self.path}: dataset '{name}' has shape {self.file[name].shape}, but the attributes "
+                                    f"name {R} relevance maps, {O} orders and {F} fractions")
+        if self.file[PERTURB_RELEVANCE].shape[1] != R:
+            raise AttnflowError(f"{self.path}: dataset '{PERTURB_RELEVANCE}' holds {self.file[PERTURB_RELEVANCE].shape[1]} "
+                                f"maps, the attribute 'relevance' names {R}")
+
+    @property
+    def relevance(self) -> list[str]:
+        return list(self.attrs["relevance"])
+
+    @property
+    def orders(self) -> list[str]:
+        return list(self.attrs["orders"])
+
+    @property
+    def fractions(self) -> list[float]:
+        return [float(f) for f in self.attrs["fractions"]]
+
+    @property
+    def has_accuracy(self) -> bool:
+        return PERTURB_CORRECT in self.file
+
+    def similarity(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(n, R, O, F) float32 cosine similarity of each perturbed representation to the clean one."""
+        return self._rows(PERTURB_SIMILARITY, start, stop, None)
+
+    def correct(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(correct, clean)``: (n, R, O, F) and (n,) booleans, whether the probe's prediction is right on the
+        perturbed and on the clean image (files written with ``--probe``)."""
+        self._need(PERTURB_CORRECT, "probe predictions", "attnflow perturb --probe DIR --labels-from-dirs")
+        start, stop = self._range(start, stop)
+        return self[PERTURB_CORRECT][start:stop] != 0, self[PERTURB_CLEAN_CORRECT][start:stop] != 0
+
+    def relevance_maps(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(n, R, P) float32 relevance of every patch, each map summing to 1."""
+        return self._rows(PERTURB_RELEVANCE, start, stop, None)
+
+
 # -- dimension scales ---------------------------------------------------------------------------------
 # netCDF-4's mark of a dimension scale that is only a dimension, without values of its own: xarray and netCDF
 # readers then show the dimension by name and no coordinate variable for it.
@@ -1242,7 +1338,7 @@ def _expectation(name: str) -> Expect | None:
     """What dataset ``name`` of either kind of attnflow file holds (None for a name attnflow does not write)."""
     if name.startswith(METRICS_GROUP + "/"):
         return _metric_expect(name)
-    return CACHE_DATASETS.get(name) or METRICS_DATASETS.get(name)
+    return CACHE_DATASETS.get(name) or METRICS_DATASETS.get(name) or PERTURB_DATASETS.get(name)
 
 
 def attach_dimension_scales(f: h5py.File) -> None:
@@ -1297,6 +1393,11 @@ def open_metrics(path: str | Path) -> MetricsFile:
     return MetricsFile(path)
 
 
+def open_perturbation(path: str | Path) -> PerturbFile:
+    """Open and validate a perturbation file written by ``attnflow perturb``."""
+    return PerturbFile(path)
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """Attributes, dataset shapes (and dimension names) and dimensions of any attnflow HDF5 file (for
     ``attnflow info``), also of a broken one: what validation finds wrong is said as a warning and listed
@@ -1331,7 +1432,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                 attrs[key] = _plain(f.attrs[key])
             except (OSError, TypeError, ValueError):
                 attrs[key] = "<unreadable>"
-        kind = {SCHEMA: Cache, METRICS_SCHEMA: MetricsFile}.get(attrs["schema"]) if isinstance(attrs["schema"], str) else None
+        kind = {SCHEMA: Cache, METRICS_SCHEMA: MetricsFile, PERTURB_SCHEMA: PerturbFile}.get(attrs["schema"]) if isinstance(attrs["schema"], str) else None
         if kind is not None:
             try:
                 validate(path, f, _read_attrs(path, f), kind)

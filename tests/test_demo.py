@@ -63,9 +63,17 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     result = run_cli("demo", "--out", out, "--limit", 20, "--format", "csv")
     assert result.exit_code == 0, result.stderr
     for name in ("mae.h5", "dino.h5", "random.h5", "mae_metrics.h5", "dino_metrics.h5", "random_metrics.h5", "compare.csv",
-                 "curves.png", "maps.png", "mae_probe.h5", "dino_probe.h5", "random_probe.h5", "probe.csv"):
+                 "curves.png", "maps.png", "mae_probe.h5", "dino_probe.h5", "random_probe.h5", "probe.csv",
+                 "mae_perturb.h5", "dino_perturb.h5", "perturb.csv", "perturb.png"):
         assert (out / name).is_file(), name
-    compare_part, probe_part = result.stdout.split("\nmodel,family,pool,", 1)
+    compare_part, rest = result.stdout.split("\nmodel,family,relevance,auc_positive,", 1)
+    perturb_part, probe_part = rest.split("\nmodel,family,pool,", 1)
+    areas = list(csv.DictReader(io.StringIO("model,family,relevance,auc_positive," + perturb_part)))
+    assert [(a["model"], a["relevance"]) for a in areas] == [
+        (m, r) for m in ("demo:mae", "demo:dino") for r in ("cls-attn", "rollout", "random")]
+    assert all(a["n_images"] == "20" for a in areas)
+    curves = list(csv.DictReader(io.StringIO((out / "perturb.csv").read_text())))
+    assert len(curves) == 2 * 3 * 2 * 10  # models x maps x orders x (0 and the 9 fractions)
     rows = list(csv.DictReader(io.StringIO(compare_part + "\n")))
     assert rows == list(csv.DictReader(io.StringIO((out / "compare.csv").read_text())))
     probes = list(csv.DictReader(io.StringIO("model,family,pool," + probe_part)))
