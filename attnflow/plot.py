@@ -289,15 +289,8 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         if head_maps is not None:
             panels += [MapPanel(f"head {h}", share) for h, share in enumerate(uniform_share(head_maps))]
         fg = cache.fg(index, index + 1)[0].reshape(grid) if FG in cache else None
-        path = _image_path(ids[index], a.get("working_dir", ""))
-        preprocessing = Preprocessing.from_dict(cache.preprocessing)
-        try:
-            pixels = preprocessing.transform(normalized=False)(decode_image(path, preprocessing.input_size[0]))
-        except Exception as e:  # the image moved or broke since extraction: say which
-            raise AttnflowError(f"cannot read image {path} for display: {e}") from None
-        shown = pixels.permute(1, 2, 0).numpy()
         return MapData(
-            label=a["label"], family=a["family"], image_id=ids[index], image=shown[..., 0] if shown.shape[-1] == 1 else shown,
+            label=a["label"], family=a["family"], image_id=ids[index], image=display_image(cache, ids[index]),
             layer=layer, readout=readout, attention=attention, rollout=rollout_map, heads=head_maps, fg=fg, notes=notes,
             flow=flow_map, panels=panels,
         )
@@ -347,6 +340,19 @@ def probe_head_panels(cache, index: int, heads_dir: str | Path, *, each: bool = 
         else:
             panels.append(MapPanel(name if len(maps) == 1 else f"{name}, mean of {len(maps)} queries", maps.mean(0)))
     return panels
+
+
+def display_image(cache, image_id: str) -> np.ndarray:
+    """Image ``image_id`` of ``cache`` as its model saw it (resized and cropped, not normalised): (H, W) or
+    (H, W, 3) uint8, or one line naming the file when it moved or broke since extraction."""
+    path = _image_path(image_id, cache.attrs.get("working_dir", ""))
+    preprocessing = Preprocessing.from_dict(cache.preprocessing)
+    try:
+        pixels = preprocessing.transform(normalized=False)(decode_image(path, preprocessing.input_size[0]))
+    except Exception as e:  # the image moved or broke since extraction: say which
+        raise AttnflowError(f"cannot read image {path} for display: {e}") from None
+    shown = pixels.permute(1, 2, 0).numpy()
+    return shown[..., 0] if shown.shape[-1] == 1 else shown
 
 
 def _image_path(image_id: str, working_dir: str) -> Path:
