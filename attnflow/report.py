@@ -320,8 +320,8 @@ def _dasharray(linestyle: Any) -> str:
     return " ".join(f"{1.5 * d:g}" for d in linestyle[1])
 
 
-def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: int, seed: int,
-            notes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: int, seed: int, notes: list[str],
+            progress: Callable[[], None]) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """Per head reduction, per metric, each model's curve; the summary tables; the models drawn."""
     names: set[str] = set()
     for path in metrics:
@@ -337,6 +337,7 @@ def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: i
     for reduction in FUSIONS:
         comparison = compare_files(metrics, metrics=chosen, heads=reduction, groups=groups, n_bootstrap=n_bootstrap, seed=seed)
         curves, x_label = curve_data(comparison)
+        progress()
         reductions[reduction] = {name: [{"label": c.label, "x": c.x.tolist(), "mean": _finite(c.mean), "low": _finite(c.low),
                                          "high": _finite(c.high)} for c in found] for name, found in curves.items() if found}
         if reduction == "mean":  # compare's default: the summary and the models as compare shows them
@@ -422,7 +423,7 @@ def build_report(
     labelled cache's classes, ``seed``); ``query_heads`` stores every head's query rows, not only their mean
     (H + 1 times the largest part of the page); ``probes`` are probe result CSV files shown as tables;
     ``groups``, ``n_bootstrap`` and ``seed`` are ``attnflow compare``'s. ``on_progress(done, total)`` follows
-    the reading of the maps.
+    the work: the comparisons, then the maps image by image.
     """
     output = check_output(output)
     if n_images < 1:
@@ -432,12 +433,8 @@ def build_report(
     caches, metrics = sort_inputs(files)
     probe_tables = [read_probe_table(p) for p in probes]  # before the long work: a bad file fails at once
     notes: list[str] = []
-    curves, tables, curve_models = (_curves(metrics, groups, n_bootstrap, seed, notes) if metrics
-                                    else ({"models": [], "metrics": {}, "reductions": {}, "x_label": ""}, [], []))
     ids: list[str] = []
-    models: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
-    pictures: list[list[str | None]] = []
     n_total = 0
     if caches:
         all_ids, labels, class_names, shared_notes = _common_images(caches)
@@ -445,24 +442,26 @@ def build_report(
         n_total = len(all_ids)
         chosen = sample_images(len(all_ids), n_images, labels, seed)
         ids = [all_ids[i] for i in chosen]
-        total, done = len(ids) * len(caches), [0]
-
-        def step() -> None:
-            done[0] += 1
-            if on_progress:
-                on_progress(done[0], total)
-
-        views: dict[str, int] = {}
-        models = [_model_maps(path, ids, metrics, query_heads, views, pictures, notes, step) for path in caches]
-        names = short_names(ids)
         images = [{"id": image_id, "name": name, "class": class_names[labels[i]] if labels is not None and class_names else ""}
-                  for image_id, name, i in zip(ids, names, chosen)]
-    if not models and not curve_models:
-        raise AttnflowError("nothing to report")
-    sampled = ("all" if len(ids) == n_total else
-               f"{len(ids)} sampled (seed {seed}{', stratified by class' if images and images[0]['class'] else ''})")
-    holds = [f"{len(ids)} of {n_total} images ({sampled}) from {len(models)} cache(s)" if models else "no maps (no caches given)",
-             f"curves of {len(curves['metrics'])} metrics of {len(curve_models)} model(s)" if curve_models else "no curves (no metrics files given)"]
+                  for image_id, name, i in zip(ids, short_names(ids), chosen)]
+    # progress in steps: one comparison per head reduction, then one image of one cache
+    total, done = (len(FUSIONS) if metrics else 0) + len(ids) * len(caches), [0]
+
+    def step() -> None:
+        done[0] += 1
+        if on_progress:
+            on_progress(done[0], total)
+
+    curves, tables, curve_models = (_curves(metrics, groups, n_bootstrap, seed, notes, step) if metrics
+                                    else ({"models": [], "metrics": {}, "reductions": {}, "x_label": ""}, [], []))
+    pictures: list[list[str | None]] = []
+    views: dict[str, int] = {}
+    models = [_model_maps(path, ids, metrics, query_heads, views, pictures, notes, step) for path in caches]
+    how = f"sampled with seed {seed}{', stratified by class' if images and images[0]['class'] else ''}"
+    holds = [f"maps of {len(ids)} of the {n_total} images the caches share{'' if len(ids) == n_total else f' ({how})'}, "
+             f"from {len(models)} cache(s)" if models else "no maps (no caches given)",
+             f"curves of {len(curves['metrics'])} metrics of {len(curve_models)} model(s), and the comparison summary"
+             if curve_models else "no curves (no metrics files given)"]
     data = {
         "title": "attnflow report: " + ", ".join(dict.fromkeys([m["label"] for m in models] + curve_models)),
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -316,6 +316,11 @@ def test_controls_draw_the_caches_values(page, demo_report):
     assert_shares(drawn_codes(page, 0), rows.mean(0))
     page.keyboard.press("Escape")
     assert_shares(drawn_codes(page, 0), rollout_by_hand(cache_attention(caches[0], image_id), 1, True)[2])
+    # the image list is one tab stop; the arrow keys choose the next image
+    page.locator("#image-list button").nth(image).focus()
+    page.keyboard.press("ArrowDown")
+    assert page.get_attribute("#image-list button >> nth=8", "aria-pressed") == "true"
+    assert_shares(drawn_codes(page, 1), rollout_by_hand(cache_attention(caches[1], report.image_ids[8]), 1, True)[2])
     # the image list filters by class
     page.fill("#image-search", "sandal")
     shown = page.locator("#image-list button:visible")
