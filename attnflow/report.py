@@ -335,7 +335,12 @@ def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: i
     models: list[dict[str, Any]] = []
     x_label = ""
     for reduction in FUSIONS:
-        comparison = compare_files(metrics, metrics=chosen, heads=reduction, groups=groups, n_bootstrap=n_bootstrap, seed=seed)
+        # the head reduction changes only head-level metrics: the others are compared once, with the mean
+        names = chosen if reduction == "mean" else [name for name in chosen if REGISTRY[name].level == "head"]
+        if not names:
+            progress()
+            continue
+        comparison = compare_files(metrics, metrics=names, heads=reduction, groups=groups, n_bootstrap=n_bootstrap, seed=seed)
         curves, x_label = curve_data(comparison)
         progress()
         reductions[reduction] = {name: [{"label": c.label, "x": c.x.tolist(), "mean": _finite(c.mean), "low": _finite(c.low),
@@ -352,7 +357,7 @@ def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: i
                 tables.append({"title": f"{title(a)} vs {title(b)} (heads: mean; {', '.join(sorted({str(r['layer']) for r in records}))} layer)",
                                "columns": list(columns), "rows": [[format_cell(r.get(c, "")) for c in columns] for r in rows]})
     metric_info = {name: {"y_label": REGISTRY[name].y_label, "level": REGISTRY[name].level} for name in chosen
-                   if any(name in reductions[r] for r in reductions)}
+                   if name in reductions["mean"]}
     return {"x_label": x_label, "metrics": metric_info, "reductions": reductions, "models": models}, tables, [m["label"] for m in models]
 
 

@@ -339,6 +339,15 @@ def test_curves_plot_the_metrics_means(page, demo_report):
         ys = page.eval_on_selector_all(f'#curve-plot g[data-model="{label}"] circle', "cs => cs.map(c => Number(c.getAttribute('cy')))")
         plotted = low + (pixel_bottom - np.array(ys)) / (pixel_bottom - pixel_top) * (high - low)
         np.testing.assert_allclose(plotted, want, rtol=1e-9, atol=1e-12)
+    # heads reduced by their max first; a layer-level metric is the same under every reduction
+    page.select_option("#reduction", "max")
+    for name, reduce in (("cls_entropy_norm", lambda v: v.max(-1)), ("rollout_entropy_norm", lambda v: v)):
+        page.select_option("#metric", name)
+        pixel_bottom, pixel_top, low, high = map(float, page.get_attribute("#curve-plot", "data-y-axis").split())
+        with h5py.File(metrics[1], "r") as f:
+            want = np.nanmean(reduce(f[f"metrics/{name}"][()].astype(np.float64)), axis=0)
+        ys = page.eval_on_selector_all('#curve-plot g[data-model="demo:dino"] circle', "cs => cs.map(c => Number(c.getAttribute('cy')))")
+        np.testing.assert_allclose(low + (pixel_bottom - np.array(ys)) / (pixel_bottom - pixel_top) * (high - low), want, rtol=1e-9)
     page.locator("#legend button", has_text="demo:mae").click()  # hides that model
     assert page.locator("#curve-plot g[data-model]").count() == 1
     assert page.get_attribute("#legend button >> nth=0", "aria-pressed") == "false"
