@@ -26,7 +26,7 @@ from .capture import MAGNITUDE_UPDATES
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EP_QUERIES, EVALUATORS, POOLS
 from .render import Format, Table
-from .report import DEFAULT_IMAGES as REPORT_IMAGES
+from .options import REPORT_IMAGES
 
 app = typer.Typer(
     name="attnflow",

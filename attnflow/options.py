@@ -22,6 +22,7 @@ from .capture import MAGNITUDE_UPDATES, resolve_blocks
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, ArtifactRule
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+REPORT_IMAGES = 24  # attnflow report --images: a sample of maps that opens quickly (here: the CLI reads it without importing the report)
 
 
 def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -44,12 +44,12 @@ from .compare import DEFAULT_GROUPS, compare_files, summary_table
 from .errors import AttnflowError, OptionError
 from .families import get_family, title
 from .metrics import FUSIONS, REGISTRY, renormalise_over_patches, rollout
+from .options import REPORT_IMAGES
 from .plot import MAP_COLORMAP, SHARE_LABEL, _family_colours, curve_data, display_image, shared_scale
 from .render import format_cell
 from .schema import FG, METRICS_SCHEMA, SCHEMA, file_attrs, open_hdf5
 from .version import __version__
 
-DEFAULT_IMAGES = 24  # a sample that opens quickly; --images sets it
 SUFFIXES = (".html", ".htm")
 LEVELS = 256  # one byte per stored map value
 SCALE = shared_scale([], "log")  # the fixed log colour scale of attnflow plot maps: 1/8 to 16 uniform shares
@@ -415,7 +415,7 @@ def build_report(
     output: str | Path,
     *,
     probes: Sequence[str | Path] = (),
-    n_images: int = DEFAULT_IMAGES,
+    n_images: int = REPORT_IMAGES,
     query_heads: bool = False,
     groups: str | Sequence[str] = DEFAULT_GROUPS,
     n_bootstrap: int = 2000,
