@@ -26,7 +26,7 @@ from .capture import MAGNITUDE_UPDATES
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EP_QUERIES, EVALUATORS, POOLS
 from .render import Format, Table
-from .options import REPORT_IMAGES
+from .options import QUERY_ROWS, REPORT_IMAGES
 
 app = typer.Typer(
     name="attnflow",
@@ -55,6 +55,7 @@ Decode = _choices("Decode", DECODE_MODES)
 Pool = _choices("Pool", POOLS)
 Evaluator = _choices("Evaluator", EVALUATORS)
 InfoFormat = _choices("InfoFormat", ("table", "json"))
+QueryRows = _choices("QueryRows", QUERY_ROWS)
 
 
 MAX_BOOTSTRAP = 100_000  # plenty for percentile CIs; more only exhausts memory (compare) or time (probe)
@@ -582,7 +583,7 @@ def report_command(
     output: Path = typer.Option(..., "-o", "--output", help="The page to write (.html): one file, opened offline from disk."),
     images: int = typer.Option(REPORT_IMAGES, "--images", min=1, help="Images whose maps the page holds, sampled reproducibly (--seed) from those all caches share, stratified by class when they have labels; 100 demo images make about 6 MB."),
     probe: List[Path] = typer.Option([], "--probe", help="A probe results CSV (attnflow probe -f csv -o FILE, or the demo's probe.csv) to show as a table (repeatable)."),
-    query_heads: bool = typer.Option(False, "--query-heads", help="Store every head's query rows for the query view, not only their mean (the largest part of the page grows heads + 1 times)."),
+    query_rows: QueryRows = typer.Option(QueryRows("mean"), "--query-rows", help="Every patch's own attention rows stored for the query view (P x P values per image and block, most of the page): their head mean, every head's as well (heads + 1 times as many), or none (hovering then only reads the map)."),
     groups: str = typer.Option("mim,jea", "--groups", help="The summary table, as compare's --groups: two families A,B, or all."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the curves' bands and the summary."),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the image sample and the bootstrap (a non-negative integer)."),
@@ -603,7 +604,7 @@ def report_command(
                         console=console, disable=not console.is_terminal, transient=True)
     with progress:
         task = progress.add_task("report", total=None)
-        report = build_report(files, output, probes=probe, n_images=images, query_heads=query_heads, groups=groups,
+        report = build_report(files, output, probes=probe, n_images=images, query_rows=query_rows.value, groups=groups,
                               n_bootstrap=bootstrap, seed=seed,
                               on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     _print_notes(report.notes)

@@ -8,7 +8,7 @@ policy forbids every request. It holds
   :func:`attnflow.compare.compare_files`, one comparison per reduction);
 * the maps of a sample of images from the caches: per block, the readout attention per head and its head mean,
   the rollout, the flow where a metrics file of the same model stores it, and every patch's own attention row
-  (the query view; its head mean, or every head with ``query_heads``), with the object mask where the cache
+  (the query view: their head mean, every head's too, or none, by ``query_rows``), with the object mask where the cache
   has one, the image as each model saw it beside them;
 * the comparison summary as ``attnflow compare`` prints it, and the tables of probe result files.
 
@@ -44,7 +44,7 @@ from .compare import DEFAULT_GROUPS, compare_files, summary_table
 from .errors import AttnflowError, OptionError
 from .families import get_family, title
 from .metrics import FUSIONS, REGISTRY, renormalise_over_patches, rollout
-from .options import REPORT_IMAGES
+from .options import QUERY_ROWS, REPORT_IMAGES
 from .plot import MAP_COLORMAP, SHARE_LABEL, _family_colours, curve_data, display_image, shared_scale
 from .render import format_cell
 from .schema import FG, METRICS_SCHEMA, SCHEMA, file_attrs, open_hdf5
@@ -207,7 +207,7 @@ def _flow_source(attrs: dict[str, Any], ids: Sequence[str], metrics: Sequence[Pa
     return None
 
 
-def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_heads: bool, views: dict[str, int],
+def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_rows: str, views: dict[str, int],
                 pictures: list[list[str | None]], notes: list[str], progress: Callable[[], None]) -> dict[str, Any]:
     """One cache's part of the page: its description, its maps of images ``ids`` quantised, its pictures."""
     with open_cache(path) as cache:
@@ -220,7 +220,8 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_h
         n = len(ids)
         attention = np.zeros((n, L, H + 1, P), np.uint8) if store != "none" else None  # heads, then their mean
         roll = np.zeros((n, L, P), np.uint8) if store == "full" else None
-        query = np.zeros((n, L, H + 1 if query_heads else 1, P, P), np.uint8) if store == "full" else None
+        query_heads = query_rows == "heads"
+        query = np.zeros((n, L, H + 1 if query_heads else 1, P, P), np.uint8) if store == "full" and query_rows != "none" else None
         fg = np.zeros((n, P), np.uint8) if FG in cache else None
         if store == "none":
             notes.append(f"{a['label']}: the cache holds no maps (store=none); the page shows only its curves")
@@ -240,8 +241,9 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_h
                 patch_rows = renormalise_over_patches(maps[..., p:, :], layout)  # (B, L, H, P, P): each patch's row
                 per_head = renormalise_over_patches(maps[..., 0, :], layout) if layout.has_cls else patch_rows.mean(-2)
                 roll[batch] = quantise_share(rollout(maps, layout).numpy() * P)
-                chosen = patch_rows if query_heads else patch_rows[:, :, :0]
-                query[batch] = quantise_share(torch.cat([chosen, patch_rows.mean(2, keepdim=True)], 2).numpy() * P)
+                if query is not None:
+                    chosen = patch_rows if query_heads else patch_rows[:, :, :0]
+                    query[batch] = quantise_share(torch.cat([chosen, patch_rows.mean(2, keepdim=True)], 2).numpy() * P)
             elif store == "rows":
                 rows = np.stack([cache.prefix_rows(i, i + 1)[0, :, :, 0, :] for i in indices[batch]])  # (B, L, H, T)
                 per_head = renormalise_over_patches(torch.from_numpy(rows), layout)
@@ -274,7 +276,7 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_h
         return {
             "label": a["label"], "family": a["family"], "family_title": title(a["family"]), "path": str(path),
             "layers": L, "heads": H, "grid": list(layout.grid_size), "readout": readout, "store": store,
-            "query_heads": bool(query_heads), "flow_layers": flow_layers, "view": view, "arrays": arrays,
+            "query_rows": query_rows, "flow_layers": flow_layers, "view": view, "arrays": arrays,
         }
 
 
@@ -416,7 +418,7 @@ def build_report(
     *,
     probes: Sequence[str | Path] = (),
     n_images: int = REPORT_IMAGES,
-    query_heads: bool = False,
+    query_rows: str = "mean",
     groups: str | Sequence[str] = DEFAULT_GROUPS,
     n_bootstrap: int = 2000,
     seed: int = 0,
@@ -425,14 +427,17 @@ def build_report(
     """Write the report page of ``files`` (attention caches and metrics files, in any order) to ``output``.
 
     ``n_images`` images common to the caches are sampled (:func:`sample_images`, stratified by the first
-    labelled cache's classes, ``seed``); ``query_heads`` stores every head's query rows, not only their mean
-    (H + 1 times the largest part of the page); ``probes`` are probe result CSV files shown as tables;
+    labelled cache's classes, ``seed``); ``query_rows`` says which rows of every patch the page stores for the query
+    view (:data:`QUERY_ROWS`: their head ``mean``, every head's as well, H + 1 times as many, or ``none``; P x P
+    values per image and block, the largest part of a page); ``probes`` are probe result CSV files shown as tables;
     ``groups``, ``n_bootstrap`` and ``seed`` are ``attnflow compare``'s. ``on_progress(done, total)`` follows
     the work: the comparisons, then the maps image by image.
     """
     output = check_output(output)
     if n_images < 1:
         raise OptionError("--images", f"takes a positive number of images, not {n_images}")
+    if query_rows not in QUERY_ROWS:
+        raise OptionError("--query-rows", f"choose from {', '.join(QUERY_ROWS)}, not '{query_rows}'")
     if not files:
         raise AttnflowError("give attention caches and/or metrics files")
     caches, metrics = sort_inputs(files)
@@ -461,7 +466,7 @@ def build_report(
                                     else ({"models": [], "metrics": {}, "reductions": {}, "x_label": ""}, [], []))
     pictures: list[list[str | None]] = []
     views: dict[str, int] = {}
-    models = [_model_maps(path, ids, metrics, query_heads, views, pictures, notes, step) for path in caches]
+    models = [_model_maps(path, ids, metrics, query_rows, views, pictures, notes, step) for path in caches]
     how = f"sampled with seed {seed}{', stratified by class' if images and images[0]['class'] else ''}"
     holds = [f"maps of {len(ids)} of the {n_total} images the caches share{'' if len(ids) == n_total else f' ({how})'}, "
              f"from {len(models)} cache(s)" if models else "no maps (no caches given)",

@@ -131,14 +131,15 @@ def test_sample_is_stratified_and_reproducible():
 
 @pytest.mark.filterwarnings("ignore:the model has no cls token")
 def test_layouts_flow_and_every_heads_query_rows(tmp_path):
-    """A model without cls (mean patch row readout), a rows-only cache, flow from a metrics file, --query-heads."""
+    """A model without cls (mean patch row readout), a rows-only cache, flow from a metrics file, every head's query
+    rows, and none."""
     images, masks = write_mask_case(tmp_path)
     paths = list_images([str(images)])
     gap, rows = tmp_path / "gap.h5", tmp_path / "rows.h5"
     extract(tiny("registers_no_cls"), paths, gap, dtype="float32", workers=0)
     extract(tiny("registers"), paths, rows, store="rows", workers=0)
     compute_metrics(gap, tmp_path / "gap_m.h5", flow=True, flow_layers=(0,))
-    report = build_report([gap, rows, tmp_path / "gap_m.h5"], tmp_path / "r.html", query_heads=True, n_bootstrap=20)
+    report = build_report([gap, rows, tmp_path / "gap_m.h5"], tmp_path / "r.html", query_rows="heads", n_bootstrap=20)
     data = page_data(report.path)
     gap_model, rows_model = data["models"]
     with h5py.File(gap, "r") as f:
@@ -153,6 +154,8 @@ def test_layouts_flow_and_every_heads_query_rows(tmp_path):
     assert_shares(unpack(gap_model["arrays"]["flow"]), flow)
     assert gap_model["flow_layers"] == [0] and gap_model["readout"] == "mean patch row"
     assert set(rows_model["arrays"]) == {"attention"} and any("no rollout" in n for n in data["notes"])
+    without = page_data(build_report([gap], tmp_path / "none.html", query_rows="none").path)["models"][0]
+    assert set(without["arrays"]) == {"attention", "rollout"}
 
 
 def test_page_text_cannot_end_its_script(tmp_path):
