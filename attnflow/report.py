@@ -47,7 +47,7 @@ from .metrics import FUSIONS, REGISTRY, renormalise_over_patches, rollout
 from .options import QUERY_ROWS, REPORT_IMAGES
 from .plot import MAP_COLORMAP, SHARE_LABEL, _family_colours, curve_data, display_image, shared_scale
 from .render import format_cell
-from .schema import FG, METRICS_SCHEMA, SCHEMA, file_attrs, open_hdf5
+from .schema import FG, FLOW_MAP, METRICS_SCHEMA, SCHEMA, file_attrs, open_hdf5
 from .version import __version__
 
 SUFFIXES = (".html", ".htm")
@@ -68,11 +68,6 @@ def quantise_share(share: np.ndarray) -> np.ndarray:
     return np.rint(fraction * (LEVELS - 1)).astype(np.uint8)
 
 
-def dequantise_share(codes: np.ndarray) -> np.ndarray:
-    """uint8 codes -> the uniform shares they stand for (the inverse of :func:`quantise_share` on the scale)."""
-    return SCALE.vmin * (SCALE.vmax / SCALE.vmin) ** (np.asarray(codes, np.float64) / (LEVELS - 1))
-
-
 @dataclass
 class Report:
     """What :func:`build_report` wrote."""
@@ -85,7 +80,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-Progress = Callable[[int, int], None]
+OnProgress = Callable[[int, int], None]
 
 
 def check_output(output: str | Path) -> Path:
@@ -201,7 +196,7 @@ def _flow_source(attrs: dict[str, Any], ids: Sequence[str], metrics: Sequence[Pa
     for path in metrics:
         with open_metrics(path) as mf:
             a = mf.attrs
-            if (a.get("label"), a.get("family")) == (attrs.get("label"), attrs.get("family")) and "flow/map" in mf \
+            if (a.get("label"), a.get("family")) == (attrs.get("label"), attrs.get("family")) and FLOW_MAP in mf \
                     and set(ids) <= set(mf.image_ids):
                 return path
     return None
@@ -422,7 +417,7 @@ def build_report(
     groups: str | Sequence[str] = DEFAULT_GROUPS,
     n_bootstrap: int = 2000,
     seed: int = 0,
-    on_progress: Progress | None = None,
+    on_progress: OnProgress | None = None,
 ) -> Report:
     """Write the report page of ``files`` (attention caches and metrics files, in any order) to ``output``.
 
