@@ -170,12 +170,6 @@ def _packed(codes: np.ndarray) -> dict[str, Any]:
     return {"shape": list(data.shape), "deflate_base64": base64.b64encode(zlib.compress(data.tobytes(), 9)).decode("ascii")}
 
 
-def unpack(array: dict[str, Any]) -> np.ndarray:
-    """The inverse of the page's packing of a uint8 array (for checks of a page from Python)."""
-    raw = zlib.decompress(base64.b64decode(array["deflate_base64"]))
-    return np.frombuffer(raw, dtype=np.uint8).reshape(array["shape"])
-
-
 def _picture(pixels: np.ndarray) -> str:
     """An image as a data: URI, shrunk to :data:`PICTURE_MAX_SIDE`: PNG or JPEG, whichever is smaller."""
     image = Image.fromarray(pixels)

@@ -5,10 +5,12 @@ Every expected value is computed here from the HDF5 files with h5py and numpy, n
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import h5py
@@ -21,7 +23,7 @@ from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.measure import compute_metrics
 from attnflow.models import build_model
-from attnflow.report import build_report, sample_images, unpack
+from attnflow.report import build_report, sample_images
 from test_extract import tiny
 from test_measure import write_mask_case
 
@@ -37,6 +39,11 @@ def page_data(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     found = re.search(r'<script type="application/json" id="attnflow-data">(.*?)</script>', text, re.S)
     return json.loads(found.group(1))
+
+
+def unpack(array: dict) -> np.ndarray:
+    """A stored array of the page: base64 of the deflated uint8 values in C order, with its shape."""
+    return np.frombuffer(zlib.decompress(base64.b64decode(array["deflate_base64"])), np.uint8).reshape(array["shape"])
 
 
 def decoded(codes: np.ndarray) -> np.ndarray:
