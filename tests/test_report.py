@@ -361,3 +361,37 @@ def test_curves_plot_the_metrics_means(page, demo_report):
     page.locator("#legend button", has_text="demo:mae").click()  # hides that model
     assert page.locator("#curve-plot g[data-model]").count() == 1
     assert page.get_attribute("#legend button >> nth=0", "aria-pressed") == "false"
+
+
+def test_other_layouts_in_the_browser(browser, tmp_path):
+    """A model without cls (4 x 4 patches) beside a rows-only cache with registers (2 x 2): the readouts are the
+    cache's, and hovering gives the query view where the page has patch rows and says why not where it has none."""
+    images, _ = write_mask_case(tmp_path)
+    paths = list_images([str(images)])
+    gap, rows = tmp_path / "gap.h5", tmp_path / "rows.h5"
+    extract(tiny("registers_no_cls"), paths, gap, dtype="float32", workers=0)
+    extract(tiny("registers"), paths, rows, store="rows", dtype="float32", workers=0)
+    report = build_report([gap, rows], tmp_path / "r.html", query_rows="heads")
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(report.path.as_uri())
+    page.wait_for_selector("body[data-ready=true]", state="attached", timeout=30_000)
+    image_id = report.image_ids[1]
+    page.locator("#image-list button").nth(1).click()
+    page.select_option("#layer", "0")
+    page.select_option("#head", "2")
+    with h5py.File(gap, "r") as f:
+        attn = f["attn"][[i.decode() for i in f["image_ids"][()]].index(image_id)].astype(np.float64)  # (L, H, T, T)
+    with h5py.File(rows, "r") as f:
+        cls_rows = f["attn_rows"][[i.decode() for i in f["image_ids"][()]].index(image_id)].astype(np.float64)  # (L, H, 5, T)
+    assert_shares(drawn_codes(page, 0), over_patches(attn[0, 2, 4:], 4).mean(0))  # the mean patch row of head 2
+    assert_shares(drawn_codes(page, 1), over_patches(cls_rows[0, 2, 0], 5))
+    box = page.locator(".map").nth(0).bounding_box()
+    page.mouse.move(box["x"] + 2.5 * box["width"] / 4, box["y"] + 1.5 * box["height"] / 4)  # patch (1, 2)
+    assert_shares(drawn_codes(page, 0), over_patches(attn[0, 2, 4 + 1 * 4 + 2], 4))  # that patch's row, head 2
+    assert "No query view: the cache keeps no patch rows (store=rows)" in page.locator(".caption").nth(1).inner_text()
+    assert_shares(drawn_codes(page, 1), over_patches(cls_rows[0, 2, 0], 5))  # the readout stays
+    assert errors == []
+    page.close()
