@@ -29,6 +29,7 @@ from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
 from .probe import EP_QUERIES, EVALUATORS, POOLS
 from .registry import Y_SHARING
 from .render import Format, Table
+from .options import QUERY_ROWS, REPORT_IMAGES
 
 app = typer.Typer(
     name="attnflow",
@@ -59,6 +60,7 @@ Pool = _choices("Pool", POOLS)
 Evaluator = _choices("Evaluator", EVALUATORS)
 InfoFormat = _choices("InfoFormat", ("table", "json"))
 ShareY = _choices("ShareY", Y_SHARING)
+QueryRows = _choices("QueryRows", QUERY_ROWS)
 
 
 MAX_BOOTSTRAP = 100_000  # plenty for percentile CIs; more only exhausts memory (compare) or time (probe)
@@ -807,6 +809,40 @@ def plot_perturb_command(
     path, summary = plot_perturbation(files, output, n_bootstrap=bootstrap, seed=seed)
     _print_notes(summary.notes)
     _stderr_console().print(f"attnflow: wrote {path}", markup=False)
+
+@app.command("report")
+def report_command(
+    files: List[Path] = typer.Argument(..., help="Attention caches (maps) and metrics files (curves, summary), one model each, in any order."),
+    output: Path = typer.Option(..., "-o", "--output", help="The page to write (.html): one file, opened offline from disk."),
+    images: int = typer.Option(REPORT_IMAGES, "--images", min=1, help="Images whose maps the page holds, sampled reproducibly (--seed) from those all caches share, stratified by class when they have labels; 100 demo images make about 6 MB."),
+    probe: List[Path] = typer.Option([], "--probe", help="A probe results CSV (attnflow probe -f csv -o FILE, or the demo's probe.csv) to show as a table (repeatable)."),
+    query_rows: QueryRows = typer.Option(QueryRows("mean"), "--query-rows", help="Every patch's own attention rows stored for the query view (P x P values per image and block, most of the page): their head mean, every head's as well (heads + 1 times as many), or none (hovering then only reads the map)."),
+    groups: str = typer.Option("mim,jea", "--groups", help="The summary table, as compare's --groups: two families A,B, or all."),
+    bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the curves' bands and the summary."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the image sample and the bootstrap (a non-negative integer)."),
+) -> None:
+    """Write one self-contained HTML page to explore the models' attention: curves, maps, tables.
+
+    Curves of every metric per block with 95% bands (from metrics files); maps of a sample of images per block, head and readout, and each patch's own attention row on hover (from caches); the comparison summary and probe tables. Everything is inside the file: it opens offline.
+
+    Example: attnflow report mae.h5 dino.h5 mae_metrics.h5 dino_metrics.h5 -o report.html --images 100
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .report import build_report, check_output
+
+    check_output(output)
+    console = _stderr_console()
+    progress = Progress(TextColumn("report"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=not console.is_terminal, transient=True)
+    with progress:
+        task = progress.add_task("report", total=None)
+        report = build_report(files, output, probes=probe, n_images=images, query_rows=query_rows.value, groups=groups,
+                              n_bootstrap=bootstrap, seed=seed,
+                              on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    _print_notes(report.notes)
+    console.print(f"attnflow: wrote {report.path} ({report.size_bytes / 1e6:.1f} MB): maps of {len(report.image_ids)} images "
+                  f"from {len(report.models)} model(s), curves of {len(report.curve_models)}", markup=False)
 
 
 @app.command()

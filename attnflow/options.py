@@ -22,6 +22,9 @@ from .capture import MAGNITUDE_UPDATES, resolve_blocks
 from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, ArtifactRule
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# attnflow report's options, here so that the CLI reads them without importing the report:
+REPORT_IMAGES = 24  # --images: a sample of maps that opens quickly
+QUERY_ROWS = ("mean", "heads", "none")  # --query-rows: which of every patch's own rows the page stores for the query view
 
 
 def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:

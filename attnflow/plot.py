@@ -389,21 +389,8 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
             panels += [MapPanel(f"head {h}", share) for h, share in enumerate(uniform_share(head_maps))]
         fg = cache.fg(index, index + 1)[0].reshape(grid) if FG in cache else None
         path = _image_path(ids[index], a.get("working_dir", ""))
-        preprocessing = Preprocessing.from_dict(cache.preprocessing)
-        try:
-            data = read_image_file(path)
-            decoded = decode_image(path, preprocessing.input_size[0], data)
-            preprocessing.check_size(*decoded.size)
-            pixels = preprocessing.transform(normalized=False)(decoded)
-        except Exception as e:  # the image moved or broke since extraction: say which
-            raise AttnflowError(f"cannot read image {path} for display: {e}") from None
-        digests = cache.image_digests
-        if digests is not None and content_digest(data) != digests[index]:
-            raise AttnflowError(f"image {path} has changed since {cache.path} was extracted (its content differs): "
-                                "its maps would be drawn over another picture; restore it or extract again")
-        shown = pixels.permute(1, 2, 0).numpy()
         return MapData(
-            label=a["label"], family=a["family"], image_id=ids[index], image_path=path, image=shown[..., 0] if shown.shape[-1] == 1 else shown,
+            label=a["label"], family=a["family"], image_id=ids[index], image_path=path, image=display_image(cache, ids[index]),
             layer=layer, readout=readout, attention=attention, rollout=rollout_map, heads=head_maps, fg=fg, notes=notes,
             flow=flow_map, panels=panels,
         )
@@ -453,6 +440,26 @@ def probe_head_panels(cache, index: int, heads_dir: str | Path, *, each: bool = 
         else:
             panels.append(MapPanel(name if len(maps) == 1 else f"{name}, mean of {len(maps)} queries", maps.mean(0)))
     return panels
+
+
+def display_image(cache, image_id: str) -> np.ndarray:
+    """Image ``image_id`` of ``cache`` as its model saw it (resized and cropped, not normalised): (H, W) or
+    (H, W, 3) uint8, or one line naming the file when it moved or broke since extraction."""
+    path = _image_path(image_id, cache.attrs.get("working_dir", ""))
+    preprocessing = Preprocessing.from_dict(cache.preprocessing)
+    try:
+        data = read_image_file(path)
+        decoded = decode_image(path, preprocessing.input_size[0], data)
+        preprocessing.check_size(*decoded.size)
+        pixels = preprocessing.transform(normalized=False)(decoded)
+    except Exception as e:  # the image moved or broke since extraction: say which
+        raise AttnflowError(f"cannot read image {path} for display: {e}") from None
+    digests = cache.image_digests
+    if digests is not None and content_digest(data) != digests[cache.image_ids.index(image_id)]:
+        raise AttnflowError(f"image {path} has changed since {cache.path} was extracted (its content differs): "
+                            "its maps would be drawn over another picture; restore it or extract again")
+    shown = pixels.permute(1, 2, 0).numpy()
+    return shown[..., 0] if shown.shape[-1] == 1 else shown
 
 
 def _image_path(image_id: str, working_dir: str) -> Path:
