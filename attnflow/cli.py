@@ -180,6 +180,21 @@ def _refuse_copies(paths: Sequence[Path]) -> None:
             seen[digest] = path
 
 
+def _input_images(images: Sequence[str], limit: Optional[int], console) -> list[Path]:
+    """The images a command reads: the files and folders given (or - for stdin), duplicates dropped with a
+    note, the first ``limit``; none at all is an error."""
+    from .images import list_images
+
+    paths = list_images(
+        images, on_duplicates=lambda n: console.print(f"attnflow: note: {n} duplicate input path{'s' if n > 1 else ''} dropped", markup=False)
+    )
+    if limit is not None:
+        paths = paths[:limit]
+    if not paths:
+        raise AttnflowError("no images found in " + " ".join(images))
+    return paths
+
+
 def _print_notes(notes) -> None:
     """Notes a command's result carries, printed as the CLI prints every :class:`AttnflowNote`."""
     for note in notes:
@@ -236,7 +251,7 @@ def extract(
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on the GPU; attention is still captured in float32."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch's forward pass (default: the cores the decoding workers leave, at least 1; OMP_NUM_THREADS when set)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch's forward pass (default: every core, whatever --workers, so that the bits do not depend on it; OMP_NUM_THREADS when set; 1 is often faster on a busy machine)."),
     crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
     interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
     preprocess: Preprocess = typer.Option(Preprocess("timm"), help="timm: each model's own eval config; beyond-cls: the Beyond [cls] paper's Resize 256 (bicubic), CenterCrop 224, ImageNet mean/std for every model (built at 224)."),
@@ -260,7 +275,7 @@ def extract(
     from .extract import default_workers, extract as run_extract, size_notes, time_note
     from .threads import set_threads
     from .decode import check_decode_device
-    from .images import build_size, list_images
+    from .images import build_size
     from .models import build_model
     from .options import ExtractOptions, StoreOptions, resolve_device
 
@@ -283,13 +298,7 @@ def extract(
         raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
     check_decode_device(decode.value, device)  # before --device's own check: without CUDA it is --decode's usage error
     resolve_device(device)
-    paths = list_images(
-        images, on_duplicates=lambda n: console.print(f"attnflow: note: {n} duplicate input path{'s' if n > 1 else ''} dropped", markup=False)
-    )
-    if limit is not None:
-        paths = paths[:limit]
-    if not paths:
-        raise AttnflowError("no images found in " + " ".join(images))
+    paths = _input_images(images, limit, console)
     loaded = build_model(
         model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key, random_init=random_init,
         trust_checkpoint=trust_checkpoint, family=family.value if family else None, label=label,
@@ -491,6 +500,7 @@ def demo(
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo run."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Also probe cls against selective pooling on the 5,000 held-out probe images shipped with the demo."),
+    probe_images: Optional[int] = typer.Option(None, "--probe-images", min=20, max=5000, help="Probe on fewer of the held-out images (the same number of each of the 10 classes; default all 5,000)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch (default: all cores for the models, 1 for the probe heads; OMP_NUM_THREADS when set)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stage lines and no progress bars (the tables and the summary line stay)."),
     perturb: bool = typer.Option(True, "--perturb/--no-perturb", help="Also draw perturbation curves (attnflow perturb: cls-attn, rollout, random) of both models on the demo images."),
@@ -514,6 +524,7 @@ def demo(
                 progress.console.print(f"attnflow: demo: {text}", markup=False)
 
         run = run_demo(out, limit=limit, overwrite=overwrite, device=device, probe=probe, perturb=perturb, threads=threads,
+                       probe_images=probe_images,
                        on_stage=on_stage, on_progress=StepProgress(progress))
     _print_notes(run.comparison.notes)
     _deliver(run.comparison, format)
@@ -678,7 +689,7 @@ def perturb_command(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .images import build_size, list_images
+    from .images import build_size
     from .models import build_model
     from .options import resolve_device
     from .perturb import DEFAULT_RELEVANCE, PerturbationOptions, PerturbOptions, perturb, summarize
@@ -699,13 +710,7 @@ def perturb_command(
     if checkpoint_key is not None and checkpoint is None:
         raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
     resolve_device(device)
-    paths = list_images(
-        images, on_duplicates=lambda n: console.print(f"attnflow: note: {n} duplicate input path{'s' if n > 1 else ''} dropped", markup=False)
-    )
-    if limit is not None:
-        paths = paths[:limit]
-    if not paths:
-        raise AttnflowError("no images found in " + " ".join(images))
+    paths = _input_images(images, limit, console)
     _check_output(output, paths)
     loaded = build_model(
         model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key, random_init=random_init,

@@ -87,6 +87,7 @@ def run_demo(
     n_bootstrap: int = 2000,
     probe: bool = True,
     perturb: bool = True,
+    probe_images: int | None = None,
     threads: int | None = None,
     on_stage: Callable[[str], None] | None = None,
     on_progress: OnProgress | None = None,
@@ -94,7 +95,7 @@ def run_demo(
     """Extract (with masks and labels, metrics streamed) -> compare, for the shipped models and the untrained
     reference; with ``perturb``, perturbation curves of the trained models on the same images (cls-attn,
     rollout, random; drop mode); then, with ``probe``, extract tokens of the 5,000 probe images and compare
-    cls with selective pooling.
+    cls with selective pooling (``probe_images``: fewer of them, the same number per class).
 
     ``on_stage`` hears each stage's name as it starts, ``on_progress`` the progress within it (extraction by
     image, probes by epoch). torch's threads follow :mod:`attnflow.threads` (``threads`` overrides it) while
@@ -127,6 +128,7 @@ def run_demo(
     probe_csv, probe_records = None, None
     if probe:
         probe_csv, probe_records = _run_probe(out, overwrite=overwrite, device=device, workers=workers, threads=threads,
+                                              limit=probe_images,
                                               stage=stage, on_progress=on_progress)
     stage("drawing figures")
     figures = []
@@ -184,12 +186,24 @@ def demo_disk_use(run: DemoRun) -> str:
     return text
 
 
-def write_probe_images(folder: Path) -> list[Path]:
-    """The shipped probe images (``probe_images.npz``) as PNG files in class folders."""
+PROBE_IMAGES = 5000  # all the shipped probe images, 500 per class
+
+
+def write_probe_images(folder: Path, limit: int | None = None) -> list[Path]:
+    """The shipped probe images (``probe_images.npz``) as PNG files in class folders; ``limit`` takes the first
+    ``limit // classes`` of every class (the same images whatever else is asked)."""
     with np.load(demo_data_dir() / "probe_images.npz") as data:
         images, labels, names = data["images"], data["labels"], [str(n) for n in data["class_names"]]
+    keep = np.ones(len(labels), bool)
+    if limit is not None:
+        rank = np.zeros(len(labels), int)  # each image's position within its class
+        for c in range(len(names)):
+            rank[labels == c] = np.arange(int((labels == c).sum()))
+        keep = rank < max(1, limit // len(names))
     paths = []
     for i, (image, label) in enumerate(zip(images, labels)):
+        if not keep[i]:
+            continue
         path = folder / names[label] / f"probe_{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image, mode="L").save(path)
@@ -203,9 +217,9 @@ def _images_progress(on_progress: OnProgress | None, step: str):
 
 
 def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, threads: int | None, stage,
-               on_progress: OnProgress | None) -> tuple[Path, list]:
+               on_progress: OnProgress | None, limit: int | None = None) -> tuple[Path, list]:
     stage(f"writing the probe images (PNG, into {out / 'probe_images'})")
-    paths = write_probe_images(out / "probe_images")
+    paths = write_probe_images(out / "probe_images", limit)
     caches, store = [], "rows"  # the cls rows the attention pools need; rollout pooling would need full maps
     for name in DEMO_MODELS:
         stage(f"extracting {name} probe images ({len(paths):,}, tokens kept)")

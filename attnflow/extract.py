@@ -113,6 +113,19 @@ def _size(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def report_failures(batch: ImageBatch, path_texts: Sequence[str], start: int, strict: bool,
+                    on_skip: Callable[[str, str], None] | None) -> list[tuple[str, str]]:
+    """The batch's images that could not be read, as (path, reason): an error under ``strict``, else each
+    handed to ``on_skip`` and returned to be recorded as skipped."""
+    skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
+    for path, reason in skipped:
+        if strict:
+            raise AttnflowError(f"cannot decode {path}: {reason}")
+        if on_skip:
+            on_skip(path, reason)
+    return skipped
+
+
 def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
@@ -188,7 +201,15 @@ class BackgroundWriter:
 
     def join(self) -> None:
         self._queue.put(None)
-        self._thread.join()
+        while True:
+            try:
+                self._thread.join()
+                break
+            except RuntimeError as e:
+                # torch's SIGCHLD handler raises in whatever the main thread is doing when a decoding worker
+                # dies; the loader already ended the run with one line, and the batches queued must still land
+                if "DataLoader worker" not in str(e):
+                    raise
         self._raise_pending()
 
 
@@ -383,12 +404,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
         capture = AttentionCapture(model, magnitude=options.store.magnitude, token_layers=spec.stored_token_layers, reuse_buffer=True)
         with capture, torch.inference_mode():
             for batch in loader:
-                skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
-                for path, reason in skipped:
-                    if options.inputs.strict:
-                        raise AttnflowError(f"cannot decode {path}: {reason}")
-                    if on_skip:
-                        on_skip(path, reason)
+                skipped = report_failures(batch, path_texts, start, options.inputs.strict, on_skip)
                 rows = HostRows.empty(writers)
                 if batch.indices:
                     rows = _process(model, capture, batch, plan, autocast, spec, writers)

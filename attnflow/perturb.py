@@ -24,7 +24,6 @@ share the clean pass's embedding (drop mode) and run batched, without capture, o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -42,8 +41,9 @@ import torch.nn.functional as F
 from .architectures import VisionTransformerAdapter, adapter_for
 from .cache import RowDataset, RowFileWriter, _now, inputs_digest
 from .capture import AttentionCapture, resolve_blocks
+from .checkpoint import file_sha256
 from .errors import AttnflowError, AttnflowNote, OptionError
-from .extract import default_workers
+from .extract import default_workers, report_failures
 from .decode import image_batches, with_decode
 from .flow import attention_flow
 from .images import ImageDataset, class_of, folder_classes, resolve_preprocessing
@@ -346,14 +346,6 @@ def _spelled(flag: str, where: Path) -> str:
     return f"{flag}{where}" if flag.endswith(":") else f"{flag} {where}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- the run ----------------------------------------------------------------------------------------------
 
 
@@ -448,7 +440,7 @@ def _root_attrs(plan: _Plan, paths: Sequence[Path], preprocessing) -> dict[str, 
         "mode": plan.mode, "readout": plan.readout, "relevance_layer": plan.layer, "seed": int(chosen.seed),
         "relevance_heads": json.dumps({name: str(head.path.resolve()) for name, head in plan.heads.items()}),
         "probe_head": str(plan.scorer.path.resolve()) if plan.scorer else "",
-        "probe_head_sha256": _sha256(plan.scorer.path) if plan.scorer else "",
+        "probe_head_sha256": file_sha256(plan.scorer.path) if plan.scorer else "",
     }
 
 
@@ -537,12 +529,7 @@ def _run(plan: _Plan, paths: Sequence[Path], preprocessing, writer: RowFileWrite
     )
     with torch.inference_mode():
         for batch in loader:
-            skipped = [(path_texts[start + i], reason) for i, reason in batch.failures]
-            for path, reason in skipped:
-                if options.inputs.strict:
-                    raise AttnflowError(f"cannot decode {path}: {reason}")
-                if on_skip:
-                    on_skip(path, reason)
+            skipped = report_failures(batch, path_texts, start, options.inputs.strict, on_skip)
             labels = [class_index[class_of(paths[start + i])] for i in batch.indices] if plan.class_names is not None else None
             rows: dict[str, np.ndarray] = {}
             if batch.indices:

@@ -2,9 +2,10 @@
 of torch, the DataLoader's decoding workers and the training loops of small probe heads do not fight over
 the cores (an oversubscribed core spends its time switching and spin-waiting, not computing).
 
-- A model's forward pass (extract, metrics) gets the cores the decoding workers leave: ``cores - workers``,
-  at least 1 (each worker is a process decoding images on a core of its own; torch already runs each worker
-  single-threaded).
+- A model's forward pass (extract, metrics) keeps torch's own setting (every core, unless the caller or
+  ``OMP_NUM_THREADS`` chose otherwise), whatever ``--workers``:
+  the thread count changes the order of floating-point sums, and a resumed or sharded run must give the
+  same bits as one run whatever its worker count (torch already runs each decoding worker single-threaded).
 - Training and evaluating small probe heads (probe, the demo's probes) uses :data:`SMALL_HEAD_THREADS`:
   their matrix products are too small for several threads to pay for their synchronisation, and on a busy
   machine the extra threads wait for cores instead (benchmarks/README.md has the measurements).
@@ -35,7 +36,7 @@ def policy_threads(work: str, workers: int = 0) -> int:
     if work == "heads":
         return SMALL_HEAD_THREADS
     if work == "model":
-        return max(1, available_cores() - workers)
+        return torch.get_num_threads()  # torch's own setting: every core unless OMP_NUM_THREADS or a caller said otherwise
     raise ValueError(f"unknown kind of work '{work}'")
 
 

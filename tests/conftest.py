@@ -72,6 +72,17 @@ def write_images(folder: Path, n: int, size=(40, 52), classes=("cat", "dog"), se
     return sorted(paths)
 
 
+def one_line_error(result, *needles: str) -> str:
+    """A user error: exit 1, no traceback, one line on stderr that holds every needle."""
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnflow: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "images"

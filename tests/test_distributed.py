@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 def args(base: Path, out: Path, *extra: str) -> list[str]:
     return ["extract", "vit_tiny_patch16_224", str(base / "images"), "-o", str(out), "--checkpoint", str(base / "w.pth"),
             "--img-size", "32", "--batch-size", "2", "--workers", "0", "--labels-from-dirs", "--save-tokens",
-            "--metrics", str(out.with_name(out.stem + "_m.h5")), "-q", *extra]
+            "--metrics", str(out.with_name(out.stem + "_m.h5")), "-q", "--threads", "1", *extra]  # bits depend on threads
 
 
 def torchrun(command: list[str]) -> subprocess.CompletedProcess:

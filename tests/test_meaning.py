@@ -21,7 +21,7 @@ from PIL import Image
 from attnflow import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images
-from conftest import write_images
+from conftest import one_line_error, write_images
 from test_extract import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +36,6 @@ def work(tmp_path_factory) -> Path:
     extract(tiny("plain"), paths[::2], root / "train.h5", **opts)  # two cats and two dogs each
     extract(tiny("plain"), paths[1::2], root / "test.h5", metrics=root / "m.h5", **opts)
     return root
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attnflow: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 PROBE = ("--pool", "cls", "--evaluator", "knn", "--bootstrap", "10", "-f", "csv")

@@ -13,7 +13,7 @@ import torch
 from attnflow import AttnflowError, open_cache
 from attnflow.extract import extract
 from attnflow.images import CROP_PCT_MIN, INTERPOLATIONS, list_images, resolve_preprocessing
-from conftest import write_images
+from conftest import one_line_error, write_images
 from test_compare import synthetic, write_metrics
 from test_extract import tiny
 
@@ -28,12 +28,6 @@ def flat(text: str) -> str:
 def usage_error(result, flag: str) -> None:
     assert result.exit_code == 2, (result.exit_code, result.stderr)
     assert "Traceback" not in result.stderr and flag in result.stderr, result.stderr
-
-
-def one_line_error(result, needle: str) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.stderr)
-    assert result.stderr.startswith("attnflow: error: ") and needle in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from attnflow import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.output import RUN_MARKER, atomic_output
-from conftest import write_images
+from conftest import one_line_error, write_images
 from test_extract import read_all, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,16 +41,6 @@ def work(tmp_path_factory) -> Path:
     torch.save({"teacher": timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48,
                                              num_heads=3, num_classes=0).state_dict()}, root / "w.pth")
     return root
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attnflow: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def snapshot(path: Path) -> bytes:

@@ -38,9 +38,9 @@ def drawn(monkeypatch):
     figures = []
     save = plot.save_figure
 
-    def keep(fig, output):
+    def keep(fig, output, reads=()):
         figures.append(fig)
-        save(fig, output)
+        save(fig, output, reads)
 
     monkeypatch.setattr(plot, "save_figure", keep)
     return figures

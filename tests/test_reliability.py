@@ -48,7 +48,7 @@ def base(tmp_path_factory):
 def args(base: Path, out: Path, *extra: str, metrics: bool = True) -> list[str]:
     return [
         "extract", "vit_tiny_patch16_224", str(base / "images"), "-o", str(out), "--checkpoint", str(base / "w.pth"),
-        "--img-size", "64", "--batch-size", "1", "--workers", "0", "-q",
+        "--img-size", "64", "--batch-size", "1", "--workers", "0", "-q", "--family", "mim",
         *(["--metrics", str(metrics_of(out))] if metrics else []), *extra,
     ]
 

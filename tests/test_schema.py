@@ -40,6 +40,7 @@ DIMS = {
     "final_norm_bias": ("channel",),
     "fg": ("image", "patch"),
     "image_ids": ("image",),
+    "image_sha256": ("image",),
     "labels": ("image",),
     "class_names": ("class",),
     "skipped": ("skipped_input",),
