@@ -2,9 +2,6 @@
 compare's verdicts on real extractions of several networks per group (a null design and a real effect)."""
 from __future__ import annotations
 
-import csv
-import io
-import itertools
 import json
 import math
 

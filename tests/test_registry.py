@@ -236,6 +236,40 @@ def test_groups_compare_any_two_families(tmp_path, run_cli):
     assert one["summary"][0]["verdict"] == "clip cls attention more uniform than dino"  # two networks: named
 
 
+def test_groups_all_summarises_every_pair_present(tmp_path, run_cli):
+    rng = np.random.default_rng(11)
+    values = {"mae": synthetic(rng, shift=0.2), "dino": synthetic(rng), "aim": synthetic(rng, shift=0.1), "vit": synthetic(rng)}
+    families = {"mae": "mim", "dino": "jea", "aim": "autoregressive", "vit": "mim"}
+    files = [write_metrics(tmp_path / f"{name}.h5", v, family=families[name]) for name, v in values.items()]
+    args = ["compare", *files, "--groups", "all", "-m", "cls_entropy_norm", "--bootstrap", 100, "--seed", 2]
+    out = json.loads(run_cli(*args, "-f", "json").stdout)["summary"]
+    pairs = [(s["a_group"], s["b_group"]) for s in out]
+    assert pairs == [("mim", "jea"), ("mim", "autoregressive"), ("jea", "autoregressive")]  # family order
+    groups = {"mim": [values["mae"], values["vit"]], "jea": [values["dino"]], "autoregressive": [values["aim"]]}
+    for j, s in enumerate(out):  # row j draws from [seed, 1000 + j], counted over all pairs
+        a, b = (np.stack([head_mean(v, "cls_entropy_norm") for v in groups[s[k]]], axis=1) for k in ("a_group", "b_group"))
+        low, high = loop_crossed_ci(a, b, np.random.default_rng([2, 1000 + j]), 100)
+        assert (s["ci_low"], s["ci_high"]) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+        assert s["diff"] == pytest.approx(a.mean() - b.mean(), rel=1e-9)
+    assert [s["n_tests"] for s in out] == [3, 3, 3]  # one family over every pair
+    assert [s["unit"] for s in out] == ["models", "models", "images"]
+    assert out[2]["p_value"] == pytest.approx(stats.wilcoxon(head_mean(values["dino"], "cls_entropy_norm")
+                                                             - head_mean(values["aim"], "cls_entropy_norm")).pvalue)
+    assert set(LEGACY_SUMMARY_KEYS.values()) <= set(out[0]) and not set(LEGACY_SUMMARY_KEYS.values()) & set(out[1])
+    markdown = run_cli(*args, "-f", "markdown").stdout
+    tables = [block.strip().splitlines() for block in markdown.split("\n\n") if block.lstrip().startswith(("|", "**"))]
+    headers = [line for table in tables for line in table if line.startswith("| metric |")]
+    assert headers == [
+        "| metric | layer | MIM | JEA | diff | 95% CI | effect [95% CI] | p | p holm | n | verdict |",
+        "| metric | layer | MIM | autoregressive | diff | 95% CI | effect [95% CI] | p | p holm | n | verdict |",
+        "| metric | layer | dino | aim | diff | 95% CI | effect [95% CI] | p | p holm | n | verdict |",
+    ]
+    for title in ("MIM vs JEA", "MIM vs autoregressive", "JEA vs autoregressive"):
+        assert title in markdown
+    figure, curves, _ = plot_curves(files, tmp_path / "curves.png", metrics=["cls_entropy_norm"], n_bootstrap=20)
+    assert figure.is_file() and {c.family for c in curves["cls_entropy_norm"]} == {"mim", "jea", "autoregressive"}
+
+
 def test_mim_jea_json_keeps_the_old_keys_as_aliases(tmp_path, run_cli):
     rng = np.random.default_rng(12)
     files = [write_metrics(tmp_path / "m.h5", synthetic(rng), family="mim"), write_metrics(tmp_path / "j.h5", synthetic(rng), family="jea")]
