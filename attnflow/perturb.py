@@ -77,6 +77,17 @@ AUC_COLUMNS = (
     "positive_vs_random", "positive_vs_random_ci_low", "positive_vs_random_ci_high",
     "negative_vs_random", "negative_vs_random_ci_low", "negative_vs_random_ci_high", "n_images",
 )
+# The per-image areas ``attnflow compare`` reads from perturbation files, as its "metrics": name -> (what it
+# is, for a table's title; what a higher value means, phrased so that "<group> <meaning>" reads as a verdict).
+AREA_QUANTITIES = {
+    "gap": ("negative AUC - positive AUC of the perturbation curves",
+            "representation depends more on the patches {relevance} ranks first"),
+    "auc_positive": ("area under the positive curve, the most relevant patches removed first",
+                     "representation changes less when the patches {relevance} ranks first are removed"),
+    "auc_negative": ("area under the negative curve, the least relevant patches removed first",
+                     "representation changes less when the patches {relevance} ranks last are removed"),
+}
+DEFAULT_AREA_QUANTITIES = ("gap",)
 
 
 # -- options --------------------------------------------------------------------------------------------
@@ -285,6 +296,15 @@ def auc(fractions: Sequence[float], similarity: np.ndarray) -> np.ndarray:
     s = np.asarray(similarity, dtype=np.float64)
     y = np.concatenate([np.ones(s.shape[:-1] + (1,)), s], axis=-1)
     return ((y[..., 1:] + y[..., :-1]) / 2 * np.diff(x)).sum(-1)
+
+
+def area_values(fractions: Sequence[float], orders: Sequence[str], similarity: np.ndarray) -> dict[str, np.ndarray]:
+    """(n, R, O, F) similarities -> per image and relevance map, (n, R) each: ``auc_positive`` and
+    ``auc_negative`` (:func:`auc` of each order's curve) and ``gap``, negative - positive
+    (:data:`AREA_QUANTITIES`)."""
+    areas = auc(fractions, similarity)  # (n, R, O)
+    positive, negative = areas[:, :, list(orders).index("positive")], areas[:, :, list(orders).index("negative")]
+    return {"auc_positive": positive, "auc_negative": negative, "gap": negative - positive}
 
 
 # -- probe heads ------------------------------------------------------------------------------------------
@@ -740,14 +760,11 @@ def summarize(paths: Sequence[str | Path], *, n_bootstrap: int = 2000, seed: int
                         record.update(accuracy=float(acc_mean[r, o, f]), accuracy_ci_low=float(acc_low[r, o, f]),
                                       accuracy_ci_high=float(acc_high[r, o, f]))
                     curves.append(record)
-        areas = auc(fractions, similarity)  # (n, R, O)
-        pos, neg = orders.index("positive"), orders.index("negative")
+        columns = area_values(fractions, orders, similarity)  # auc_positive, auc_negative, gap: (n, R) each
         rand = relevance.index("random") if "random" in relevance else None
-        columns = {"auc_positive": areas[:, :, pos], "auc_negative": areas[:, :, neg],
-                   "gap": areas[:, :, neg] - areas[:, :, pos]}
         if rand is not None:
-            columns["positive_vs_random"] = areas[:, :, pos] - areas[:, rand:rand + 1, pos]
-            columns["negative_vs_random"] = areas[:, :, neg] - areas[:, rand:rand + 1, neg]
+            columns["positive_vs_random"] = columns["auc_positive"] - columns["auc_positive"][:, rand:rand + 1]
+            columns["negative_vs_random"] = columns["auc_negative"] - columns["auc_negative"][:, rand:rand + 1]
         stacked = np.concatenate(list(columns.values()), 1)  # (n, K * R): resampled together, paired by image
         low, high = _bootstrap_ci(stacked, rng, n_bootstrap)
         for r, name in enumerate(relevance):

@@ -1287,6 +1287,9 @@ class PerturbFile(_AttnflowFile):
 
     def _check_axes(self) -> None:
         """The axes of the per-image datasets agree with the attributes that name them."""
+        if sorted(self.attrs["orders"]) != ["negative", "positive"]:
+            raise AttnflowError(f"{self.path}: attribute 'orders' is {list(self.attrs['orders'])}, not the orders "
+                                "positive and negative, once each")
         R, O, F = (len(self.attrs[key]) for key in ("relevance", "orders", "fractions"))
         for name in (PERTURB_SIMILARITY, PERTURB_CORRECT):
             if name in self.file and self.file[name].shape[1:] != (R, O, F):
