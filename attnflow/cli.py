@@ -119,11 +119,13 @@ def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
         return None
 
 
-def _check_metric_names(names: Sequence[str]) -> None:
-    """--metric names a metric attnflow declares: any other name is a usage error (exit 2), whatever the files hold."""
-    unknown = [name for name in names if name not in REGISTRY]
+def _check_metric_names(names: Sequence[str], areas: Sequence[str] = ()) -> None:
+    """--metric names a metric attnflow declares (or one of ``areas``, compare's quantities of perturbation
+    files): any other name is a usage error (exit 2), whatever the files hold."""
+    unknown = [name for name in names if name not in REGISTRY and name not in areas]
     if unknown:
-        raise typer.BadParameter(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(REGISTRY.names()))})",
+        also = f"; perturbation files: {', '.join(areas)}" if areas else ""
+        raise typer.BadParameter(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(REGISTRY.names()))}{also})",
                                  param_hint="'--metric'")
 
 
@@ -175,7 +177,7 @@ def _refuse_copies(paths: Sequence[Path]) -> None:
             with open(path, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
             if digest in seen:
-                raise AttnflowError(f"{seen[digest]} and {path} are byte-identical copies of one metrics file, so they "
+                raise AttnflowError(f"{seen[digest]} and {path} are byte-identical copies of one file, so they "
                                     "are one model, not two; give it once")
             seen[digest] = path
 
@@ -439,17 +441,18 @@ def _check_layers(value: str, depth: "Depth", option: str) -> None:
 
 @app.command()
 def compare(
-    files: Optional[List[Path]] = typer.Argument(None, help="Metrics files, one per model (family and label from each file)."),
-    mim: List[Path] = typer.Option([], "--mim", help="A metrics file of a MIM model (repeatable)."),
-    jea: List[Path] = typer.Option([], "--jea", help="A metrics file of a JEA model (repeatable)."),
+    files: Optional[List[Path]] = typer.Argument(None, help="Metrics files, or perturbation files of attnflow perturb, one per model (family and label from each file); not both kinds at once."),
+    mim: List[Path] = typer.Option([], "--mim", help="A metrics (or perturbation) file of a MIM model (repeatable)."),
+    jea: List[Path] = typer.Option([], "--jea", help="A metrics (or perturbation) file of a JEA model (repeatable)."),
     label: List[str] = typer.Option([], "--label", help="Model labels in file order (positional files, then --mim, then --jea); repeatable."),
     family: List[Family] = typer.Option([], "--family", help="Model families in the same order; repeatable."),
-    metric: List[str] = typer.Option([], "--metric", "-m", help=f"Metric to compare (repeatable; default: those of {', '.join(REGISTRY.defaults)} that some file has)."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help=f"Metric to compare (repeatable; default: those of {', '.join(REGISTRY.defaults)} that some file has). Perturbation files: gap (negative AUC - positive AUC per image, the default), auc_positive, auc_negative."),
+    relevance: List[str] = typer.Option([], "--relevance", "-r", help="Perturbation files: the relevance maps compared, the rows (repeatable; default every map the files hold; the summary leaves out random unless it is named here)."),
     groups: str = typer.Option("mim,jea", "--groups", help=f"The summary: two families A,B (reports A - B), or all for every pair of the families present. Families: {', '.join(FAMILIES)}."),
-    heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged."),
-    layers: str = typer.Option("all", callback=_layers_option, help="Layers in the per-layer tables: all, last or N,M,... (0-based; negative from the end; fractions with --depth relative)."),
+    heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged (metrics files)."),
+    layers: str = typer.Option("all", callback=_layers_option, help="Metrics files: layers in the per-layer tables: all, last or N,M,... (0-based; negative from the end; fractions with --depth relative)."),
     depth: Depth = typer.Option(Depth.absolute, help="relative aligns models of different depths at fractions of depth."),
-    summary_layers: str = typer.Option("last", callback=_layers_option, help="Layers of the group summary, same syntax as --layers."),
+    summary_layers: str = typer.Option("last", callback=_layers_option, help="Metrics files: layers of the group summary, same syntax as --layers."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the confidence intervals."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
     correction: Correction = typer.Option(Correction.holm, "--correction", help="How the summary's p-values are adjusted as one family of tests: holm (family-wise error), bh (Benjamini-Hochberg q-values) or none."),
@@ -464,8 +467,13 @@ def compare(
     and rank-biserial; otherwise Mann-Whitney U and Cliff's delta), and the verdict names them. Verdicts use
     p-values adjusted over the whole summary (--correction). See the README, "How attnflow tests differences".
 
+    Perturbation files (attnflow perturb) are compared the same way: per relevance map (the rows, --relevance)
+    the per-image area difference gap = negative AUC - positive AUC (--metric auc_positive, auc_negative for
+    each order's area); --heads and the layer options apply to metrics files only.
+
     \b
     Example: attnflow compare --mim mae.h5 --mim simmim.h5 --jea dino.h5 --jea dinov2.h5 --format markdown
+    Example: attnflow compare mae_perturb.h5 dino_perturb.h5 -r cls-attn -r rollout
     """
     from .compare import compare_files
 
@@ -476,7 +484,9 @@ def compare(
         raise typer.BadParameter(f"{len(family)} families for {len(paths)} files", param_hint="--family")
     if len(label) > len(paths):
         raise typer.BadParameter(f"{len(label)} labels for {len(paths)} files", param_hint="--label")
-    _check_metric_names(metric)
+    from .perturb import AREA_QUANTITIES
+
+    _check_metric_names(metric, tuple(AREA_QUANTITIES))
     _check_layers(layers, depth, "--layers")
     _check_layers(summary_layers, depth, "--summary-layers")
     _check_output(output, paths)
@@ -486,7 +496,7 @@ def compare(
     comparison = compare_files(
         paths, labels=label, families=families, metrics=metric or None, heads=heads.value, layers=layers,
         depth=depth.value, summary_layers=summary_layers, groups=groups, n_bootstrap=bootstrap, seed=seed,
-        correction=correction,
+        correction=correction, relevance=relevance or None,
     )
     _print_notes(comparison.notes)
     _deliver(comparison, format, output, paths)

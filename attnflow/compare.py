@@ -1,6 +1,9 @@
 """Put several models' metrics side by side and test whether two groups of models differ.
 
-Input is metrics files (one per model). For every model, metric and selected layer the per-image values
+Input is metrics files (one per model), or perturbation files (``attnflow perturb``, one per model; not both
+kinds in one comparison). A perturbation file's "metrics" are the per-image areas of
+:data:`attnflow.perturb.AREA_QUANTITIES` (``gap``, negative AUC - positive AUC, by default) and its rows are
+its relevance maps instead of layers; everything below holds for them as it is. For every model, metric and selected layer the per-image values
 (heads reduced first by ``heads``) give a mean, a standard deviation, a 95% bootstrap confidence interval of
 the mean and the number of images. Models are grouped by family (:mod:`attnflow.families`); for each
 pair of groups summarised (``groups``: MIM vs JEA by default, any two families, or every pair present),
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from .cache import open_metrics
+from .schema import METRICS_SCHEMA, PERTURB_SCHEMA, open_hdf5, open_perturbation
 from .errors import AttnflowError, OptionError
 from .families import FAMILIES, title
 from .inference import (
@@ -40,6 +44,9 @@ from .metrics import FUSIONS, REGISTRY, reduce_heads
 from .render import Format, emit, format_cell, json_value
 
 ROW_COLUMNS = ("model", "family", "metric", "layer", "mean", "std", "ci_low", "ci_high", "n_images")
+# The kinds of file compare reads, by schema, and the name of their rows' axis in every output.
+METRICS, PERTURBATION = "metrics", "perturbation"
+AXES = {METRICS: "layer", PERTURBATION: "relevance"}
 DEFAULT_GROUPS = ("mim", "jea")
 ALL_PAIRS = "all"  # --groups all: every pair of the families present
 # The summary's generic keys and, for the groups mim,jea, the names attnflow 0.1 gave them in json:
@@ -66,6 +73,7 @@ class ModelMetrics:
     weights: str = ""
     checkpoint_sha256: str = ""
     model_name: str = ""
+    relevance: list[str] = field(default_factory=list)  # a perturbation file's relevance maps: the columns of values
 
     def network_keys(self) -> list[tuple[str, str]]:
         """What identifies the network behind the file: the file itself, its label, its checkpoint's digest,
@@ -108,6 +116,10 @@ def load_models(
         raise AttnflowError(f"{max(len(labels), len(families))} labels/families given for {len(paths)} files")
     for name in metrics or ():
         if name not in REGISTRY:
+            from .perturb import AREA_QUANTITIES
+
+            if name in AREA_QUANTITIES:
+                raise AttnflowError(f"--metric {name}: a quantity of perturbation files (attnflow perturb); these are metrics files")
             raise AttnflowError(f"unknown metric '{name}' (known: {', '.join(sorted(REGISTRY.names()))})")
     models: list[ModelMetrics] = []
     available: list[set[str]] = []
@@ -181,6 +193,102 @@ def _make_labels_unique(models: list[ModelMetrics], notes: list[str]) -> None:
             seen[m.label] = 1
 
 
+def input_kind(paths: Sequence[str | Path]) -> str:
+    """:data:`METRICS` or :data:`PERTURBATION`: what the files are, told by their schema. Perturbation files
+    and other files together are refused in one line naming one of each; a file of neither kind is left to the
+    metrics reader, which says what it is."""
+    kinds: dict[str, Path] = {}
+    for path in paths:
+        with open_hdf5(path) as f:
+            schema = f.attrs.get("schema")
+        schema = schema.decode() if isinstance(schema, bytes) else schema
+        kinds.setdefault(PERTURBATION if schema == PERTURB_SCHEMA else METRICS, Path(path))
+    if len(kinds) > 1:
+        raise AttnflowError(
+            f"{kinds[PERTURBATION]} is a perturbation file and {kinds[METRICS]} is not: compare takes metrics files or "
+            "perturbation files (attnflow perturb), not both in one comparison"
+        )
+    return next(iter(kinds), METRICS)
+
+
+def load_perturbations(
+    paths: Sequence[str | Path],
+    *,
+    labels: Sequence[str | None] = (),
+    families: Sequence[str | None] = (),
+    quantities: Sequence[str] | None = None,
+    notes: list[str] | None = None,
+) -> tuple[list[ModelMetrics], list[str]]:
+    """Read perturbation files (validated) as models whose values are per-image areas: ``values[q]`` is
+    (n, R) float64 for each quantity q of :data:`attnflow.perturb.AREA_QUANTITIES` asked for (default
+    ``gap``), column r the file's relevance map ``relevance[r]``. Returns the models and the quantities.
+
+    Areas are comparable only over the same fractions (they span [0, max f]): files measured at other
+    fractions are refused; files perturbed another way (``mode``, ``readout``) give a note."""
+    from .perturb import AREA_QUANTITIES, DEFAULT_AREA_QUANTITIES, area_values
+
+    notes = notes if notes is not None else []
+    if len(labels) > len(paths) or len(families) > len(paths):
+        raise AttnflowError(f"{max(len(labels), len(families))} labels/families given for {len(paths)} files")
+    for name in quantities or ():
+        if name not in AREA_QUANTITIES:
+            what = "a metric of metrics files" if name in REGISTRY else "unknown"
+            raise AttnflowError(f"--metric {name}: {what}; perturbation files give {', '.join(AREA_QUANTITIES)}")
+    chosen = list(dict.fromkeys(quantities or DEFAULT_AREA_QUANTITIES))
+    models: list[ModelMetrics] = []
+    settings: list[dict[str, Any]] = []
+    for i, path in enumerate(paths):
+        with open_perturbation(path) as pf:
+            a = pf.attrs
+            family = (families[i] if i < len(families) else None) or a.get("family", "unknown")
+            if family not in FAMILIES:
+                raise AttnflowError(f"unknown family '{family}' for {path} (choose from {', '.join(FAMILIES)})")
+            model = ModelMetrics(
+                label=(labels[i] if i < len(labels) else None) or a.get("label") or Path(path).stem,
+                family=family, path=Path(path), num_layers=int(a["num_layers"]), img_size=tuple(a.get("img_size", ())),
+                has_cls=bool(a.get("has_cls", True)), image_ids=_image_keys(pf.image_ids, a.get("working_dir")),
+                weights=str(a.get("weights", "")), checkpoint_sha256=str(a.get("checkpoint_sha256", "")),
+                model_name=str(a.get("model", "")), relevance=pf.relevance,
+            )
+            model.given_label = model.label
+            areas = area_values(pf.fractions, pf.orders, pf.similarity().astype(np.float64))
+            model.values = {name: areas[name] for name in chosen}
+            settings.append({"fractions": pf.fractions, "mode": a.get("mode"), "readout": a.get("readout")})
+        models.append(model)
+    for m, setting in zip(models[1:], settings[1:]):
+        if setting["fractions"] != settings[0]["fractions"]:
+            shown = lambda f: ",".join(f"{x:g}" for x in f)  # noqa: E731
+            raise AttnflowError(
+                f"{models[0].path} was perturbed at the fractions {shown(settings[0]['fractions'])} and {m.path} at "
+                f"{shown(setting['fractions'])}: their areas span different ranges; run attnflow perturb with the same --fractions"
+            )
+    for key in ("mode", "readout"):
+        if len({s[key] for s in settings}) > 1:
+            notes.append(f"the files were perturbed with different --{key} ("
+                         + ", ".join(f"{m.label} {s[key]}" for m, s in zip(models, settings))
+                         + "): their areas measure different perturbations")
+    _make_labels_unique(models, notes)
+    return models, chosen
+
+
+def plan_relevance(models: Sequence[ModelMetrics], relevance: Sequence[str] | None, notes: list[str]) -> list[LayerRow]:
+    """Rows for perturbation files: one per relevance map (``relevance``, default every map some file holds,
+    in file order), each model's index the map's column in its file (None: the file lacks it, a note; a map
+    no file has is an error)."""
+    present = list(dict.fromkeys(name for m in models for name in m.relevance))
+    names = list(dict.fromkeys(relevance)) if relevance else present
+    rows = []
+    for name in names:
+        index = tuple(m.relevance.index(name) if name in m.relevance else None for m in models)
+        lacking = [m.label for m, i in zip(models, index) if i is None]
+        if len(lacking) == len(models):
+            raise AttnflowError(f"--relevance {name}: no file has that relevance map (they have {', '.join(present)})")
+        if lacking:
+            notes.append(f"relevance map '{name}' is missing for {', '.join(lacking)} (left blank, and out of the summary)")
+        rows.append(LayerRow(name, index))
+    return rows
+
+
 def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = "absolute", notes: list[str] | None = None,
                 option: str = "--layers") -> list[LayerRow]:
     """Rows for ``--layers all|last|N,M,...`` at absolute layer indices or at relative depth.
@@ -237,9 +345,11 @@ def _parse_list(spec: str, kind, option: str) -> list:
 
 
 def describe(
-    models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000, seed: int = 0
+    models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000, seed: int = 0,
+    axis: str = "layer",
 ) -> list[dict[str, Any]]:
-    """Long-format records: one per model x metric x layer row (``ROW_COLUMNS``)."""
+    """Long-format records: one per model x metric x layer row (``ROW_COLUMNS``). With ``axis="relevance"``
+    (perturbation files) a record names its row's relevance map under ``relevance`` instead of ``layer``."""
     if n_bootstrap < 1:
         raise AttnflowError(f"--bootstrap must be at least 1, got {n_bootstrap}")
     records = []
@@ -258,7 +368,8 @@ def describe(
         low, high = percentile_ci(bootstrap_means(x, np.random.default_rng([seed, i]), n_bootstrap))
         for k, (name, row, idx) in enumerate(cells):
             records.append({
-                "model": model.label, "family": model.family, "metric": name, "layer": int(idx),
+                "model": model.label, "family": model.family, "metric": name,
+                **({"layer": int(idx)} if axis == "layer" else {axis: row.name}),
                 "mean": float(means[k]), "std": float(stds[k]) if n_ok[k] > 1 else math.nan,
                 "ci_low": float(low[k]), "ci_high": float(high[k]), "n_images": int(n_ok[k]),
                 "row": row.name,
@@ -323,10 +434,20 @@ def verdict(metric: str, record: dict[str, Any], *, alpha: float = ALPHA) -> str
         return "no clear difference (the effect size disagrees with the difference)"
     a, b = _subjects(record)
     more, less = (a, b) if diff > 0 else (b, a)
-    declared = REGISTRY.get(metric)
+    meaning = _meaning(metric, record)
     if record.get("unit") == "images":
-        return f"{more} {declared.meaning} than {less}" if declared else f"{more} {metric} higher than {less}"
-    return f"{more} {declared.meaning}" if declared else f"{more} {metric} higher than {less}"
+        return f"{more} {meaning} than {less}" if meaning else f"{more} {metric} higher than {less}"
+    return f"{more} {meaning}" if meaning else f"{more} {metric} higher than {less}"
+
+
+def _meaning(metric: str, record: dict[str, Any]) -> str | None:
+    """What a higher value means: the metric's declared meaning, or a perturbation area's about its map."""
+    if "relevance" in record:
+        from .perturb import AREA_QUANTITIES
+
+        return AREA_QUANTITIES[metric][1].format(relevance=record["relevance"]) if metric in AREA_QUANTITIES else None
+    declared = REGISTRY.get(metric)
+    return declared.meaning if declared else None
 
 
 def _subjects(record: dict[str, Any]) -> tuple[str, str]:
@@ -339,13 +460,14 @@ def _subjects(record: dict[str, Any]) -> tuple[str, str]:
 def summarize(
     models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000,
     seed: int = 0, notes: list[str] | None = None, groups: Sequence[tuple[str, str]] = (DEFAULT_GROUPS,),
-    correction: Correction | str = Correction.holm,
+    correction: Correction | str = Correction.holm, axis: str = "layer",
 ) -> list[dict[str, Any]]:
     """Group A vs group B per pair in ``groups``, metric and layer row (:mod:`attnflow.inference`): networks
     are the replicates when a group has several, images are paired by id when the networks share them, and
     all rows together are one family of tests adjusted by ``correction``. A pair whose families are not both
     present gives no rows; summary row ``j`` (over all pairs, in output order) draws its bootstrap from
-    ``numpy.random.default_rng([seed, 1000 + j])``."""
+    ``numpy.random.default_rng([seed, 1000 + j])``. ``axis`` names the rows in the records: ``layer``, or
+    ``relevance`` for perturbation files."""
     notes = notes if notes is not None else []
     correction = Correction(correction)
     out: list[dict[str, Any]] = []
@@ -360,7 +482,7 @@ def summarize(
                 present = [[i for i in indices if name in models[i].values and row.index[i] is not None]
                            for indices in members]
                 rng = np.random.default_rng([seed, 1000 + len(out)])
-                out.append(_compare_groups(models, name, row, pair, present, shared, n_bootstrap, rng))
+                out.append(_compare_groups(models, name, row, pair, present, shared, n_bootstrap, rng, axis))
         _note_design(models, members, pair, shared, notes)
     adjusted = adjust([r["p_value"] for r in out], correction)
     n_tests = int(np.isfinite(adjusted).sum())
@@ -368,7 +490,7 @@ def summarize(
         record.update({"p_adjusted": float(p), "correction": correction.value, "n_tests": n_tests,
                        "min_p_adjusted": smallest_adjusted(record["min_p"], n_tests, correction)})
         record["verdict"] = verdict(record["metric"], record)
-    _note_multiplicity(out, correction, n_tests, notes)
+    _note_multiplicity(out, correction, n_tests, notes, "--summary-layers" if axis == "layer" else "--relevance")
     return out
 
 
@@ -403,9 +525,9 @@ def _shared_images(models: Sequence[ModelMetrics], members: list[list[int]], pai
 
 def _compare_groups(models: Sequence[ModelMetrics], name: str, row: LayerRow, pair: tuple[str, str],
                     present: list[list[int]], shared: dict[int, np.ndarray] | None, n_bootstrap: int,
-                    rng: np.random.Generator) -> dict[str, Any]:
+                    rng: np.random.Generator, axis: str = "layer") -> dict[str, Any]:
     """One summary record: the networks of group A in ``present[0]`` against those of group B."""
-    record: dict[str, Any] = {"metric": name, "layer": row.name, "a_group": pair[0], "b_group": pair[1],
+    record: dict[str, Any] = {"metric": name, axis: row.name, "a_group": pair[0], "b_group": pair[1],
                               "a_models": ", ".join(models[i].label for i in present[0]),
                               "b_models": ", ".join(models[i].label for i in present[1])}
     if shared is not None:
@@ -463,7 +585,8 @@ def _note_design(models: Sequence[ModelMetrics], members: list[list[int]], pair:
                          "holds no between-network spread of that group, and Hedges' g needs two per group")
 
 
-def _note_multiplicity(records: Sequence[dict[str, Any]], correction: Correction, n_tests: int, notes: list[str]) -> None:
+def _note_multiplicity(records: Sequence[dict[str, Any]], correction: Correction, n_tests: int, notes: list[str],
+                       rows_flag: str = "--summary-layers") -> None:
     if n_tests < 2:
         return
     if correction is Correction.none:
@@ -475,7 +598,7 @@ def _note_multiplicity(records: Sequence[dict[str, Any]], correction: Correction
     if reachable:
         notes.append(f"with {correction.value} over {n_tests} tests the smallest adjusted p this design can give is "
                      f"{min(r['min_p_adjusted'] for r in reachable):.3g}: no verdict is possible; fewer tests "
-                     "(--metric, --summary-layers) or more networks per group are needed")
+                     f"(--metric, {rows_flag}) or more networks per group are needed")
 
 
 def with_legacy_keys(record: dict[str, Any]) -> dict[str, Any]:
@@ -486,11 +609,12 @@ def with_legacy_keys(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def layer_tables(
-    records: Sequence[dict[str, Any]], models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow]
+    records: Sequence[dict[str, Any]], models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow],
+    axis: str = "layer",
 ) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
-    """Per metric a table ``(title, rows, columns)``: a row per layer row, a column per model, grouped by
-    family in :data:`attnflow.families.FAMILIES` order (MIM first, then JEA, ...), each cell the mean over
-    images."""
+    """Per metric a table ``(title, rows, columns)``: a row per layer row (or relevance map, ``axis``), a
+    column per model, grouped by family in :data:`attnflow.families.FAMILIES` order (MIM first, then JEA,
+    ...), each cell the mean over images."""
     order = sorted(range(len(models)), key=lambda i: FAMILIES.index(models[i].family))
     headers = {i: f"{models[i].label} ({models[i].family})" for i in order}
     cells = {(r["model"], r["metric"], r["row"]): r["mean"] for r in records}
@@ -498,11 +622,11 @@ def layer_tables(
     for name in metrics:
         table_rows = []
         for row in rows:
-            entry: dict[str, Any] = {"layer": row.name}
+            entry: dict[str, Any] = {axis: row.name}
             for i in order:
                 entry[headers[i]] = cells.get((models[i].label, name, row.name), "")
             table_rows.append(entry)
-        tables.append((name, table_rows, ["layer", *(headers[i] for i in order)]))
+        tables.append((name, table_rows, [axis, *(headers[i] for i in order)]))
     return tables
 
 
@@ -513,18 +637,19 @@ def summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any
     """The summary records of one group pair as display rows, their columns and the table's title. The mean
     columns are named after the two networks (one per group) or the two families."""
     first = summary[0]
+    axis = "relevance" if "relevance" in first else "layer"
     a, b = _subjects(first)
     p_adjusted = "p" if first["correction"] == Correction.none.value else f"p {first['correction']}"
     rows = [
         {
-            "metric": s["metric"], "layer": s["layer"], a: s["a_mean"], b: s["b_mean"], "diff": s["diff"],
+            "metric": s["metric"], axis: s[axis], a: s["a_mean"], b: s["b_mean"], "diff": s["diff"],
             "95% CI": f"[{format_cell(s['ci_low'])}, {format_cell(s['ci_high'])}]",
             "effect [95% CI]": _effect_cell(s), "p": _p_cell(s["p_value"]), p_adjusted: _p_cell(s["p_adjusted"]),
             "n": _count_cell(s), "verdict": s["verdict"],
         }
         for s in summary
     ]
-    columns = ["metric", "layer", a, b, "diff", "95% CI", "effect [95% CI]", "p", p_adjusted, "n", "verdict"]
+    columns = ["metric", axis, a, b, "diff", "95% CI", "effect [95% CI]", "p", p_adjusted, "n", "verdict"]
     if p_adjusted == "p":
         columns.remove("p")
         for row in rows:
@@ -575,6 +700,17 @@ class Comparison:
     notes: list[str]
     heads: str
     pairs: list[tuple[str, str]] = field(default_factory=list)  # the group pairs summarised, in summary order
+    kind: str = METRICS  # what the files were: METRICS or PERTURBATION (rows are relevance maps)
+
+    @property
+    def axis(self) -> str:
+        """The name of the rows' axis in every output: ``layer``, or ``relevance`` for perturbation files."""
+        return AXES[self.kind]
+
+    @property
+    def columns(self) -> list[str]:
+        """The long-format columns: :data:`ROW_COLUMNS`, ``relevance`` in place of ``layer`` for perturbation files."""
+        return [self.axis if c == "layer" else c for c in ROW_COLUMNS]
 
     def summaries(self) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
         """The summary records of each group pair that has any, in output order."""
@@ -590,16 +726,23 @@ class Comparison:
                       out, indent=2)
             out.write("\n")
         elif fmt in (Format.csv, Format.tsv):
-            emit(self.records, list(ROW_COLUMNS), fmt, out=out)
+            emit(self.records, self.columns, fmt, out=out)
         else:
-            for metric, table_rows, columns in layer_tables(self.records, self.models, self.metrics, self.rows):
-                emit(table_rows, columns, fmt, title=f"{metric} (mean over images, heads: {self.heads})", out=out)
+            for metric, table_rows, columns in layer_tables(self.records, self.models, self.metrics, self.rows, self.axis):
+                emit(table_rows, columns, fmt, title=self._table_title(metric), out=out)
                 out.write("\n")
             for k, ((a, b), records) in enumerate(self.summaries()):
                 if k:
                     out.write("\n")
                 display, columns, caption = summary_table(records)
                 emit(display, columns, fmt, title=caption, out=out)
+
+    def _table_title(self, metric: str) -> str:
+        if self.kind == PERTURBATION:
+            from .perturb import AREA_QUANTITIES
+
+            return f"{metric} ({AREA_QUANTITIES[metric][0]}; mean over images)"
+        return f"{metric} (mean over images, heads: {self.heads})"
 
 
 def compare_files(
@@ -616,12 +759,20 @@ def compare_files(
     n_bootstrap: int = 2000,
     seed: int = 0,
     correction: Correction | str = Correction.holm,
+    relevance: Sequence[str] | None = None,
 ) -> Comparison:
-    """Load metrics files and compute every table ``attnflow compare`` prints.
+    """Load metrics files, or perturbation files, and compute every table ``attnflow compare`` prints.
 
     ``groups`` chooses the summary: two families ``"A,B"`` (or ``("A", "B")``; default MIM vs JEA), compared
     as A - B (see :func:`summarize`), or ``"all"`` for every pair of the families present. ``correction``
     adjusts the summary's p-values as one family of tests: holm, bh or none.
+
+    Perturbation files (``attnflow perturb``; all files of one kind, see :func:`input_kind`): ``metrics``
+    names quantities of :data:`attnflow.perturb.AREA_QUANTITIES` (default ``gap``, negative AUC - positive
+    AUC per image), and the rows are relevance maps instead of layers: ``relevance`` (default every map some
+    file holds). The summary covers those rows but ``random``, the baseline, unless ``relevance`` names it
+    (or it is the only map). ``heads``, ``layers``, ``depth`` and ``summary_layers`` apply to metrics files
+    only; ``relevance`` to perturbation files only.
     """
     try:
         correction = Correction(correction)
@@ -630,6 +781,31 @@ def compare_files(
     notes: list[str] = []
     pair = parse_groups(groups)
     metrics = list(dict.fromkeys(metrics)) if metrics else metrics  # a metric asked for twice: one table
+    if not paths:
+        raise AttnflowError("no metrics files to compare")
+    if input_kind(paths) == PERTURBATION:
+        given = {"--heads": heads != "mean", "--layers": layers != "all", "--depth": depth != "absolute",
+                 "--summary-layers": summary_layers != "last"}
+        for flag, changed in given.items():
+            if changed:
+                raise AttnflowError(f"{flag} applies to metrics files; perturbation files have no layers or heads "
+                                    "(--relevance picks their relevance maps)")
+        models, names = load_perturbations(paths, labels=labels, families=families, quantities=metrics, notes=notes)
+        pairs = summary_pairs(models, pair, notes)
+        _note_repeated_files(models, pairs, notes)
+        rows = plan_relevance(models, relevance, notes)
+        records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed, axis="relevance")
+        summary_rows = rows
+        if "random" not in (relevance or ()) and len(rows) > 1:
+            summary_rows = [row for row in rows if row.name != "random"]
+            if pairs and len(summary_rows) < len(rows):
+                notes.append("the summary leaves out random, the baseline (removing random patches in either order is the "
+                             "same in expectation); --relevance random includes it")
+        summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes, groups=pairs,
+                            correction=correction, axis="relevance")
+        return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads, pairs, PERTURBATION)
+    if relevance:
+        raise AttnflowError("--relevance applies to perturbation files (attnflow perturb); these are metrics files")
     models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads, notes=notes)
     pairs = summary_pairs(models, pair, notes)
     _note_repeated_files(models, pairs, notes)
