@@ -253,6 +253,8 @@ def load_perturbations(
             model.given_label = model.label
             areas = area_values(pf.fractions, pf.orders, pf.similarity().astype(np.float64))
             model.values = {name: areas[name] for name in chosen}
+            if not len(model.image_ids):
+                notes.append(f"{path} holds no images")
             settings.append({"fractions": pf.fractions, "mode": a.get("mode"), "readout": a.get("readout")})
         models.append(model)
     for m, setting in zip(models[1:], settings[1:]):
@@ -284,7 +286,8 @@ def plan_relevance(models: Sequence[ModelMetrics], relevance: Sequence[str] | No
         if len(lacking) == len(models):
             raise AttnflowError(f"--relevance {name}: no file has that relevance map (they have {', '.join(present)})")
         if lacking:
-            notes.append(f"relevance map '{name}' is missing for {', '.join(lacking)} (left blank, and out of the summary)")
+            notes.append(f"relevance map '{name}' is missing for {', '.join(lacking)} (left blank, and left out of that map's "
+                         "summary rows)")
         rows.append(LayerRow(name, index))
     return rows
 

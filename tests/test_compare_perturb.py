@@ -198,3 +198,9 @@ def test_bad_inputs_are_one_line_errors(two_networks, tmp_path, run_cli):
         f.attrs["orders"] = ["positive", "positive"]
     one_line_error(run_cli("compare", tiny, other), f"{other}: attribute 'orders'")
     assert run_cli("compare", tiny, hand, "-m", "nonsense").exit_code == 2  # a usage error, whatever the files
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    empty = tmp_path / "empty.h5"
+    perturb(as_model(make_tiny_vit("plain"), "empty", "mim"), [tmp_path / "broken.png"], empty, fractions=FRACTIONS, workers=0)
+    result = run_cli("compare", empty, hand, "-f", "json")
+    assert result.exit_code == 0 and f"attnflow: note: {empty} holds no images" in result.stderr
+    assert all(s["verdict"] == "not available" for s in json.loads(result.stdout)["summary"])
