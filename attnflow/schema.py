@@ -49,6 +49,7 @@ from .errors import AttnflowError
 from .layout import TokenLayout
 from .metrics import REGISTRY
 from .registry import NAN_REASONS, RANGE_TOLERANCE
+from .version import __version__
 
 # What the typed readers return: a numpy array, or with ``device=`` a torch tensor on that device.
 Rows = Union[np.ndarray, torch.Tensor]
@@ -637,7 +638,20 @@ def validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_Attnf
     try:
         _validate(path, f, attrs, kind)
     except OSError as e:  # HDF5 cannot read a part of the file's structure
-        raise AttnflowError(f"{path} is damaged: HDF5 cannot read it ({e}); re-extract it") from None
+        raise AttnflowError(f"{path} is damaged: HDF5 cannot read it ({e}); re-extract it{written_by(attrs)}") from None
+    except AttnflowError as e:
+        raise type(e)(f"{e}{written_by(attrs)}") from None
+
+
+def written_by(attrs: dict[str, Any]) -> str:
+    """The end of an error that refuses a file for its format: which attnflow wrote it (the root attribute
+    ``attnflow_version``) and which reads it; empty when the file does not say."""
+    version = attrs.get("attnflow_version")
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    if not isinstance(version, str) or not version:
+        return ""
+    return f" (written by attnflow {version}; this is attnflow {__version__})"
 
 
 def _validate(path: Path, f: h5py.File, attrs: dict[str, Any], kind: type["_AttnflowFile"]) -> None:
@@ -733,7 +747,7 @@ class _AttnflowFile:
         if schema != self.schema:
             if isinstance(schema, str) and schema in _KIND:
                 raise AttnflowError(f"{self.path} is {_KIND[schema]}, not {_KIND[self.schema]}{self.hint}")
-            raise AttnflowError(f"{self.path} has schema '{schema}'; this attnflow reads '{self.schema}'")
+            raise AttnflowError(f"{self.path} has schema '{schema}'; this attnflow reads '{self.schema}'{written_by(self.attrs)}")
         if not self.attrs.get("complete", False):
             raise AttnflowError(f"{self.path} is unfinished; continue it with --resume")
 

@@ -196,6 +196,23 @@ def test_metrics_values_and_rollout_maps(files):
 
 # -- attnflow 0.1's files ---------------------------------------------------------------------------------
 
+def test_a_file_refused_for_its_format_names_the_attnflow_that_wrote_it(tmp_path):
+    from attnflow import __version__
+
+    written_by = f"(written by attnflow 0.1.0; this is attnflow {__version__})"
+    future = shutil.copy(FIXTURES / "v0_1_cache.h5", tmp_path / "future.h5")
+    with h5py.File(future, "r+") as f:
+        f.attrs["schema"] = "attnflow.cache/9"
+    with pytest.raises(AttnflowError, match=r"this attnflow reads 'attnflow\.cache/1' \(written by attnflow 0\.1\.0; "):
+        open_cache(future)
+    edited = shutil.copy(FIXTURES / "v0_1_metrics.h5", tmp_path / "edited.h5")
+    with h5py.File(edited, "r+") as f:
+        del f.attrs["label"]
+    with pytest.raises(AttnflowError) as refused:
+        open_metrics(edited)
+    assert str(refused.value) == f"{edited} lacks attribute 'label' {written_by}"
+
+
 def test_files_of_attnflow_0_1_still_open_and_read_the_same():
     """Fixtures written by attnflow 0.1 itself (tests/fixtures/make_v0_1_fixtures.py): no dimension scales."""
     cache_path, metrics_path = FIXTURES / "v0_1_cache.h5", FIXTURES / "v0_1_metrics.h5"
