@@ -223,6 +223,10 @@ def _root(
     """attnflow: capture, measure and compare attention in timm Vision Transformers."""
 
 
+FLOW_LAYERS_HELP = ("With --flow: the 0-based blocks after which flow is read out, comma-separated (negative from the end), "
+                    "or last (the default).")
+
+
 @app.command()
 def extract(
     model: str = typer.Argument(..., help="timm model name, with a pretrained tag (vit_base_patch16_224.mae) or with --checkpoint."),
@@ -247,6 +251,8 @@ def extract(
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries per image and layer, with --metrics."),
     artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block with --metrics (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
     artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
+    flow: bool = typer.Option(False, "--flow", help="With --metrics: also compute exact attention flow (flow/map and the flow_* metrics; a max-flow per patch on the CPU: seconds per ViT-S/16 image)."),
+    flow_layers: Optional[str] = typer.Option(None, "--flow-layers", help=FLOW_LAYERS_HELP),
     magnitude: MagnitudeUpdate = typer.Option(MagnitudeUpdate(MAGNITUDE_UPDATES[0]), help="Take the magnitude's attention update after the block's layer scale (what the residual stream receives) or before it (as the Beyond [cls] code does; differs on layer-scale models such as DINOv2)."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
@@ -279,7 +285,7 @@ def extract(
     from .decode import check_decode_device
     from .images import build_size
     from .models import build_model
-    from .options import ExtractOptions, StoreOptions, resolve_device
+    from .options import ExtractOptions, FlowOptions, StoreOptions, resolve_device
 
     console = _stderr_console()
     set_threads(threads, "model", default_workers() if workers is None else workers)
@@ -289,6 +295,7 @@ def extract(
         fusion=fusion.value, discard_ratio=discard_ratio, crop_pct=crop_pct,
         interpolation=interpolation.value if interpolation else None, labels_from_dirs=labels_from_dirs, masks=masks,
         preprocess=preprocess.value, artifact_factor=artifact_factor, artifact_norm=artifact_norm, magnitude=magnitude.value,
+        flow=flow, flow_layers=None if flow_layers is None else FlowOptions.parse_layers(flow_layers),
         decode=decode.value, strict=strict, batch_size=batch_size, workers=workers, device=device, amp=amp, resume=resume, overwrite=overwrite,
     )
     img_size = build_size(preprocess.value, img_size)
@@ -361,7 +368,7 @@ def metrics_command(
     artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
     artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
     flow: bool = typer.Option(False, "--flow", help="Also compute exact attention flow (flow/map and the flow_* metrics; a max-flow per patch: seconds per ViT-S/16 image). Needs --store full."),
-    flow_layers: Optional[str] = typer.Option(None, "--flow-layers", help="With --flow: the 0-based blocks after which flow is read out, comma-separated (negative from the end), or last (the default)."),
+    flow_layers: Optional[str] = typer.Option(None, "--flow-layers", help=FLOW_LAYERS_HELP),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per step."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch (default: every core; OMP_NUM_THREADS when set)."),

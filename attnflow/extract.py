@@ -24,13 +24,14 @@ import torch
 
 from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, masks_digest
 from .capture import MAGNITUDE_UPDATES, AttentionCapture
-from .errors import AttnflowError, AttnflowNote
+from .errors import AttnflowError, AttnflowNote, OptionError
 from .decode import image_batches, with_decode
 from .images import ImageBatch, ImageDataset, Preprocessing, class_of, folder_classes, index_masks, resolve_preprocessing
-from .metrics import available_metrics, batch_metrics
+from .measure import metric_rows, warn_about_layout
+from .metrics import available_metrics
 from .models import LoadedModel
 from .options import ExtractOptions, resolve_device
-from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, ROLLOUT_MAP, TOKEN_NORM, TOKENS, metric_dataset
+from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, TOKEN_NORM, TOKENS
 
 
 @dataclass
@@ -240,7 +241,7 @@ def extract(
         options: what to store and how to run (:class:`~attnflow.options.ExtractOptions`); single options can
             also be given as keywords (``batch_size=8, store="rows"``), which override ``options``.
         metrics: also write a metrics file computed batch by batch from the float32 maps in flight (any
-            ``store`` mode, ``none`` included), with the rollout options.
+            ``store`` mode, ``none`` included), with the rollout options, and attention flow with ``flow=True``.
         class_names: with ``labels_from_dirs``, the full list of classes (default: the folders of ``paths``;
             a shard of a distributed run gets the classes of the whole input list, so indices agree).
         on_skip: called once per undecodable file with (path, reason); with ``strict`` the first one raises.
@@ -254,6 +255,8 @@ def extract(
         raise AttnflowError("no images to process")
     if metrics is not None and Path(metrics).resolve() == Path(output).resolve():
         raise AttnflowError("the metrics file and the cache must be different files")
+    if options.flow.flow and metrics is None:
+        raise OptionError("--flow", "computes attention flow into the metrics file: add --metrics")
     plan = _plan(loaded, paths, options, class_names)
     files = {"cache": (plan.cache_spec(output), output, metrics)}
     if metrics is not None:
@@ -301,6 +304,11 @@ class _Plan:
     mask_paths: list[Path | None] | None
 
     @property
+    def flow_layers(self) -> tuple[int, ...]:
+        """The blocks after which attention flow goes into the metrics file (() without ``flow``)."""
+        return self.options.flow.layers(self.loaded.adapter.num_layers)
+
+    @property
     def reads(self) -> list[Path]:
         """Every file the run reads, which no output may be."""
         checkpoint = [Path(self.loaded.checkpoint)] if self.loaded.checkpoint else []
@@ -346,7 +354,8 @@ class _Plan:
         return MetricsSpec(
             source_attrs=cache.root_attrs(),
             metric_levels=available_metrics(
-                self.loaded.layout, full_maps=True, has_fg=self.mask_paths is not None, has_token_norm=True
+                self.loaded.layout, full_maps=True, has_fg=self.mask_paths is not None, has_token_norm=True,
+                has_flow=bool(self.flow_layers),
             ),
             has_rollout=True,
             fusion=self.options.rollout.fusion,
@@ -354,6 +363,7 @@ class _Plan:
             source=str(Path(output).resolve()),
             class_names=self.class_names,
             artifact_rule=self.options.artifacts.rule,
+            flow_layers=self.flow_layers,
             image_digests=True,
         )
 
@@ -502,17 +512,6 @@ def _stored_tokens(tokens: torch.Tensor, dtype: str) -> torch.Tensor:
     return tokens.half()
 
 
-def warn_about_layout(layout, *, full_maps: bool) -> None:
-    """Say once what a layout or a store mode leaves out of a metrics file."""
-    if not layout.has_cls:
-        warnings.warn(AttnflowNote("the model has no cls token: every cls_* metric is NaN"), stacklevel=3)
-    if not full_maps:
-        warnings.warn(AttnflowNote(
-            "the cache keeps only cls/register rows (store=rows): patch metrics and rollout need full maps "
-            "and are left out"
-        ), stacklevel=3)
-
-
 def _match_masks(paths: Sequence[Path], folder: str | Path) -> list[Path | None]:
     index = index_masks(folder)
     matched = [index.get(p.stem) for p in paths]
@@ -550,15 +549,11 @@ def _process(
         cache_rows[FG] = batch.fg
     rows = {"cache": cache_rows}
     if "metrics" in writers:
-        fg = None if batch.fg is None else batch.fg.to(device)
-        values, maps = batch_metrics(
-            spec.layout, captured.magnitude, attn=captured.attn, fg=fg, fusion=plan.options.rollout.fusion,
-            discard_ratio=plan.options.rollout.discard_ratio, token_norm=captured.token_norm,
-            artifact_rule=plan.options.artifacts.rule,
+        rows["metrics"] = metric_rows(
+            spec.layout, captured.magnitude, attn=captured.attn, fg=None if batch.fg is None else batch.fg.to(device),
+            token_norm=captured.token_norm, rollout=plan.options.rollout, artifact_rule=plan.options.artifacts.rule,
+            flow_layers=plan.flow_layers,
         )
-        metric_rows = {metric_dataset(name): value.to(torch.float32, copy=True) for name, value in values.items()}
-        metric_rows[ROLLOUT_MAP] = maps.float()
         if batch.fg is not None:
-            metric_rows[FG] = batch.fg
-        rows["metrics"] = metric_rows
+            rows["metrics"][FG] = batch.fg  # the host's copy, as the cache stores it
     return HostRows(rows)

@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from .cache import MetricsFile, MetricsSpec, open_cache
 from .errors import AttnflowError, AttnflowNote
 from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, metric_dataset
 from .flow import attention_flow
-from .extract import warn_about_layout
-from .options import MetricsOptions, resolve_device
-from .metrics import REGISTRY, available_metrics, batch_metrics
+from .layout import TokenLayout
+from .options import MetricsOptions, RolloutOptions, resolve_device
+from .metrics import REGISTRY, ArtifactRule, available_metrics, batch_metrics
 
 # The columns of the per-layer summary: the metrics the registry marks ``summary``, in its order.
 SUMMARY_METRICS = REGISTRY.summary
@@ -93,20 +94,11 @@ def compute_metrics(
                 magnitude = cache.magnitude(start, stop, device=torch_device)
                 fg = cache.fg(start, stop, device=torch_device) if has_fg else None
                 token_norm = cache.token_norm(start, stop, device=torch_device) if has_token_norm else None
-                # exact attention flow (opt-in): a max-flow per patch, on the CPU whatever the device
-                flow_maps = attention_flow(maps, layout, flow_layers, fusion, discard_ratio) if flow_layers else None
-                values, rollout_maps = batch_metrics(
-                    layout, magnitude, fg=fg, fusion=fusion, discard_ratio=discard_ratio, token_norm=token_norm,
-                    artifact_rule=options.artifacts.rule, flow_maps=flow_maps, flow_layers=flow_layers,
+                rows = {name: value.cpu().numpy() for name, value in metric_rows(
+                    layout, magnitude, fg=fg, token_norm=token_norm, rollout=options.rollout,
+                    artifact_rule=options.artifacts.rule, flow_layers=flow_layers,
                     **({"attn": maps} if full_maps else {"attn_rows": maps}),
-                )
-                rows = {metric_dataset(name): value.float().cpu().numpy() for name, value in values.items()}
-                if rollout_maps is not None:
-                    rows[ROLLOUT_MAP] = rollout_maps.float().cpu().numpy()
-                if flow_maps is not None:
-                    rows[FLOW_MAP] = flow_maps.float().numpy()
-                if has_fg:
-                    rows[FG] = fg.cpu().numpy()
+                ).items()}
                 writer.append(
                     rows,
                     image_ids=image_ids[start:stop],
@@ -121,6 +113,53 @@ def compute_metrics(
             writer.close()
             raise
         return writer.finish()
+
+
+def metric_rows(
+    layout: TokenLayout,
+    magnitude: torch.Tensor,
+    *,
+    attn: torch.Tensor | None = None,
+    attn_rows: torch.Tensor | None = None,
+    fg: torch.Tensor | None = None,
+    token_norm: torch.Tensor | None = None,
+    rollout: RolloutOptions = RolloutOptions(),
+    artifact_rule: ArtifactRule = ArtifactRule(),
+    flow_layers: tuple[int, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """One batch's rows of a metrics file, as ``attnflow metrics`` and ``attnflow extract --metrics`` both
+    write them: every available metric (:func:`attnflow.metrics.batch_metrics`), the rollout maps (full maps
+    only), the attention flow maps after ``flow_layers`` (full maps only; a max-flow per patch, on the CPU)
+    and ``fg``, keyed by dataset name: float32 copies on the device of the inputs (flow on the CPU), fg as given.
+
+    Shapes as in :func:`~attnflow.metrics.batch_metrics`: attn (B, L, H, T, T) or attn_rows (B, L, H, p, T),
+    magnitude and token_norm (B, L, T), fg (B, P)."""
+    fusion, discard_ratio = rollout.fusion, rollout.discard_ratio
+    flow_maps = attention_flow(attn, layout, flow_layers, fusion, discard_ratio) if flow_layers else None
+    values, rollout_maps = batch_metrics(
+        layout, magnitude, attn=attn, attn_rows=attn_rows, fg=fg, fusion=fusion, discard_ratio=discard_ratio,
+        token_norm=token_norm, artifact_rule=artifact_rule, flow_maps=flow_maps, flow_layers=flow_layers,
+    )
+    # copies: a value may share memory with the capture's buffers, which the next batch overwrites
+    rows = {metric_dataset(name): value.to(torch.float32, copy=True) for name, value in values.items()}
+    if rollout_maps is not None:
+        rows[ROLLOUT_MAP] = rollout_maps.float()
+    if flow_maps is not None:
+        rows[FLOW_MAP] = flow_maps.float()
+    if fg is not None:
+        rows[FG] = fg
+    return rows
+
+
+def warn_about_layout(layout: TokenLayout, *, full_maps: bool) -> None:
+    """Say once what a layout or a store mode leaves out of a metrics file."""
+    if not layout.has_cls:
+        warnings.warn(AttnflowNote("the model has no cls token: every cls_* metric is NaN"), stacklevel=3)
+    if not full_maps:
+        warnings.warn(AttnflowNote(
+            "the cache keeps only cls/register rows (store=rows): patch metrics and rollout need full maps "
+            "and are left out"
+        ), stacklevel=3)
 
 
 def _nanmean(x: np.ndarray, axis) -> np.ndarray:

@@ -228,12 +228,13 @@ class ExtractOptions(_Groups):
 
     GROUPS: ClassVar[dict[str, type]] = {
         "store": StoreOptions, "rollout": RolloutOptions, "inputs": InputOptions, "run": RunOptions,
-        "artifacts": ArtifactOptions,
+        "artifacts": ArtifactOptions, "flow": FlowOptions,
     }
 
     store: StoreOptions = field(default_factory=StoreOptions)
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
     artifacts: ArtifactOptions = field(default_factory=ArtifactOptions)
+    flow: FlowOptions = field(default_factory=FlowOptions)
     inputs: InputOptions = field(default_factory=InputOptions)
     run: RunOptions = field(default_factory=RunOptions)
 

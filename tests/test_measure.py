@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache
+from attnflow.errors import OptionError
 from attnflow.cache import METRICS_SCHEMA, open_metrics
 from attnflow.extract import extract
 from attnflow.images import list_images
@@ -50,11 +51,17 @@ def test_metrics_file_equals_the_loop_reference_on_the_cached_maps(tmp_path, ima
 def test_streaming_metrics_equal_the_two_step_path(tmp_path, image_dir):
     loaded = tiny("plain")
     paths = list_images([str(image_dir)])
-    extract(loaded, paths, tmp_path / "c.h5", dtype="float32", metrics=tmp_path / "streamed.h5", batch_size=4, workers=0)
-    compute_metrics(tmp_path / "c.h5", tmp_path / "two_step.h5", batch_size=3)
+    # attention flow too: both paths write a batch's rows through one function
+    extract(loaded, paths, tmp_path / "c.h5", dtype="float32", metrics=tmp_path / "streamed.h5", batch_size=4, workers=0,
+            flow=True, flow_layers=(0, -1))
+    compute_metrics(tmp_path / "c.h5", tmp_path / "two_step.h5", batch_size=3, flow=True, flow_layers=(0, -1))
     streamed, two_step = read_all(tmp_path / "streamed.h5"), read_all(tmp_path / "two_step.h5")
     assert set(streamed) == set(two_step)
-    assert "metrics/cls_entropy_norm" in two_step and "rollout/map" in two_step
+    assert {"metrics/cls_entropy_norm", "rollout/map", "flow/map"} <= set(two_step)
+    with h5py.File(tmp_path / "streamed.h5") as s, h5py.File(tmp_path / "two_step.h5") as t:
+        assert list(s.attrs["flow_layers"]) == list(t.attrs["flow_layers"]) == [0, 1]
+    with pytest.raises(OptionError, match="--flow.*add --metrics"):
+        extract(loaded, paths, tmp_path / "flow_only.h5", flow=True, workers=0)
     for name, want in two_step.items():
         if want.dtype.kind == "f":
             np.testing.assert_allclose(streamed[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
