@@ -34,14 +34,15 @@ import numpy as np
 
 from .errors import AttnflowError
 from .output import RUN_MARKER, atomic_output, check_output_path, check_run_folder, file_system_errors, fsync as _fsync, make_run_folder, remove_run_folder, run_folder_marker  # noqa: F401  (file_system_errors: re-exported)
+from .choices import choice_values
 from .layout import TokenLayout
 from .metrics import ArtifactRule
 from .version import __version__
 from .schema import (  # noqa: F401  (the readers, re-exported: ``attnflow.cache`` is where users import them from)
-    ATTN, ATTN_ROWS, CACHE_DATASETS, CLASS_NAMES, COMPRESSIONS, DTYPES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS,
+    ATTN, ATTN_ROWS, CACHE_DATASETS, CLASS_NAMES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS,
     FINAL_NORM_WEIGHT, IMAGE_IDS, IMAGE_SHA256, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
-    PARTIAL_SUFFIX, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS, STORE_MODES,
-    TOKEN_NORM, TOKENS, LAYER_TOKENS, Cache, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
+    PARTIAL_SUFFIX, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS,
+    TOKEN_NORM, TOKENS, LAYER_TOKENS, Cache, Compression, DType, StoreMode, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
     layout_attrs, layout_from_attrs, metric_dataset, open_cache, open_hdf5, open_metrics, partial_path, validate,
     tokens_dataset,
 )
@@ -103,12 +104,12 @@ class CacheSpec:
     layout: TokenLayout
     num_layers: int
     num_heads: int
-    store: str = "full"
-    dtype: str = "float16"
-    compression: str = "gzip"
+    store: str = StoreMode.full.value
+    dtype: str = DType.float16.value
+    compression: str = Compression.gzip.value
     token_dim: int | None = None  # set to store ``tokens``
     token_layers: tuple[int, ...] | None = None  # 0-based increasing blocks whose tokens to store; None: the last
-    tokens_dtype: str = "float32"  # of the stored tokens
+    tokens_dtype: str = DType.float32.value  # of the stored tokens
     class_names: list[str] | None = None  # set to store ``labels``
     has_masks: bool = False  # set to store ``fg``
     final_norm: tuple[np.ndarray, np.ndarray, float] | None = None  # LayerNorm (weight, bias, eps), with tokens
@@ -116,11 +117,11 @@ class CacheSpec:
     image_digests: bool = False  # set to store ``image_sha256``
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.store, STORE_MODES, "store mode"), (self.dtype, DTYPES, "dtype"), (self.compression, COMPRESSIONS, "compression"),
-                                     (self.tokens_dtype, DTYPES, "tokens dtype")):
-            if value not in allowed:
+        for value, allowed, what in ((self.store, StoreMode, "store mode"), (self.dtype, DType, "dtype"), (self.compression, Compression, "compression"),
+                                     (self.tokens_dtype, DType, "tokens dtype")):
+            if value not in choice_values(allowed):
                 raise AttnflowError(f"unknown {what} '{value}' (choose from {', '.join(allowed)})")
-        if self.store == "rows" and self.layout.num_prefix_tokens == 0:
+        if self.store == StoreMode.rows and self.layout.num_prefix_tokens == 0:
             raise AttnflowError("--store rows keeps the cls and register rows, and this model has neither; use full or none")
         layers = self.stored_token_layers
         if not layers or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.num_layers:
@@ -141,7 +142,7 @@ class CacheSpec:
             "has_masks": self.has_masks,
             # only when not the default (the last block, float32): absent in every cache before the options
             **({"token_layers": list(self.stored_token_layers)} if self.stored_token_layers != (self.num_layers - 1,) else {}),
-            **({"tokens_dtype": self.tokens_dtype} if self.tokens_dtype != "float32" else {}),
+            **({"tokens_dtype": self.tokens_dtype} if self.tokens_dtype != DType.float32 else {}),
         }
 
     @property
@@ -158,10 +159,10 @@ class CacheSpec:
         L, H, T, p = self.num_layers, self.num_heads, self.layout.num_tokens, self.layout.num_prefix_tokens
         # token_norm too under store=none: a few KB per image, and the artifact metrics need it
         rows = {MAGNITUDE: RowDataset((L, T), "float32", (64, L, T)), TOKEN_NORM: RowDataset((L, T), "float32", (64, L, T))}
-        if self.store == "full":
+        if self.store == StoreMode.full:
             # One chunk per image and layer: reading an image or a layer never decompresses other images.
             rows[ATTN] = RowDataset((L, H, T, T), self.dtype, (1, 1, H, T, T))
-        elif self.store == "rows":
+        elif self.store == StoreMode.rows:
             rows[ATTN_ROWS] = RowDataset((L, H, p, T), self.dtype, (1, L, H, p, T))
         if self.token_dim is not None:
             D, S = self.token_dim, len(self.stored_token_layers)
@@ -418,7 +419,7 @@ class RowFileWriter:
             self._check_complete()
         else:
             self._start()
-        if compression == "gzip" and self.complete_attrs is None:
+        if compression == Compression.gzip and self.complete_attrs is None:
             self._gzip = _ParallelGzip()
 
     # -- the run folder -------------------------------------------------------------------------------
@@ -645,7 +646,7 @@ class RowFileWriter:
         n = self.n_images
         uncompressed = sum(
             math.ceil(n / spec.chunks[0]) * spec.chunks[0] * math.prod(spec.row_shape) * np.dtype(spec.dtype).itemsize
-            for spec in self._rows.values() if not (spec.compressed and self._compression != "none")
+            for spec in self._rows.values() if not (spec.compressed and self._compression != Compression.none)
         )
         strings = 16 * 1024 * (math.ceil(n / 1024) + 2 * math.ceil(self.n_skipped / 256) + 1)
         segments = sum(segment.path.stat().st_size for segment in self._segments)

@@ -27,12 +27,15 @@ import torch
 import torch.nn as nn
 
 from .architectures import Finish, adapter_for
+from .choices import StrEnum, choice_values
 from .errors import AttnflowError
 
 ROW_SUM_TOLERANCE = 1e-3
 # Where the magnitude's update is taken (a cache's ``magnitude_update`` attribute): after the block's layer
 # scale (what the residual stream receives) or before it (the Beyond [cls] code's).
-MAGNITUDE_UPDATES = ("after-layer-scale", "before-layer-scale")
+class MagnitudeUpdate(StrEnum):
+    after_layer_scale = "after-layer-scale"
+    before_layer_scale = "before-layer-scale"
 
 
 def attention_problem(attn: torch.Tensor, tolerance: float = ROW_SUM_TOLERANCE) -> tuple[str, tuple[int, ...]] | None:
@@ -100,7 +103,7 @@ class AttentionCapture:
             captured = capture.pop()   # Captured(attn=(B, L, H, T, T), magnitude=(B, L, T))
 
     Hooks are removed and each attention module's ``fused_attn`` flag is restored on exit. ``magnitude``
-    (one of :data:`~attnflow.schema.MAGNITUDE_UPDATES`) says where the magnitude's update is taken: after the
+    (a :class:`MagnitudeUpdate`) says where the magnitude's update is taken: after the
     block's layer scale (what the residual stream receives) or before it. ``token_layers`` (0-based, negative
     from the last block) are the blocks whose output tokens ``layer_tokens`` holds, in increasing order.
 
@@ -111,10 +114,10 @@ class AttentionCapture:
     recycle; on a CPU its page faults alone cost about 4% of a ViT-S forward pass.
     """
 
-    def __init__(self, model: nn.Module, magnitude: str = MAGNITUDE_UPDATES[0], token_layers: Sequence[int] = (-1,),
+    def __init__(self, model: nn.Module, magnitude: str = MagnitudeUpdate.after_layer_scale, token_layers: Sequence[int] = (-1,),
                  reuse_buffer: bool = False):
-        if magnitude not in MAGNITUDE_UPDATES:
-            raise ValueError(f"magnitude must be one of {', '.join(MAGNITUDE_UPDATES)}, not '{magnitude}'")
+        if magnitude not in choice_values(MagnitudeUpdate):
+            raise ValueError(f"magnitude must be one of {', '.join(MagnitudeUpdate)}, not '{magnitude}'")
         self.adapter = adapter_for(model)  # refuses, in one line, a model attnflow cannot capture
         self.blocks = self.adapter.blocks
         self.token_layers = resolve_blocks(token_layers, len(self.blocks))

@@ -20,13 +20,13 @@ import typer
 
 from .version import __version__
 from .errors import AttnflowError, AttnflowNote, OptionError
-from .cache import COMPRESSIONS, DTYPES, STORE_MODES
+from .capture import MagnitudeUpdate
 from .families import FAMILIES
-from .images import DECODE_MODES, INTERPOLATIONS, PREPROCESS_PRESETS
+from .images import DecodeMode as Decode, Interpolation, Preprocess
 from .inference import Correction
-from .capture import MAGNITUDE_UPDATES
-from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, REGISTRY
-from .probe import EP_QUERIES, EVALUATORS, POOLS
+from .metrics import DEFAULT_ARTIFACT_FACTOR, REGISTRY, Fusion as Reduction  # rollout's --fusion and compare's --heads
+from .probe import EP_QUERIES, Evaluator, Pool
+from .schema import Compression, DType, StoreMode as Store
 from .registry import Y_SHARING
 from .render import Format, Table
 from .options import QUERY_ROWS, REPORT_IMAGES
@@ -47,17 +47,7 @@ def _choices(name: str, values: Sequence[str]) -> type[Enum]:
     return Enum(name, {value: value for value in values}, type=str)
 
 
-Store = _choices("Store", STORE_MODES)
-DType = _choices("DType", DTYPES)
-Compression = _choices("Compression", COMPRESSIONS)
 Family = _choices("Family", FAMILIES)
-Reduction = _choices("Reduction", FUSIONS)  # how heads are combined: rollout's --fusion and compare's --heads
-Interpolation = _choices("Interpolation", INTERPOLATIONS)
-MagnitudeUpdate = _choices("MagnitudeUpdate", MAGNITUDE_UPDATES)
-Preprocess = _choices("Preprocess", PREPROCESS_PRESETS)
-Decode = _choices("Decode", DECODE_MODES)
-Pool = _choices("Pool", POOLS)
-Evaluator = _choices("Evaluator", EVALUATORS)
 InfoFormat = _choices("InfoFormat", ("table", "json"))
 ShareY = _choices("ShareY", Y_SHARING)
 QueryRows = _choices("QueryRows", QUERY_ROWS)
@@ -239,21 +229,21 @@ def extract(
     img_size: Optional[int] = typer.Option(None, help="Build the model at this input resolution; position embeddings are resampled. A multiple of the patch size, at least 2 patches."),
     family: Optional[Family] = typer.Option(None, help="Model family for later comparisons (default: from the pretrained tag; with --checkpoint from its layout (MAE decoder, DINO teacher/student, I-JEPA target encoder...) or unknown)."),
     label: Optional[str] = typer.Option(None, help="Name of the model in later tables (default: model name, plus checkpoint stem)."),
-    store: Store = typer.Option(Store("full"), help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
-    dtype: DType = typer.Option(DType("float16"), help="Storage type of attention maps."),
-    compression: Compression = typer.Option(Compression("gzip"), help="HDF5 compression of maps and tokens."),
+    store: Store = typer.Option(Store.full, help="full: every attention map; rows: only cls/register query rows; none: no maps (magnitudes and tokens only)."),
+    dtype: DType = typer.Option(DType.float16, help="Storage type of attention maps."),
+    compression: Compression = typer.Option(Compression.gzip, help="HDF5 compression of maps and tokens."),
     save_tokens: bool = typer.Option(False, "--save-tokens", help="Also store the last block's output tokens (before the final norm)."),
     token_layers: Optional[str] = typer.Option(None, "--token-layers", help="With --save-tokens: the blocks whose output tokens are stored, comma-separated, 0-based or negative from the last (default -1, the last block; e.g. -1,-4,-7)."),
-    tokens_dtype: DType = typer.Option(DType("float32"), "--tokens-dtype", help="With --save-tokens: storage type of the tokens (float16 halves their size)."),
+    tokens_dtype: DType = typer.Option(DType.float32, "--tokens-dtype", help="With --save-tokens: storage type of the tokens (float16 halves their size)."),
     masks: Optional[Path] = typer.Option(None, help="Folder of object masks (nonzero = object) matched to images by file stem; stores each patch's object fraction."),
     metrics: Optional[Path] = typer.Option(None, help="Also compute the metrics file in the same pass, from the float32 maps (works with --store none)."),
-    fusion: Reduction = typer.Option(Reduction("mean"), help="Rollout head fusion, with --metrics."),
+    fusion: Reduction = typer.Option(Reduction.mean, help="Rollout head fusion, with --metrics."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries per image and layer, with --metrics."),
     artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block with --metrics (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
     artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
     flow: bool = typer.Option(False, "--flow", help="With --metrics: also compute exact attention flow (flow/map and the flow_* metrics; a max-flow per patch on the CPU: seconds per ViT-S/16 image)."),
     flow_layers: Optional[str] = typer.Option(None, "--flow-layers", help=FLOW_LAYERS_HELP),
-    magnitude: MagnitudeUpdate = typer.Option(MagnitudeUpdate(MAGNITUDE_UPDATES[0]), help="Take the magnitude's attention update after the block's layer scale (what the residual stream receives) or before it (as the Beyond [cls] code does; differs on layer-scale models such as DINOv2)."),
+    magnitude: MagnitudeUpdate = typer.Option(MagnitudeUpdate.after_layer_scale, help="Take the magnitude's attention update after the block's layer scale (what the residual stream receives) or before it (as the Beyond [cls] code does; differs on layer-scale models such as DINOv2)."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
@@ -262,8 +252,8 @@ def extract(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch's forward pass (default: every core, whatever --workers, so that the bits do not depend on it; OMP_NUM_THREADS when set; 1 is often faster on a busy machine)."),
     crop_pct: Optional[float] = typer.Option(None, help="Override the model's eval crop fraction, in [0.1, 1]: images are resized to img-size / crop-pct, then centre-cropped (timm's convention; above 1 timm would pad black borders)."),
     interpolation: Optional[Interpolation] = typer.Option(None, help="Override the resize interpolation."),
-    preprocess: Preprocess = typer.Option(Preprocess("timm"), help="timm: each model's own eval config; beyond-cls: the Beyond [cls] paper's Resize 256 (bicubic), CenterCrop 224, ImageNet mean/std for every model (built at 224)."),
-    decode: Decode = typer.Option(Decode("cpu"), help="cpu: PIL and timm's transform in the workers (exact); gpu: JPEGs decoded in batches with nvJPEG and resized on the GPU (close, not identical: see the README); other formats stay on the CPU."),
+    preprocess: Preprocess = typer.Option(Preprocess.timm, help="timm: each model's own eval config; beyond-cls: the Beyond [cls] paper's Resize 256 (bicubic), CenterCrop 224, ImageNet mean/std for every model (built at 224)."),
+    decode: Decode = typer.Option(Decode.cpu, help="cpu: PIL and timm's transform in the workers (exact); gpu: JPEGs decoded in batches with nvJPEG and resized on the GPU (close, not identical: see the README); other formats stay on the CPU."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first image that cannot be decoded."),
     limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N images."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted extraction of the same inputs into the same output."),
@@ -363,7 +353,7 @@ def extract(
 def metrics_command(
     cache: Path = typer.Argument(..., help="Attention cache written by `attnflow extract`."),
     output: Path = typer.Option(..., "-o", "--output", help="Metrics file to write (HDF5)."),
-    fusion: Reduction = typer.Option(Reduction("mean"), help="How rollout fuses heads: mean, max or min."),
+    fusion: Reduction = typer.Option(Reduction.mean, help="How rollout fuses heads: mean, max or min."),
     discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries of each image's fused map."),
     artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
     artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
@@ -456,7 +446,7 @@ def compare(
     metric: List[str] = typer.Option([], "--metric", "-m", help=f"Metric to compare (repeatable; default: those of {', '.join(REGISTRY.defaults)} that some file has). Perturbation files: gap (negative AUC - positive AUC per image, the default), auc_positive, auc_negative."),
     relevance: List[str] = typer.Option([], "--relevance", "-r", help="Perturbation files: the relevance maps compared, the rows (repeatable; default every map the files hold; the summary leaves out random unless it is named here)."),
     groups: str = typer.Option("mim,jea", "--groups", help=f"The summary: two families A,B (reports A - B), or all for every pair of the families present. Families: {', '.join(FAMILIES)}."),
-    heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged (metrics files)."),
+    heads: Reduction = typer.Option(Reduction.mean, help="How heads are reduced before images are averaged (metrics files)."),
     layers: str = typer.Option("all", callback=_layers_option, help="Metrics files: layers in the per-layer tables: all, last or N,M,... (0-based; negative from the end; fractions with --depth relative)."),
     depth: Depth = typer.Option(Depth.absolute, help="relative aligns models of different depths at fractions of depth."),
     summary_layers: str = typer.Option("last", callback=_layers_option, help="Metrics files: layers of the group summary, same syntax as --layers."),
@@ -770,7 +760,7 @@ def plot_curves_command(
     files: List[Path] = typer.Argument(..., help="Metrics files, one per model."),
     output: Path = typer.Option(..., "-o", "--output", help="Figure to write: .png, .svg or .pdf."),
     metric: List[str] = typer.Option([], "--metric", "-m", help=f"Metric to draw (repeatable; default: those of {', '.join(REGISTRY.defaults)} that some file has)."),
-    heads: Reduction = typer.Option(Reduction("mean"), help="How heads are reduced before images are averaged."),
+    heads: Reduction = typer.Option(Reduction.mean, help="How heads are reduced before images are averaged."),
     bootstrap: int = typer.Option(2000, min=1, max=MAX_BOOTSTRAP, help="Bootstrap resamples for the 95% bands."),
     seed: int = typer.Option(0, min=0, help="Seed of the bootstrap (a non-negative integer)."),
     share_y: ShareY = typer.Option(ShareY("unit"), "--share-y", help="unit: panels whose metrics share a unit share one y range; none: each panel scales its own."),

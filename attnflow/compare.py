@@ -40,7 +40,8 @@ from .families import FAMILIES, title
 from .inference import (
     ALPHA, MAX_EXACT_RELABELINGS, Correction, adjust, between_models, bootstrap_means, percentile_ci, smallest_adjusted,
 )
-from .metrics import FUSIONS, REGISTRY, reduce_heads
+from .choices import choice_values
+from .metrics import REGISTRY, Fusion, reduce_heads
 from .render import Format, emit, format_cell, json_value
 
 ROW_COLUMNS = ("model", "family", "metric", "layer", "mean", "std", "ci_low", "ci_high", "n_images")
@@ -110,8 +111,8 @@ def load_models(
     notes = notes if notes is not None else []
     if not paths:
         raise AttnflowError("no metrics files to compare")
-    if heads not in FUSIONS:
-        raise AttnflowError(f"unknown head reduction '{heads}' (choose from {', '.join(FUSIONS)})")
+    if heads not in choice_values(Fusion):
+        raise AttnflowError(f"unknown head reduction '{heads}' (choose from {', '.join(Fusion)})")
     if len(labels) > len(paths) or len(families) > len(paths):
         raise AttnflowError(f"{max(len(labels), len(families))} labels/families given for {len(paths)} files")
     for name in metrics or ():

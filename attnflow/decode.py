@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .errors import AttnflowError, OptionError, first_line
-from .images import DECODE_MODES, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, content_digest, read_image_file
+from .images import DecodeMode, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, content_digest, read_image_file
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker: every JPEG file starts so
 EXIF_ORIENTATION = 0x0112
@@ -50,9 +50,9 @@ _LUMA_WEIGHTS = (19595, 38470, 7471)
 
 
 def with_decode(preprocessing: Preprocessing, decode: str) -> Preprocessing:
-    """``preprocessing`` decoded the ``decode`` way (:data:`~attnflow.images.DECODE_MODES`); ``gpu`` must be able
+    """``preprocessing`` decoded the ``decode`` way (:class:`~attnflow.images.DecodeMode`); ``gpu`` must be able
     to mirror it, else an :class:`OptionError` naming ``--decode``."""
-    if decode != DECODE_MODES[0]:
+    if decode != DecodeMode.cpu:
         check_device_decodable(preprocessing)
     return dataclasses.replace(preprocessing, decode=decode)
 
@@ -73,7 +73,7 @@ def check_decode_device(decode: str, device: str) -> None:
     """The CLI's rule for ``--decode`` and ``--device`` (their texts): ``gpu`` decodes with nvJPEG on the model's
     device, so it needs CUDA; refused, naming ``--decode``, on a machine without CUDA or with ``--device cpu``.
     (The Python API also runs the batched path on the CPU, for comparisons.)"""
-    if decode == DECODE_MODES[0]:
+    if decode == DecodeMode.cpu:
         return
     if not torch.cuda.is_available():
         raise OptionError("--decode", f"{decode} decodes with nvJPEG on a CUDA device, and this machine has none: use --decode cpu")
@@ -270,7 +270,7 @@ def image_batches(dataset: ImageDataset, *, device: torch.device, batch_size: in
     preprocessing's ``decode`` says: by PIL in ``workers`` processes (``cpu``), or with the JPEGs decoded on
     ``device`` (``gpu``; the CLI requires CUDA there, the Python API also runs this path on the CPU, for
     comparisons)."""
-    if dataset.preprocessing.decode == DECODE_MODES[0]:
+    if dataset.preprocessing.decode == DecodeMode.cpu:
         return _surviving(torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_images,
             pin_memory=device.type == "cuda", worker_init_fn=_leave_interrupts_to_the_parent,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, masks_digest
-from .capture import MAGNITUDE_UPDATES, AttentionCapture
+from .capture import AttentionCapture, MagnitudeUpdate
 from .errors import AttnflowError, AttnflowNote, OptionError
 from .decode import image_batches, with_decode
 from .images import ImageBatch, ImageDataset, Preprocessing, class_of, folder_classes, index_masks, resolve_preprocessing
@@ -31,7 +31,7 @@ from .measure import metric_rows, warn_about_layout
 from .metrics import available_metrics
 from .models import LoadedModel
 from .options import ExtractOptions, resolve_device
-from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, TOKEN_NORM, TOKENS
+from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, TOKEN_NORM, TOKENS, DType, StoreMode
 
 
 @dataclass
@@ -59,11 +59,11 @@ def cache_bytes_per_image(loaded: LoadedModel, options: ExtractOptions) -> int:
     float32 magnitudes and token norms (L x T each) every cache holds."""
     adapter, layout, store = loaded.adapter, loaded.layout, options.store
     L, T = adapter.num_layers, layout.num_prefix_tokens + layout.num_patches
-    rows = {"full": T, "rows": layout.num_prefix_tokens, "none": 0}[store.store]
-    maps = L * adapter.num_heads * rows * T * (2 if store.dtype == "float16" else 4)
+    rows = {StoreMode.full: T, StoreMode.rows: layout.num_prefix_tokens, StoreMode.none: 0}[store.store]
+    maps = L * adapter.num_heads * rows * T * (2 if store.dtype == DType.float16 else 4)
     tokens = 0
     if store.save_tokens:
-        tokens = len(store.token_blocks(L)) * T * adapter.width * (2 if store.tokens_dtype == "float16" else 4)
+        tokens = len(store.token_blocks(L)) * T * adapter.width * (2 if store.tokens_dtype == DType.float16 else 4)
     return maps + tokens + 2 * L * T * 4
 
 
@@ -343,7 +343,7 @@ class _Plan:
                 "preprocessing": json.dumps(self.preprocessing.as_dict(), sort_keys=True),
                 "amp": self.amp,
                 # only when not the default: absent means after the layer scale, as in every cache of attnflow 0.1
-                **({"magnitude_update": store.magnitude} if store.magnitude != MAGNITUDE_UPDATES[0] else {}),
+                **({"magnitude_update": store.magnitude} if store.magnitude != MagnitudeUpdate.after_layer_scale else {}),
                 "working_dir": os.getcwd(),
                 "inputs_sha256": inputs_digest([str(p) for p in self.paths]),
                 "n_inputs": len(self.paths),
@@ -503,7 +503,7 @@ def _stored_tokens(tokens: torch.Tensor, dtype: str) -> torch.Tensor:
     """Tokens (any shape) as stored in ``dtype``; a value float16 cannot hold is refused rather than stored as
     infinity (high-norm artifact tokens can be large)."""
     tokens = tokens.float()
-    if dtype == "float32":
+    if dtype == DType.float32:
         return tokens
     largest = float(tokens.abs().amax()) if tokens.numel() else 0.0
     if not largest <= torch.finfo(torch.float16).max:
@@ -533,13 +533,13 @@ def _process(
     with autocast:
         model.forward_features(pixels)
     captured = capture.pop()
-    storage = torch.float16 if spec.dtype == "float16" else torch.float32
+    storage = torch.float16 if spec.dtype == DType.float16 else torch.float32
     cache_rows = {MAGNITUDE: captured.magnitude, TOKEN_NORM: captured.token_norm}
     # captured.attn is the capture's reused buffer, which the next batch overwrites while the writer may
     # still hold this one: whatever is stored from it is a copy
-    if spec.store == "full":
+    if spec.store == StoreMode.full:
         cache_rows[ATTN] = captured.attn.to(storage, copy=True)
-    elif spec.store == "rows":
+    elif spec.store == StoreMode.rows:
         cache_rows[ATTN_ROWS] = captured.attn[:, :, :, : spec.layout.num_prefix_tokens].to(storage, copy=True)
     if spec.token_dim is not None:
         # (B, S, T, D) for several blocks, (B, T, D) for one (the default, stored as every earlier cache)

@@ -100,7 +100,7 @@ def attention_flow(
     attn: torch.Tensor,
     layout: TokenLayout,
     layers: Sequence[int],
-    fusion: Fusion = "mean",
+    fusion: Fusion | str = Fusion.mean,
     discard_ratio: float = 0.0,
     *,
     normalise: bool = True,

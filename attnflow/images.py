@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 from .architectures import adapter_for
+from .choices import StrEnum, choice_values
 from .errors import AttnflowError, OptionError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -32,7 +33,13 @@ IMAGE_EXTENSIONS = frozenset(
 
 # The resize interpolations timm's eval transform accepts (timm.data.transforms.str_to_interp_mode; its
 # 'random' is for training transforms only and fails in the eval transform).
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+class Interpolation(StrEnum):
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    box = "box"
+    hamming = "hamming"
+    lanczos = "lanczos"
 
 # crop_pct: the image is resized to img_size / crop_pct, then centre-cropped to img_size (timm's convention).
 # Above 1 the resized image is smaller than the crop and timm pads it with black (zero) borders the model
@@ -45,19 +52,23 @@ CROP_PCT_MIN = 0.1
 # build_dataset_v2 that main_attention_stats.py measures on) feeds every model whatever its config says:
 # Resize(int(224 * 16 / 14) = 256, bicubic) of the shorter side, CenterCrop(224), ImageNet mean and std. In
 # timm's terms that is crop_pct 224 / 256 = 0.875 (floor(224 / 0.875) = 256 exactly), on models built at 224.
-PREPROCESS_PRESETS = ("timm", "beyond-cls")
+class Preprocess(StrEnum):
+    timm = "timm"
+    beyond_cls = "beyond-cls"
 BEYOND_CLS_SIZE = 224
 BEYOND_CLS_RESIZE = 256
 
 # ``--decode``: ``cpu`` decodes with PIL and transforms with timm in the workers (exact, the default); ``gpu``
 # decodes JPEGs in batches on the device and mirrors the transform there (attnflow.decode).
-DECODE_MODES = ("cpu", "gpu")
+class DecodeMode(StrEnum):
+    cpu = "cpu"
+    gpu = "gpu"
 
 
 def build_size(preset: str, img_size: int | None) -> int | None:
     """The ``--img-size`` to build the model at under ``preset``: as given for ``timm``; 224 for
     ``beyond-cls``, whose inputs are 224 x 224 (another --img-size is an :class:`OptionError`)."""
-    if preset != "beyond-cls":
+    if preset != Preprocess.beyond_cls:
         return img_size
     if img_size is not None and img_size != BEYOND_CLS_SIZE:
         raise OptionError("--img-size", f"--preprocess beyond-cls feeds 224 x 224 inputs; drop --img-size {img_size} or give 224")
@@ -197,7 +208,7 @@ class Preprocessing:
     crop_pct: float
     crop_mode: str
     preset: str = "timm"  # the --preprocess preset this config came from
-    decode: str = "cpu"  # DECODE_MODES: where the pixels were decoded and resized (they differ by rounding)
+    decode: str = DecodeMode.cpu.value  # where the pixels were decoded and resized (they differ by rounding)
 
     def as_dict(self) -> dict:
         """The JSON-able form a cache stores in its ``preprocessing`` attribute (``decode`` only when not the
@@ -210,7 +221,7 @@ class Preprocessing:
             "crop_pct": self.crop_pct,
             "crop_mode": self.crop_mode,
             "preset": self.preset,
-            **({"decode": self.decode} if self.decode != DECODE_MODES[0] else {}),
+            **({"decode": self.decode} if self.decode != DecodeMode.cpu else {}),
         }
 
     @classmethod
@@ -220,7 +231,7 @@ class Preprocessing:
         return cls(
             input_size=tuple(config["input_size"]), interpolation=config["interpolation"], mean=tuple(config["mean"]),
             std=tuple(config["std"]), crop_pct=float(config["crop_pct"]), crop_mode=config["crop_mode"],
-            preset=config.get("preset", "timm"), decode=config.get("decode", DECODE_MODES[0]),
+            preset=config.get("preset", Preprocess.timm.value), decode=config.get("decode", DecodeMode.cpu.value),
         )
 
     def transform(self, *, normalized: bool = True) -> Callable[[Image.Image], torch.Tensor]:
@@ -274,12 +285,12 @@ def resolve_preprocessing(
 ) -> Preprocessing:
     """The preprocessing for ``model``: with ``preset="timm"`` its timm data config with ``input_size`` forced
     to the resolution the model was built at (``crop_pct`` and ``interpolation`` override the config); with
-    ``"beyond-cls"`` the Beyond [cls] paper's fixed transform (see :data:`PREPROCESS_PRESETS`), which needs a
+    ``"beyond-cls"`` the Beyond [cls] paper's fixed transform (see :class:`Preprocess`), which needs a
     model built at 224 x 224 and takes no overrides."""
-    if preset not in PREPROCESS_PRESETS:
-        raise AttnflowError(f"unknown preprocessing preset '{preset}' (choose from {', '.join(PREPROCESS_PRESETS)})")
+    if preset not in choice_values(Preprocess):
+        raise AttnflowError(f"unknown preprocessing preset '{preset}' (choose from {', '.join(Preprocess)})")
     channels, height, width = adapter_for(model).input_size
-    if preset == "beyond-cls":
+    if preset == Preprocess.beyond_cls:
         if (height, width) != (BEYOND_CLS_SIZE, BEYOND_CLS_SIZE):
             raise AttnflowError(
                 f"--preprocess beyond-cls feeds 224 x 224 inputs, but the model was built at {height} x {width}: "
@@ -297,8 +308,8 @@ def resolve_preprocessing(
         mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
     if crop_pct is not None and not CROP_PCT_MIN <= crop_pct <= 1:
         raise AttnflowError(f"--crop-pct must be in [{CROP_PCT_MIN}, 1], got {crop_pct}")
-    if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise AttnflowError(f"unknown interpolation '{interpolation}' (choose from {', '.join(INTERPOLATIONS)})")
+    if interpolation is not None and interpolation not in choice_values(Interpolation):
+        raise AttnflowError(f"unknown interpolation '{interpolation}' (choose from {', '.join(Interpolation)})")
     return Preprocessing(
         input_size=(channels, height, width),
         interpolation=interpolation or config.get("interpolation", "bicubic"),

@@ -15,7 +15,7 @@ import torch
 
 from .cache import MetricsFile, MetricsSpec, open_cache
 from .errors import AttnflowError, AttnflowNote
-from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, metric_dataset
+from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, StoreMode, metric_dataset
 from .flow import attention_flow
 from .layout import TokenLayout
 from .options import MetricsOptions, RolloutOptions, resolve_device
@@ -48,12 +48,12 @@ def compute_metrics(
     torch_device = resolve_device(device)
     with open_cache(cache_path) as cache:
         layout, store = cache.layout, cache.store
-        if store == "none":
+        if store == StoreMode.none:
             raise AttnflowError(
                 f"{cache.path} stores no attention maps (store=none); extract with --store full or rows, "
                 "or compute metrics during extraction with --metrics"
             )
-        full_maps = store == "full"
+        full_maps = store == StoreMode.full
         has_fg = FG in cache
         has_token_norm = cache.has_token_norm
         if options.flow.flow and not full_maps:

@@ -20,15 +20,21 @@ import math
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
+from .choices import StrEnum
 from .layout import TokenLayout
 from .registry import Level, Metric, MetricGroup, Need, Registry, check_group_output
 
-Fusion = Literal["mean", "max", "min"]
-FUSIONS = ("mean", "max", "min")
+class Fusion(StrEnum):
+    """How heads are combined: rollout's head fusion, and the head reduction of compare and plots."""
+
+    mean = "mean"
+    max = "max"
+    min = "min"
+
 TOP_FRACTION = 0.1
 
 # Units shared by several metrics.
@@ -111,7 +117,7 @@ class Batch:
     full_maps: bool
     magnitude: torch.Tensor
     fg: torch.Tensor | None = None
-    fusion: Fusion = "mean"
+    fusion: Fusion | str = Fusion.mean
     discard_ratio: float = 0.0
     token_norm: torch.Tensor | None = None
     artifact_rule: "ArtifactRule" = field(default_factory=lambda: ArtifactRule())
@@ -323,18 +329,18 @@ MAGNITUDES = MetricGroup(
 )
 
 
-def reduce_heads(values: torch.Tensor, how: Fusion = "mean", dim: int = -1) -> torch.Tensor:
+def reduce_heads(values: torch.Tensor, how: Fusion | str = Fusion.mean, dim: int = -1) -> torch.Tensor:
     """Mean, max or min over the head dimension ``dim``, in the input's dtype."""
-    if how == "mean":
+    if how == Fusion.mean:
         return values.mean(dim)
-    if how == "max":
+    if how == Fusion.max:
         return values.amax(dim)
-    if how == "min":
+    if how == Fusion.min:
         return values.amin(dim)
-    raise ValueError(f"unknown head reduction '{how}' (choose from {', '.join(FUSIONS)})")
+    raise ValueError(f"unknown head reduction '{how}' (choose from {', '.join(Fusion)})")
 
 
-def fuse_heads(attn: torch.Tensor, fusion: Fusion = "mean") -> torch.Tensor:
+def fuse_heads(attn: torch.Tensor, fusion: Fusion | str = Fusion.mean) -> torch.Tensor:
     """(..., H, T, T) -> (..., T, T) by mean, max or min over heads, in the input's dtype."""
     return reduce_heads(attn, fusion, dim=-3)
 
@@ -366,7 +372,7 @@ def readout_vector(layout: TokenLayout, dtype: torch.dtype = torch.float64, devi
     return start
 
 
-def mixing_matrix(attn: torch.Tensor, fusion: Fusion = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+def mixing_matrix(attn: torch.Tensor, fusion: Fusion | str = Fusion.mean, discard_ratio: float = 0.0) -> torch.Tensor:
     """(..., H, T, T) one layer's attention -> (..., T, T) ``M = 0.5 F + 0.5 I`` with each row renormalised to
     sum 1 (rows, not columns), F the head-fused map with ``discard_ratio`` of its off-diagonal entries zeroed
     per map: rollout's and attention flow's per-layer matrix, in the input's dtype."""
@@ -376,7 +382,7 @@ def mixing_matrix(attn: torch.Tensor, fusion: Fusion = "mean", discard_ratio: fl
 
 
 def rollout(
-    attn: torch.Tensor, layout: TokenLayout, fusion: Fusion = "mean", discard_ratio: float = 0.0
+    attn: torch.Tensor, layout: TokenLayout, fusion: Fusion | str = Fusion.mean, discard_ratio: float = 0.0
 ) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020) read out after every layer.
 
@@ -600,7 +606,7 @@ def batch_metrics(
     attn: torch.Tensor | None = None,
     attn_rows: torch.Tensor | None = None,
     fg: torch.Tensor | None = None,
-    fusion: Fusion = "mean",
+    fusion: Fusion | str = Fusion.mean,
     discard_ratio: float = 0.0,
     token_norm: torch.Tensor | None = None,
     artifact_rule: ArtifactRule = ArtifactRule(),

@@ -15,11 +15,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .cache import COMPRESSIONS, DTYPES, STORE_MODES
 from .errors import AttnflowError, OptionError
-from .images import CROP_PCT_MIN, DECODE_MODES, INTERPOLATIONS, PREPROCESS_PRESETS
-from .capture import MAGNITUDE_UPDATES, resolve_blocks
-from .metrics import DEFAULT_ARTIFACT_FACTOR, FUSIONS, ArtifactRule
+from .capture import MagnitudeUpdate, resolve_blocks
+from .choices import StrEnum, choice_values
+from .images import CROP_PCT_MIN, DecodeMode, Interpolation, Preprocess
+from .metrics import DEFAULT_ARTIFACT_FACTOR, ArtifactRule, Fusion
+from .schema import Compression, DType, StoreMode
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # attnflow report's options, here so that the CLI reads them without importing the report:
@@ -27,8 +28,8 @@ REPORT_IMAGES = 24  # --images: a sample of maps that opens quickly
 QUERY_ROWS = ("mean", "heads", "none")  # --query-rows: which of every patch's own rows the page stores for the query view
 
 
-def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+def _choice(flag: str, value: Any, allowed: type[StrEnum]) -> None:
+    if value not in choice_values(allowed):
         raise OptionError(flag, f"choose from {', '.join(allowed)}, not '{value}'")
 
 
@@ -38,24 +39,24 @@ class StoreOptions:
     storage type and compression, the output tokens of the blocks ``token_layers`` (0-based, negative from the
     last; default the last block) in ``tokens_dtype``, and where the magnitude's update is taken."""
 
-    store: str = "full"
-    dtype: str = "float16"
-    compression: str = "gzip"
+    store: str = StoreMode.full.value
+    dtype: str = DType.float16.value
+    compression: str = Compression.gzip.value
     save_tokens: bool = False
-    magnitude: str = MAGNITUDE_UPDATES[0]
+    magnitude: str = MagnitudeUpdate.after_layer_scale.value
     token_layers: tuple[int, ...] = (-1,)
-    tokens_dtype: str = "float32"
+    tokens_dtype: str = DType.float32.value
 
     def __post_init__(self) -> None:
-        _choice("--store", self.store, STORE_MODES)
-        _choice("--magnitude", self.magnitude, MAGNITUDE_UPDATES)
-        _choice("--dtype", self.dtype, DTYPES)
-        _choice("--compression", self.compression, COMPRESSIONS)
-        _choice("--tokens-dtype", self.tokens_dtype, DTYPES)
+        _choice("--store", self.store, StoreMode)
+        _choice("--magnitude", self.magnitude, MagnitudeUpdate)
+        _choice("--dtype", self.dtype, DType)
+        _choice("--compression", self.compression, Compression)
+        _choice("--tokens-dtype", self.tokens_dtype, DType)
         object.__setattr__(self, "token_layers", tuple(self.token_layers))  # the CLI and Python may pass a list
         if not self.token_layers:
             raise OptionError("--token-layers", "names no block")
-        if not self.save_tokens and (self.token_layers != (-1,) or self.tokens_dtype != "float32"):
+        if not self.save_tokens and (self.token_layers != (-1,) or self.tokens_dtype != DType.float32):
             flag = "--token-layers" if self.token_layers != (-1,) else "--tokens-dtype"
             raise OptionError(flag, "chooses how tokens are stored: add --save-tokens")
 
@@ -73,11 +74,11 @@ class StoreOptions:
 class RolloutOptions:
     """How rollout fuses heads and how much of each fused map it discards."""
 
-    fusion: str = "mean"
+    fusion: str = Fusion.mean.value
     discard_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("--fusion", self.fusion, FUSIONS)
+        _choice("--fusion", self.fusion, Fusion)
         if not 0 <= self.discard_ratio < 1:
             raise OptionError("--discard-ratio", f"must be in [0, 1), not {self.discard_ratio}")
 
@@ -146,20 +147,20 @@ class InputOptions:
     labels_from_dirs: bool = False
     masks: Path | None = None
     strict: bool = False
-    preprocess: str = "timm"  # images.PREPROCESS_PRESETS
-    decode: str = DECODE_MODES[0]  # images.DECODE_MODES: PIL in the workers, or JPEGs in batches on the device
+    preprocess: str = Preprocess.timm.value
+    decode: str = DecodeMode.cpu.value  # PIL in the workers, or JPEGs in batches on the device
 
     def __post_init__(self) -> None:
-        _choice("--preprocess", self.preprocess, PREPROCESS_PRESETS)
-        _choice("--decode", self.decode, DECODE_MODES)
-        if self.preprocess == "beyond-cls" and (self.crop_pct is not None or self.interpolation is not None):
+        _choice("--preprocess", self.preprocess, Preprocess)
+        _choice("--decode", self.decode, DecodeMode)
+        if self.preprocess == Preprocess.beyond_cls and (self.crop_pct is not None or self.interpolation is not None):
             # the preset is the paper's transform; an override would make it something else under its name
             flag = "--crop-pct" if self.crop_pct is not None else "--interpolation"
             raise OptionError(flag, "--preprocess beyond-cls fixes the crop (256 -> 224) and the interpolation (bicubic); drop it")
         if self.crop_pct is not None and not (math.isfinite(self.crop_pct) and CROP_PCT_MIN <= self.crop_pct <= 1):
             raise OptionError("--crop-pct", f"must be in [{CROP_PCT_MIN}, 1], not {self.crop_pct}")
         if self.interpolation is not None:
-            _choice("--interpolation", self.interpolation, INTERPOLATIONS)
+            _choice("--interpolation", self.interpolation, Interpolation)
 
 
 @dataclass(frozen=True)

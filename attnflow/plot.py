@@ -23,7 +23,7 @@ from .images import Preprocessing, content_digest, decode_image, read_image_file
 from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .output import atomic_output, check_output_path
 from .registry import Y_SHARING
-from .schema import FG
+from .schema import FG, StoreMode
 
 DPI = 150
 PANEL_SIZE = (4.2, 3.2)  # inches per curve panel
@@ -358,14 +358,14 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         notes: list[str] = []
         attention = head_maps = rollout_map = flow_map = None
         readout = "cls" if layout.has_cls else "mean of patch rows"
-        if cache.store == "full":
+        if cache.store == StoreMode.full:
             attn = cache.attention(index, index + 1)[0].astype(np.float64)  # (L, H, T, T)
             rows = attn[layer, :, 0, :] if layout.has_cls else None
             per_head = _readout(rows, layout) if rows is not None else _readout(attn[layer, :, layout.num_prefix_tokens:, :], layout).mean(-2)
             rollout_map = rollout(torch.from_numpy(attn[None]), layout)[0, layer].numpy()
             if flow:
                 flow_map = attention_flow(torch.from_numpy(attn[None]), layout, (layer,))[0, 0].numpy().reshape(layout.grid_size)
-        elif cache.store == "rows" and layout.has_cls:
+        elif cache.store == StoreMode.rows and layout.has_cls:
             per_head = _readout(cache.prefix_rows(index, index + 1, layer)[0, :, 0, :].astype(np.float64), layout)
             notes.append(f"{a['label']}: the cache keeps only cls/register rows, so there is no rollout map")
         else:

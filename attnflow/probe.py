@@ -45,15 +45,38 @@ from .layout import TokenLayout
 from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .options import resolve_device
 from .progress import OnProgress
-from .schema import LABELS, TOKENS
+from .choices import StrEnum, choice_values
+from .schema import LABELS, TOKENS, StoreMode
 
-POOLS = ("cls", "mean", "cls-attn", "min-entropy-head", "rollout", "abmilp", "ep")
-EVALUATORS = ("knn", "linear")
-ATTENTION_POOLS = ("cls-attn", "min-entropy-head", "rollout")
-TRAINED_POOLS = ("abmilp", "ep")  # trained jointly with the linear classifier: no k-NN row
+
+
+class Pool(StrEnum):
+    """How a probe turns an image's tokens into one vector (``--pool``; README, Selective aggregation probes)."""
+
+    cls = "cls"
+    mean = "mean"
+    cls_attn = "cls-attn"
+    min_entropy_head = "min-entropy-head"
+    rollout = "rollout"
+    abmilp = "abmilp"
+    ep = "ep"
+
+
+class Evaluator(StrEnum):
+    """How a pooled representation is scored (``--evaluator``): weighted k-NN or a trained linear classifier."""
+
+    knn = "knn"
+    linear = "linear"
+
+
+POOLS = choice_values(Pool)
+EVALUATORS = choice_values(Evaluator)
+ATTENTION_POOLS = (Pool.cls_attn, Pool.min_entropy_head, Pool.rollout)
+TRAINED_POOLS = (Pool.abmilp, Pool.ep)  # trained jointly with the linear classifier: no k-NN row
 EP_WITH_CLS = "ep+cls"  # the name (rows, saved head, maps) of the ep pool with --ep-with-cls: cls among its keys
 # What each attention pool needs the cache to store (--store); the other pools need only the tokens.
-POOL_STORES = {"cls-attn": ("rows", "full"), "min-entropy-head": ("rows", "full"), "rollout": ("full",)}
+POOL_STORES = {Pool.cls_attn: (StoreMode.rows, StoreMode.full), Pool.min_entropy_head: (StoreMode.rows, StoreMode.full),
+               Pool.rollout: (StoreMode.full,)}
 EP_QUERIES = 32  # the paper's default number of EP queries
 
 PROBE_COLUMNS = ("model", "family", "pool", "evaluator", "accuracy", "ci_low", "ci_high", "n_train", "n_test")
@@ -192,7 +215,7 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *, 
         tokens = TokenSource(Path(cache.path), block, cache.has_final_norm, np.arange(len(cache), dtype=np.int64),
                              tuple(first.shape[1:]))
         data = ProbeSet(tokens, torch.from_numpy(cache.labels()), layout, block=block)
-        if layout.has_cls and cache.store != "none":
+        if layout.has_cls and cache.store != StoreMode.none:
             mean_w, best_w, entropy = [], [], 0.0
             step = f"{attrs['label']}: reading attention"
             for start in range(0, len(cache), STREAM_CHUNK):  # (b, H, T): the block's cls rows, a chunk at a time
@@ -205,21 +228,21 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *, 
                 best = per_head["cls_entropy"].argmin(1)
                 best_w.append(q[torch.arange(len(q)), best].float())
                 entropy += float(per_head["cls_entropy_norm"].double().mean(1).sum())
-            data.weights["cls-attn"] = torch.cat(mean_w)
-            data.weights["min-entropy-head"] = torch.cat(best_w)
+            data.weights[Pool.cls_attn] = torch.cat(mean_w)
+            data.weights[Pool.min_entropy_head] = torch.cat(best_w)
             data.cls_entropy_norm = entropy / len(cache)
         if "rollout" in pools:
-            if cache.store == "full":
+            if cache.store == StoreMode.full:
                 maps = []
                 for start in range(0, len(cache), 64):
                     if on_progress:
                         on_progress(f"{attrs['label']}: rollout weights", start, len(cache))
                     maps.append(rollout(torch.from_numpy(cache.attention(start, min(start + 64, len(cache)))), layout)[:, block])
-                data.weights["rollout"] = torch.cat(maps).float()
+                data.weights[Pool.rollout] = torch.cat(maps).float()
             else:
                 notes.append(f"{attrs['label']}: rollout pooling needs full maps (--store full); skipped")
         for pool in ATTENTION_POOLS:
-            if pool in pools and pool not in data.weights and pool != "rollout":
+            if pool in pools and pool not in data.weights and pool != Pool.rollout:
                 notes.append(f"{attrs['label']}: {pool} pooling needs the cls attention (a cls token and --store rows or full); skipped")
         return data, attrs, cache.class_names or []
 
@@ -231,9 +254,9 @@ def pooled(data: ProbeSet, pool: str, chunk: int = STREAM_CHUNK, device: str = "
     out = torch.empty(len(data), data.tokens.shape[-1], device=device)
     for at, tokens in token_chunks(data.tokens, chunk):
         at, tokens = at.to(device), tokens.to(device)
-        if pool == "cls":
+        if pool == Pool.cls:
             out[at] = tokens[:, 0]
-        elif pool == "mean":
+        elif pool == Pool.mean:
             out[at] = tokens[:, p:].mean(1)
         else:
             out[at] = (data.weights[pool].to(device)[at][:, :, None] * tokens[:, p:]).sum(1)
@@ -322,9 +345,9 @@ HEAD_CONFIG_KEYS = ("pool", "dim", "with_cls", "block", "model", "checkpoint_sha
 def make_head(config: dict[str, Any]) -> nn.Module:
     """An untrained pooling head from its config (``pool``, ``dim``; ``relu`` for abmilp, ``queries`` for ep
     and ep+cls)."""
-    if config["pool"] == "abmilp":
+    if config["pool"] == Pool.abmilp:
         return AbMILP(int(config["dim"]), bool(config["relu"]))
-    if config["pool"] in ("ep", EP_WITH_CLS):
+    if config["pool"] in (Pool.ep, EP_WITH_CLS):
         return EfficientProbe(int(config["dim"]), int(config["queries"]))
     raise AttnflowError(f"no trained pool '{config['pool']}' (have {', '.join(TRAINED_POOLS)})")
 
@@ -542,19 +565,19 @@ def probe(
     for pool in pools:
         if pool in ATTENTION_POOLS and (pool not in train.weights or pool not in test.weights):
             continue
-        if pool in ("cls",) and not train.layout.has_cls:
+        if pool == Pool.cls and not train.layout.has_cls:
             continue
-        if pool == "ep" and not ep_fits(dim, ep_queries):
+        if pool == Pool.ep and not ep_fits(dim, ep_queries):
             continue
-        with_cls = pool == "ep" and ep_with_cls and train.layout.has_cls
+        with_cls = pool == Pool.ep and ep_with_cls and train.layout.has_cls
         name = EP_WITH_CLS if with_cls else pool
         for evaluator in evaluators:
-            if pool in TRAINED_POOLS and evaluator != "linear":
+            if pool in TRAINED_POOLS and evaluator != Evaluator.linear:
                 continue
             step = f"{model + ': ' if model else ''}{name} {evaluator}"
             on_epoch = (lambda done, total, step=step: on_progress(step, done, total)) if on_progress else None
             if on_progress:
-                on_progress(step, 0, epochs if evaluator == "linear" else 1)
+                on_progress(step, 0, epochs if evaluator == Evaluator.linear else 1)
             if pool in TRAINED_POOLS:
                 config = {"pool": name, "dim": dim, "relu": relu, "queries": ep_queries, "with_cls": with_cls, "classes": classes}
                 torch.manual_seed(_pool_seed(seed))  # the pool's first weights from the seed, not from what ran before
@@ -564,7 +587,7 @@ def probe(
                 if trained is not None:
                     trained[name] = (head, {**config, "block": train.block})
                 right = predictions == test.labels
-            elif evaluator == "knn":
+            elif evaluator == Evaluator.knn:
                 right = knn_accuracy(pooled(train, pool, device=device), train.labels, pooled(test, pool, device=device),
                                      test.labels, device=device)
                 if on_progress:
@@ -665,7 +688,7 @@ def probe_caches(
                      epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
                      n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget,
                      correct=correct, on_progress=on_progress, model=str(attrs.get("label", train_path)))
-        base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == "cls"}
+        base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == Pool.cls}
         label = attrs.get("label", str(train_path))
         labels_seen[label] = labels_seen.get(label, 0) + 1
         if labels_seen[label] > 1:  # as compare does: rows of two models must not share a name
@@ -678,10 +701,10 @@ def probe_caches(
                 "grid_size": [int(g) for g in train.layout.grid_size], "trained_on": str(train_path)})
         for r in rows:
             gain = dict.fromkeys(GAIN_COLUMNS, math.nan)
-            if r["evaluator"] in base and r["pool"] != "cls":
+            if r["evaluator"] in base and r["pool"] != Pool.cls:
                 rng = np.random.default_rng([seed, 2000 + len(records)])
                 gain.update(zip(GAIN_COLUMNS[:4], paired_accuracy_difference(
-                    correct[(r["pool"], r["evaluator"])], correct[("cls", r["evaluator"])], n_bootstrap, rng)))
+                    correct[(r["pool"], r["evaluator"])], correct[(Pool.cls, r["evaluator"])], n_bootstrap, rng)))
             elif r["evaluator"] in base:
                 gain["gain_over_cls"] = 0.0
             records.append({

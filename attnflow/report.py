@@ -38,15 +38,16 @@ import torch
 from PIL import Image
 
 from .cache import open_cache, open_metrics
+from .choices import choice_values
 from .compare import DEFAULT_GROUPS, compare_files, summary_table
 from .errors import AttnflowError, OptionError
 from .output import atomic_output
 from .families import get_family, title
-from .metrics import FUSIONS, REGISTRY, renormalise_over_patches, rollout
+from .metrics import REGISTRY, Fusion, renormalise_over_patches, rollout
 from .options import QUERY_ROWS, REPORT_IMAGES
 from .plot import MAP_COLORMAP, SHARE_LABEL, _family_colours, curve_data, display_image, shared_scale
 from .render import format_cell
-from .schema import FG, FLOW_MAP, METRICS_SCHEMA, SCHEMA, file_attrs, open_hdf5
+from .schema import FG, FLOW_MAP, METRICS_SCHEMA, SCHEMA, StoreMode, file_attrs, open_hdf5
 from .version import __version__
 
 SUFFIXES = (".html", ".htm")
@@ -206,14 +207,14 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_r
         readout = "cls attention" if layout.has_cls else "mean patch row"
         store = cache.store
         n = len(ids)
-        attention = np.zeros((n, L, H + 1, P), np.uint8) if store != "none" else None  # heads, then their mean
-        roll = np.zeros((n, L, P), np.uint8) if store == "full" else None
+        attention = np.zeros((n, L, H + 1, P), np.uint8) if store != StoreMode.none else None  # heads, then their mean
+        roll = np.zeros((n, L, P), np.uint8) if store == StoreMode.full else None
         query_heads = query_rows == "heads"
-        query = np.zeros((n, L, H + 1 if query_heads else 1, P, P), np.uint8) if store == "full" and query_rows != "none" else None
+        query = np.zeros((n, L, H + 1 if query_heads else 1, P, P), np.uint8) if store == StoreMode.full and query_rows != "none" else None
         fg = np.zeros((n, P), np.uint8) if FG in cache else None
-        if store == "none":
+        if store == StoreMode.none:
             notes.append(f"{a['label']}: the cache holds no maps (store=none); the page shows only its curves")
-        elif store == "rows":
+        elif store == StoreMode.rows:
             notes.append(f"{a['label']}: the cache keeps only cls/register rows: no rollout and no query view")
         view_key = json.dumps([cache.preprocessing, a.get("working_dir", "")], sort_keys=True)
         view = views.setdefault(view_key, len(views))
@@ -224,7 +225,7 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_r
         step = max(1, BATCH_BYTES // (L * H * layout.num_tokens ** 2 * 8))
         for first in range(0, n, step):
             batch = slice(first, min(n, first + step))
-            if store == "full":
+            if store == StoreMode.full:
                 maps = torch.from_numpy(np.stack([cache.attention(i, i + 1)[0] for i in indices[batch]])).double()  # (B, L, H, T, T)
                 patch_rows = renormalise_over_patches(maps[..., p:, :], layout)  # (B, L, H, P, P): each patch's row
                 per_head = renormalise_over_patches(maps[..., 0, :], layout) if layout.has_cls else patch_rows.mean(-2)
@@ -232,7 +233,7 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_r
                 if query is not None:
                     chosen = patch_rows if query_heads else patch_rows[:, :, :0]
                     query[batch] = quantise_share(torch.cat([chosen, patch_rows.mean(2, keepdim=True)], 2).numpy() * P)
-            elif store == "rows":
+            elif store == StoreMode.rows:
                 rows = np.stack([cache.prefix_rows(i, i + 1)[0, :, :, 0, :] for i in indices[batch]])  # (B, L, H, T)
                 per_head = renormalise_over_patches(torch.from_numpy(rows), layout)
             if attention is not None:
@@ -324,9 +325,9 @@ def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: i
     tables: list[dict[str, Any]] = []
     models: list[dict[str, Any]] = []
     x_label = ""
-    for reduction in FUSIONS:
+    for reduction in choice_values(Fusion):
         # the head reduction changes only head-level metrics: the others are compared once, with the mean
-        names = chosen if reduction == "mean" else [name for name in chosen if REGISTRY[name].level == "head"]
+        names = chosen if reduction == Fusion.mean else [name for name in chosen if REGISTRY[name].level == "head"]
         if not names:
             progress()
             continue
@@ -335,7 +336,7 @@ def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: i
         progress()
         reductions[reduction] = {name: [{"label": c.label, "x": c.x.tolist(), "mean": _finite(c.mean), "low": _finite(c.low),
                                          "high": _finite(c.high)} for c in found] for name, found in curves.items() if found}
-        if reduction == "mean":  # compare's default: the summary and the models as compare shows them
+        if reduction == Fusion.mean:  # compare's default: the summary and the models as compare shows them
             notes.extend(comparison.notes)
             colours = _family_colours(comparison)
             from matplotlib.colors import to_hex
@@ -436,7 +437,7 @@ def build_report(
         images = [{"id": image_id, "name": name, "class": class_names[labels[i]] if labels is not None and class_names else ""}
                   for image_id, name, i in zip(ids, short_names(ids), chosen)]
     # progress in steps: one comparison per head reduction, then one image of one cache
-    total, done = (len(FUSIONS) if metrics else 0) + len(ids) * len(caches), [0]
+    total, done = (len(Fusion) if metrics else 0) + len(ids) * len(caches), [0]
 
     def step() -> None:
         done[0] += 1

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import MAGNITUDE_UPDATES, ROW_SUM_TOLERANCE, attention_problem
+from .capture import ROW_SUM_TOLERANCE, MagnitudeUpdate, attention_problem
+from .choices import StrEnum, choice_values
 from .errors import AttnflowError
 from .layout import TokenLayout
 from .metrics import REGISTRY
@@ -59,9 +60,30 @@ Rows = Union[np.ndarray, torch.Tensor]
 SCHEMA = "attnflow.cache/1"
 METRICS_SCHEMA = "attnflow.metrics/1"
 PERTURB_SCHEMA = "attnflow.perturb/1"
-STORE_MODES = ("full", "rows", "none")
-DTYPES = ("float16", "float32")
-COMPRESSIONS = ("gzip", "lzf", "none")
+
+
+class StoreMode(StrEnum):
+    """What a cache keeps of the attention maps (``--store``): every map, the cls/register query rows, none."""
+
+    full = "full"
+    rows = "rows"
+    none = "none"
+
+
+class DType(StrEnum):
+    """The storage type of maps and tokens (``--dtype``, ``--tokens-dtype``)."""
+
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Compression(StrEnum):
+    """The HDF5 compression of maps and tokens (``--compression``)."""
+
+    gzip = "gzip"
+    lzf = "lzf"
+    none = "none"
+
 PARTIAL_SUFFIX = ".partial"
 
 # Datasets of both kinds of file.
@@ -163,7 +185,7 @@ class _ParallelGunzip:
         """Whether :meth:`read` can decode this dataset: one-row chunks through shuffle and gzip alone."""
         chunks = dataset.chunks
         return (
-            chunks is not None and chunks[0] == 1 and dataset.compression == "gzip" and dataset.shuffle
+            chunks is not None and chunks[0] == 1 and dataset.compression == Compression.gzip and dataset.shuffle
             and not dataset.fletcher32 and dataset.scaleoffset is None
             and all(c in (1, d) for c, d in zip(chunks[1:], dataset.shape[1:]))
         )
@@ -321,9 +343,9 @@ _ATTR_KINDS = {
     "size": ("two positive integers", lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
     "text": ("text", lambda v: isinstance(v, str)),
     "number": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))),
-    "store": (f"one of {', '.join(STORE_MODES)}", lambda v: isinstance(v, str) and v in STORE_MODES),
-    "dtype": (f"one of {', '.join(DTYPES)}", lambda v: isinstance(v, str) and v in DTYPES),
-    "magnitude_update": (f"one of {', '.join(MAGNITUDE_UPDATES)}", lambda v: isinstance(v, str) and v in MAGNITUDE_UPDATES),
+    "store": (f"one of {', '.join(StoreMode)}", lambda v: isinstance(v, str) and v in choice_values(StoreMode)),
+    "dtype": (f"one of {', '.join(DType)}", lambda v: isinstance(v, str) and v in choice_values(DType)),
+    "magnitude_update": (f"one of {', '.join(MagnitudeUpdate)}", lambda v: isinstance(v, str) and v in choice_values(MagnitudeUpdate)),
     "texts": ("a list of text", lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)),
     "fractions": ("increasing numbers in (0, 1)", lambda v: isinstance(v, list) and bool(v)
                   and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1 for x in v)
@@ -1146,7 +1168,7 @@ class Cache(_AttnflowFile):
     def prefix_rows(self, start: int = 0, stop: int | None = None, layer: int | None = None, *, device: Any = None) -> Rows:
         """The attention rows of the p prefix queries (cls, then registers) of images ``start:stop``:
         (n, L, H, p, T) float32, or (n, H, p, T) of one ``layer``; from ``store=full`` or ``store=rows``."""
-        if self.store == "rows":
+        if self.store == StoreMode.rows:
             return self._of_layers(ATTN_ROWS, start, stop, layer, device)
         self._need(ATTN, f"attention maps (store={self.store})", "--store rows or full")
         p = self.layout.num_prefix_tokens
@@ -1171,7 +1193,7 @@ class Cache(_AttnflowFile):
     def magnitude_update(self) -> str:
         """Where :meth:`magnitude`'s update was taken: ``after-layer-scale`` (also every cache without the
         attribute) or ``before-layer-scale``."""
-        return self.attrs.get("magnitude_update", MAGNITUDE_UPDATES[0])
+        return self.attrs.get("magnitude_update", MagnitudeUpdate.after_layer_scale.value)
 
     @property
     def has_token_norm(self) -> bool:

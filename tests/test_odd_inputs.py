@@ -12,7 +12,8 @@ import torch
 
 from attnflow import AttnflowError, open_cache
 from attnflow.extract import extract
-from attnflow.images import CROP_PCT_MIN, INTERPOLATIONS, list_images, resolve_preprocessing
+from attnflow.choices import choice_values
+from attnflow.images import CROP_PCT_MIN, Interpolation, list_images, resolve_preprocessing
 from conftest import one_line_error, write_images
 from test_compare import synthetic, write_metrics
 from test_extract import tiny
@@ -77,14 +78,11 @@ def test_tiny_img_size_names_the_smallest_valid_size(work, run_cli):
 def test_interpolations_are_timms(work):
     from timm.data.transforms import str_to_interp_mode
 
-    from attnflow.cli import Interpolation
-
-    assert tuple(i.value for i in Interpolation) == INTERPOLATIONS
-    for name in INTERPOLATIONS:
+    for name in choice_values(Interpolation):
         str_to_interp_mode(name)  # each is accepted by the eval transform
     model = tiny("plain").model
     image = __import__("PIL.Image", fromlist=["Image"]).open(next((work / "imgs").rglob("*.png"))).convert("RGB")
-    for name in INTERPOLATIONS:
+    for name in choice_values(Interpolation):
         assert resolve_preprocessing(model, interpolation=name).transform()(image).shape == (3, 32, 32)
     with pytest.raises(AttnflowError, match="unknown interpolation 'bogus'"):
         resolve_preprocessing(model, interpolation="bogus")
