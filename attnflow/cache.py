@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ import h5py
 import numpy as np
 
 from .errors import AttnflowError
-from .output import RUN_MARKER, atomic_output, check_output_path, check_run_folder, file_system_errors, fsync as _fsync, make_run_folder, remove_run_folder, run_folder_marker  # noqa: F401  (file_system_errors: re-exported)
+from .output import RUN_MARKER, atomic_output, check_output_path, check_run_folder, file_system_errors, fsync as _fsync, make_run_folder, remove_run_folder, run_folder_marker, write_new_file  # noqa: F401  (file_system_errors: re-exported)
 from .choices import choice_values
 from .layout import TokenLayout
 from .metrics import ArtifactRule
@@ -354,8 +353,8 @@ class RowFileWriter:
     it covers and the run id, committed by :func:`attnflow.output.atomic_output`, so a segment either exists
     complete or not at all. ``--resume`` checks that the segments form one unbroken chain of this run and
     continues after the last (a leftover ``*.tmp`` is the batch that was cut off and is discarded).
-    :meth:`assemble` copies the segments into a temporary file beside ``path`` (compressed chunks byte for
-    byte, without recompressing) and renames it to ``path``; :meth:`cleanup` then removes the folder, so a
+    :meth:`assemble` moves the segments into ``assembly.h5`` in the folder (compressed chunks byte for byte,
+    without recompressing; see :class:`_Assembly`) and renames it to ``path``; :meth:`cleanup` then removes the folder, so a
     file written side by side with a companion keeps its folder (and is resumable) until both are in place.
     Open with ``resume=True`` to continue (the identity attributes must match), ``overwrite=True`` to
     replace an existing file once the new one is complete.
@@ -494,6 +493,9 @@ class RowFileWriter:
         with file_system_errors(self.partial, resumable=True):
             for leftover in self.partial.glob("*.tmp"):
                 leftover.unlink()  # a batch cut off before its commit
+            if (self.partial / ASSEMBLY_STATE).exists():
+                self._resume_assembly()
+                return
             found = sorted(self.partial.glob("seg-*.h5"))
         for expected, segment in enumerate(found):
             index = _segment_index(segment)
@@ -510,6 +512,30 @@ class RowFileWriter:
             self._segments.append(record)
         if self.n_inputs_done > int(self._attrs.get("n_inputs", self.n_inputs_done)):
             self._refuse(f"its segments cover {self.n_inputs_done} inputs of {self._attrs['n_inputs']}")
+
+    def _resume_assembly(self) -> None:
+        """A run killed while it assembled: the segments already in the assembled file are gone, the state
+        records them."""
+        try:
+            run_id, next_segment, records = _Assembly.read_records(self.partial / ASSEMBLY_STATE)
+            segments = [Segment(self.partial / f"seg-{int(r[0]):08d}.h5", int(r[0]), int(r[1]), int(r[2]),
+                                None if r[3] is None else int(r[3]), int(r[4])) for r in records]
+        except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+            self._refuse(f"{ASSEMBLY_STATE} is unreadable ({e}); start over with --overwrite")
+        if run_id != self._run_id:
+            self._refuse(f"{ASSEMBLY_STATE} belongs to another run; start over with --overwrite")
+        if not (self.partial / ASSEMBLY).exists():
+            if next_segment == len(segments) and self.path.exists():  # assembled and renamed: finished
+                self._check_complete()
+                self.cleanup()
+                return
+            self._refuse(f"its partly assembled {ASSEMBLY} is missing; start over with --overwrite")
+        for segment in segments[next_segment:]:
+            if not segment.path.exists():
+                self._refuse(f"segment {segment.path.name} is missing, so the run's rows would have a gap; start over with --overwrite")
+            if self._read_segment(segment.path, segment.index) != segment:
+                self._refuse(f"segment {segment.path.name} is not the one {ASSEMBLY_STATE} records; start over with --overwrite")
+        self._segments = segments
 
     def _read_segment(self, segment: Path, index: int) -> Segment:
         try:
@@ -614,7 +640,25 @@ class RowFileWriter:
             f[SKIPPED_REASON][:] = np.array([to_text(r) for _, r in skipped], dtype=object)
 
     def assemble(self) -> Path:
-        """Copy the segments into ``path`` (replacing an old file only now); the run folder stays."""
+        """Move the segments into ``path`` (replacing an old file only now), one step at a time; the run folder
+        stays (see :class:`_Assembly`: at most one step's worth of disk beyond the segments, kill-safe)."""
+        assembly = _Assembly(self)
+        with file_system_errors(assembly.file, resumable=True):
+            state = assembly.open()
+            while state.next < len(self._segments):
+                state = assembly.step(state)
+        try:
+            check_output_path(self.path, reads=self._reads)
+        except AttnflowError as e:
+            raise AttnflowError(f"{e}, then rerun with --resume") from None
+        with file_system_errors(self.path, resumable=True):
+            _fsync(assembly.file)
+            os.replace(assembly.file, self.path)
+            _fsync(self.path.parent)
+        return self.path
+
+    def _skeleton(self) -> bytes:
+        """The assembled file before any row: every attribute, every dataset at its full size, no chunk yet."""
         n, m = self.n_images, self.n_skipped
         with in_memory_hdf5(libver=("v110", "latest")) as skeleton:
             for key, value in self._attrs.items():
@@ -624,33 +668,7 @@ class RowFileWriter:
             for name, data in self._static.items():
                 skeleton.create_dataset(name, data=data)
             attach_dimension_scales(skeleton)
-        with atomic_output(self.path, reads=self._reads, resumable=True) as tmp:
-            _write_reserved(tmp, skeleton.image, self._assembled_size_bound())
-            with h5py.File(tmp, "r+") as out:
-                row, skip = 0, 0
-                for segment in self._segments:
-                    b, k = segment.n_images, segment.n_skipped
-                    with h5py.File(segment.path, "r") as seg:
-                        for name in [*self._rows, IMAGE_IDS, *(n for n in (LABELS, IMAGE_SHA256) if n in out)]:
-                            if b:
-                                _copy_rows(seg[name], out[name], row)
-                        for name in SKIP_DATASETS:
-                            if k:
-                                out[name][skip:skip + k] = seg[name][()]
-                    row, skip = row + b, skip + k
-        return self.path
-
-    def _assembled_size_bound(self) -> int:
-        """Bytes that certainly hold the assembled file: the segments (they store the same compressed
-        chunks, plus per-file overhead), datasets that stay uncompressed rounded up to whole chunks, slack."""
-        n = self.n_images
-        uncompressed = sum(
-            math.ceil(n / spec.chunks[0]) * spec.chunks[0] * math.prod(spec.row_shape) * np.dtype(spec.dtype).itemsize
-            for spec in self._rows.values() if not (spec.compressed and self._compression != Compression.none)
-        )
-        strings = 16 * 1024 * (math.ceil(n / 1024) + 2 * math.ceil(self.n_skipped / 256) + 1)
-        segments = sum(segment.path.stat().st_size for segment in self._segments)
-        return int(1.25 * (segments + uncompressed + strings)) + (4 << 20)
+        return skeleton.image
 
     def cleanup(self) -> None:
         """Remove the run folder of an assembled file, then give up the run (and its lock)."""
@@ -720,8 +738,8 @@ class in_memory_hdf5(contextlib.AbstractContextManager):
 
     attnflow never lets HDF5 itself write to a disk that may fill up: a failed write inside HDF5 crashes
     the process (h5py issue 914) instead of raising. Bytes built here reach the disk through plain file
-    I/O, whose failures are ordinary errors; the one large file HDF5 writes in place, the assembled
-    output, gets its space reserved first (:func:`_write_reserved`).
+    I/O, whose failures are ordinary errors; the assembled output is staged in memory
+    step by step (:class:`_StagedFile`).
     """
 
     def __init__(self, **kwargs: Any):
@@ -745,15 +763,299 @@ class in_memory_hdf5(contextlib.AbstractContextManager):
         self._file.close()
 
 
-def _write_reserved(path: Path, image: bytes, size: int) -> None:
-    """Write a small HDF5 file ``image`` to ``path`` with ``size`` bytes of disk space allocated behind it,
-    so that HDF5 can grow it in place without a write failing (HDF5 trims the unused end when it closes the
-    file). A full disk or a file size limit fails here, as an ordinary error."""
-    with open(path, "wb") as f:
-        f.write(image)
-        f.flush()
+# -- assembly: the segments moved into one file, one step at a time -------------------------------------
+
+ASSEMBLY = "assembly.h5"  # the file being assembled, in the run folder
+ASSEMBLY_STATE = "assembly-state.h5"  # what the assembly holds, committed atomically after every step
+STEP_BYTES = 1 << 20  # consecutive segments are moved together up to this size (one segment at least)
+
+
+class _AssemblyState(NamedTuple):
+    next: int  # the first segment not yet in the assembled file
+    size: int  # the assembled file's committed length
+    rows: int  # rows of the segments before ``next``
+    skips: int  # skipped inputs of the segments before ``next``
+    carry: dict[str, np.ndarray]  # rows after the last whole chunk of a multi-row-chunk dataset, not yet written
+    pages: list[tuple[int, bytes]]  # the step's writes inside the previously committed length: (offset, bytes)
+
+
+class _StagedFile:
+    """A file object for h5py (its ``fileobj`` driver) over an assembled file whose first ``base`` bytes are
+    committed: HDF5 reads them from disk, but everything it writes, there or beyond, stays in memory until
+    :class:`_Assembly` commits the step. Writes inside ``base`` are kept as 4 KiB pages (metadata: a few
+    pages a step), writes beyond it as one tail (the step's new chunks)."""
+
+    PAGE = 4096
+
+    def __init__(self, fd: int, base: int):
+        self._fd, self.base, self.size, self.pos = fd, base, base, 0
+        self.pages: dict[int, bytearray] = {}
+        self.tail = bytearray()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _page(self, index: int) -> bytearray:
+        page = self.pages.get(index)
+        if page is None:
+            start = index * self.PAGE
+            page = self.pages[index] = bytearray(os.pread(self._fd, min(start + self.PAGE, self.base) - start, start))
+        return page
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n, done = len(view), 0
+        while done < n:
+            at = self.pos + done
+            if at < self.base:
+                index = at // self.PAGE
+                take = min(n - done, min((index + 1) * self.PAGE, self.base) - at)
+                page = self.pages.get(index)
+                if page is not None:
+                    offset = at - index * self.PAGE
+                    view[done:done + take] = page[offset:offset + take]
+                else:  # read on through every page HDF5 has not written
+                    stop = at + take
+                    while stop < min(self.pos + n, self.base) and (stop // self.PAGE) not in self.pages:
+                        stop = min((stop // self.PAGE + 1) * self.PAGE, self.pos + n, self.base)
+                    take = stop - at
+                    data = os.pread(self._fd, take, at)
+                    view[done:done + len(data)] = data
+                    view[done + len(data):done + take] = bytes(take - len(data))
+            else:
+                offset, take = at - self.base, n - done
+                data = self.tail[offset:offset + take]
+                view[done:done + len(data)] = data
+                view[done + len(data):n] = bytes(take - len(data))
+            done += take
+        self.pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        buffer = bytearray(max(0, self.size - self.pos) if n < 0 else n)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n, done = len(view), 0
+        while done < n and self.pos + done < self.base:
+            at = self.pos + done
+            index = at // self.PAGE
+            take = min(n - done, min((index + 1) * self.PAGE, self.base) - at)
+            offset = at - index * self.PAGE
+            self._page(index)[offset:offset + take] = view[done:done + take]
+            done += take
+        if done < n:
+            offset = self.pos + done - self.base
+            if len(self.tail) < offset:
+                self.tail.extend(bytes(offset - len(self.tail)))
+            self.tail[offset:offset + n - done] = view[done:]
+        self.pos += n
+        self.size = max(self.size, self.pos)
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self.pos if size is None else size
+        del self.tail[max(0, self.size - self.base):]
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def grown(self) -> bytes:
+        """The bytes beyond ``base`` the file ends with."""
+        return bytes(self.tail) + bytes(max(0, self.size - self.base - len(self.tail)))
+
+
+class _Assembly:
+    """Moves a run's segments into ``<run folder>/assembly.h5``, deleting each once it is safely in, so the
+    disk holds the segments and the assembled file together only one step at a time.
+
+    HDF5 is not journalled, so it never writes the file in place: a step (a few consecutive segments) is
+    staged in memory (:class:`_StagedFile`), then committed in an order that a kill at any point leaves
+    resumable: (1) the new chunks are appended after the committed length and flushed; (2) ``assembly-state.h5``
+    is committed atomically, holding the new length, the pages HDF5 rewrote inside the old length (its
+    metadata: a redo log), the first segment not yet in, and the rows after the last whole chunk of each
+    dataset chunked over several rows (written with the next step, so no chunk is ever rewritten); (3) the
+    pages are written in place and the file cut to its length; (4) the step's segments are deleted. On
+    resume the state's pages are written again (harmless when already there) and the file is cut to the
+    committed length (dropping a step that was cut off). Only plain file I/O touches the disk, so a full disk
+    is an ordinary error naming the bytes still needed.
+    """
+
+    def __init__(self, writer: "RowFileWriter"):
+        self.writer = writer
+        self.file = writer.partial / ASSEMBLY
+        self.state_file = writer.partial / ASSEMBLY_STATE
+
+    # -- the committed state ----------------------------------------------------------------------------
+    def _save(self, state: _AssemblyState) -> None:
+        records = [[s.index, s.n_images, s.n_skipped, s.n_inputs_start, s.n_inputs_done] for s in self.writer._segments]
+        with in_memory_hdf5() as f:
+            f.attrs.update({"next": state.next, "size": state.size, "rows": state.rows, "skips": state.skips,
+                            "run_id": self.writer._run_id, "segments": json.dumps(records)})
+            f.create_dataset("page_offsets", data=np.array([o for o, _ in state.pages], dtype=np.int64))
+            f.create_dataset("page_bytes", data=np.frombuffer(b"".join(p for _, p in state.pages), dtype=np.uint8))
+            f.create_dataset("page_lengths", data=np.array([len(p) for _, p in state.pages], dtype=np.int64))
+            carry = f.create_group("carry")
+            for i, (name, rows) in enumerate(state.carry.items()):  # names may hold "/" (metrics/...)
+                carry.create_dataset(str(i), data=rows, dtype=_TEXT if rows.dtype == object else rows.dtype).attrs["name"] = name
+        with atomic_output(self.state_file, resumable=True) as tmp:
+            tmp.write_bytes(f.image)
+
+    @staticmethod
+    def read_records(state_file: Path) -> tuple[str, int, list[list]]:
+        """The run id, the first segment not yet assembled and every segment's record, as a state file holds them."""
+        with h5py.File(state_file, "r") as f:
+            return str(f.attrs["run_id"]), int(f.attrs["next"]), json.loads(f.attrs["segments"])
+
+    def _load(self) -> _AssemblyState:
+        with h5py.File(self.state_file, "r") as f:
+            offsets, lengths, data = f["page_offsets"][()], f["page_lengths"][()], f["page_bytes"][()].tobytes()
+            ends = np.cumsum(lengths)
+            pages = [(int(o), data[e - k:e]) for o, k, e in zip(offsets, lengths, ends)]
+            carry = {str(d.attrs["name"]): d[()] for d in f["carry"].values()}
+            a = f.attrs
+            return _AssemblyState(int(a["next"]), int(a["size"]), int(a["rows"]), int(a["skips"]), carry, pages)
+
+    def _apply(self, fd: int, state: _AssemblyState) -> None:
+        """Make the file on disk what ``state`` says: its pages in place, cut to its length, flushed."""
+        for offset, page in state.pages:
+            page = page[:max(0, state.size - offset)]
+            if page:
+                _pwrite_all(fd, page, offset)
+        os.ftruncate(fd, state.size)
+        os.fsync(fd)
+
+    def open(self) -> _AssemblyState:
+        """Start the assembled file (a skeleton), or continue the one a killed run left."""
+        if self.state_file.exists() and self.file.exists():
+            state = self._load()
+            fd = os.open(self.file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self._apply(fd, state)
+            finally:
+                os.close(fd)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.file.unlink()  # a skeleton whose first state was never committed
+            skeleton = self.writer._skeleton()
+            self._check_space(len(skeleton))
+            write_new_file(self.file, skeleton)
+            state = _AssemblyState(0, len(skeleton), 0, 0, {}, [])
+            self._save(state)
+        self._drop_assembled(state.next)
+        return state
+
+    def _drop_assembled(self, next_segment: int) -> None:
+        for segment in self.writer._segments[:next_segment]:
+            with contextlib.suppress(FileNotFoundError):
+                segment.path.unlink()
+
+    def _check_space(self, needed: int) -> None:
+        """Refuse, naming the bytes, a step the file system has no room for."""
         try:
-            os.posix_fallocate(f.fileno(), 0, max(size, len(image)))
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise  # a file system that cannot reserve space goes on unguarded
+            st = os.statvfs(self.writer.partial)
+        except OSError:
+            return
+        if needed + (1 << 16) > st.f_bavail * st.f_frsize:
+            raise self._no_space(needed)
+
+    def _no_space(self, needed: int) -> AttnflowError:
+        try:
+            st = os.statvfs(self.writer.partial)
+            free = f"{_size(st.f_bavail * st.f_frsize)} is free"
+        except OSError:
+            free = "the free space is unknown"
+        return AttnflowError(
+            f"no space left on device writing {self.file}: assembling {self.writer.path} needs {_size(needed)} free "
+            f"for this step and {free} (the file grows by one step's segments while those already in are deleted); "
+            "free space, then rerun with --resume"
+        )
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def step(self, state: _AssemblyState) -> _AssemblyState:
+        segments = self.writer._segments
+        group, size = [], 0
+        for segment in segments[state.next:]:
+            segment_size = segment.path.stat().st_size
+            if group and size + segment_size > STEP_BYTES:
+                break
+            group.append(segment)
+            size += segment_size
+        last = state.next + len(group) == len(segments)
+        fd = os.open(self.file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            staged = _StagedFile(fd, state.size)
+            with h5py.File(staged, "r+", libver=("v110", "latest")) as out:
+                carry = self._copy(out, group, state, last)
+            grown = staged.grown()
+            self._check_space(len(grown))
+            try:
+                _pwrite_all(fd, grown, state.size)
+                os.fsync(fd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, state.size)
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self._no_space(len(grown)) from None
+                raise
+            pages = [(index * _StagedFile.PAGE, bytes(page)) for index, page in sorted(staged.pages.items())]
+            new = _AssemblyState(state.next + len(group), staged.size, state.rows + sum(s.n_images for s in group),
+                                 state.skips + sum(s.n_skipped for s in group), carry, pages)
+            self._save(new)  # from here on the step is in: a kill is repaired from the state
+            self._apply(fd, new)
+        finally:
+            os.close(fd)
+        self._drop_assembled(new.next)
+        return new
+
+    def _copy(self, out: h5py.File, group: list[Segment], state: _AssemblyState, last: bool) -> dict[str, np.ndarray]:
+        """The group's rows into ``out``: one-row chunks as they are stored, the rest in whole chunks only."""
+        carry: dict[str, np.ndarray] = {}
+        handles = [h5py.File(s.path, "r") for s in group]
+        try:
+            names = [*self.writer._rows, IMAGE_IDS, *(n for n in (LABELS, IMAGE_SHA256) if n in out)]
+            for name, counted, done in [*((n, "n_images", state.rows) for n in names),
+                                        *((n, "n_skipped", state.skips) for n in SKIP_DATASETS)]:
+                target = out[name]
+                parts = [(h[name], getattr(s, counted)) for s, h in zip(group, handles) if getattr(s, counted)]
+                c = target.chunks[0]
+                if c == 1 and name not in SKIP_DATASETS:
+                    row = done
+                    for source, k in parts:
+                        _copy_rows(source, target, row)
+                        row += k
+                    continue
+                first = (done // c) * c  # the carried rows start at a chunk's first row
+                pending = state.carry.get(name)
+                data = [*([] if pending is None else [pending]), *(source[()] for source, _ in parts)]
+                if not data:
+                    continue
+                rows = np.concatenate(data) if len(data) > 1 else data[0]
+                end = first + len(rows)
+                stop = end if last else (end // c) * c
+                if stop > first:
+                    target[first:stop] = rows[:stop - first]
+                carry[name] = rows[stop - first:]
+        finally:
+            for h in handles:
+                h.close()
+        return carry
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MB ({n:,} bytes)"
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset``: a short write (a file size limit reached) continues, and then fails."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

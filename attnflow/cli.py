@@ -259,6 +259,7 @@ def extract(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted extraction of the same inputs into the same output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new cache is complete)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Run as N processes on this machine (gloo on CPUs, NCCL on GPUs, one GPU each) without torchrun; the same cache as one process. Several machines: torchrun (see the README)."),
 ) -> None:
     """Capture every block's attention for IMAGES into an HDF5 cache.
 
@@ -278,6 +279,14 @@ def extract(
     from .options import ExtractOptions, FlowOptions, StoreOptions, resolve_device
 
     console = _stderr_console()
+    if nproc is not None and nproc > 1:
+        if distributed.launched_rank() is None:
+            for target in (output, metrics):  # before N processes start only to say so
+                if target is not None and target.exists() and not (overwrite or resume):
+                    raise AttnflowError(f"{target} already exists; pass --overwrite to replace it")
+            raise typer.Exit(distributed.spawn_local(nproc, sys.argv[1:]))
+        if distributed.launched_rank().world != nproc:
+            raise OptionError("--nproc", f"is {nproc} but the launcher (torchrun) started {distributed.launched_rank().world} processes; drop --nproc under torchrun")
     set_threads(threads, "model", default_workers() if workers is None else workers)
     options = ExtractOptions().replace(
         store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,

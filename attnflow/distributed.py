@@ -10,6 +10,7 @@ contents equal a single-process run.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -192,3 +193,74 @@ def _assemble(output: Path, shards: list[Path], all_paths: Sequence[str]) -> byt
             h.close()
     return out.image
 
+
+
+def spawn_local(nproc: int, argv: Sequence[str]) -> int:
+    """``attnflow extract --nproc N``: run ``attnflow ARGV`` as N processes of one gloo (NCCL on GPUs) group on
+    this machine, with the environment torchrun would give them (rank, world size, a free port on
+    127.0.0.1). Their messages are relayed once each: an error every rank reports alike is one line, and the
+    first process that fails stops the others (waiting at a barrier, they would wait forever). Returns the
+    exit code: 0, or the first failing process's."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+    lock, seen, failed, reported = threading.Lock(), set(), [], []
+
+    def relay(proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            with lock:
+                final = line.startswith(("attnflow: error:", "attnflow: interrupted", "attnflow: stopped"))
+                if failed or line in seen or (final and reported):
+                    continue  # one process's error is the run's; the others' reports of being stopped are noise
+                seen.add(line)
+                reported.extend([line] if final else [])
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    procs = [subprocess.Popen([sys.executable, "-m", "attnflow", *argv], stderr=subprocess.PIPE, text=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    relays = [threading.Thread(target=relay, args=(p,), daemon=True) for p in procs]
+    for t in relays:
+        t.start()
+    code = 0
+    try:
+        running = list(enumerate(procs))
+        while running:
+            for rank, proc in list(running):
+                status = proc.poll()
+                if status is None:
+                    continue
+                running.remove((rank, proc))
+                if status != 0 and not code:
+                    relays[rank].join(timeout=5)  # its own line first
+                    with lock:
+                        failed.append(rank)
+                    if status < 0:
+                        name = signal.Signals(-status).name
+                        sys.stderr.write(f"attnflow: error: process {rank} of {nproc} was killed ({name}); the others "
+                                         "are stopped, and the run continues with --resume\n")
+                    code = 1 if status < 0 else status
+                    for _, other in running:
+                        other.terminate()
+            time.sleep(0.05)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for t in relays:
+            t.join(timeout=5)
+    return code

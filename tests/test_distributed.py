@@ -147,3 +147,19 @@ def test_distributed_extraction_from_python_equals_the_command(data, tmp_path):
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_nproc_runs_the_processes_itself(data, run_cli, one_thread):
+    """--nproc 2 without torchrun: the same cache as one process; an error every process meets is one line."""
+    single = data / "single.h5"
+    if not single.exists():
+        assert run_cli(*args(data, single)).exit_code == 0
+    out = data / "nproc.h5"
+    result = run_cli(*args(data, out, "--nproc", "2"))
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("attnflow: note: the family of w.pth is unknown") == 1  # both processes say it: once
+    assert_same_files(out, single)
+    assert_same_files(data / "nproc_m.h5", data / "single_m.h5")
+    again = run_cli(*args(data, out, "--nproc", "2"))
+    assert again.exit_code == 1 and "Traceback" not in again.stderr and "ChildFailedError" not in again.stderr
+    assert again.stderr.strip().splitlines() == [f"attnflow: error: {out} already exists; pass --overwrite to replace it"]
