@@ -825,7 +825,7 @@ def plot_perturb_command(
 ) -> None:
     """Perturbation curves: a panel per relevance map, a line per model and order (positive solid, negative
     dashed), models coloured by family, with 95% bootstrap bands; probe accuracy in a second row where measured."""
-    from .perturb import plot_perturbation
+    from .plot import plot_perturbation
 
     path, summary = plot_perturbation(files, output, n_bootstrap=bootstrap, seed=seed)
     _print_notes(summary.notes)

@@ -140,7 +140,7 @@ def run_demo(
         figures.append(plot_curves(metrics, out / "curves.png", n_bootstrap=n_bootstrap)[0])
         figures.append(plot_maps(caches, 0, out / "maps.png", heads=True)[0])
         if perturbation:
-            from .perturb import plot_perturbation
+            from .plot import plot_perturbation
 
             figures.append(plot_perturbation(perturbation, out / "perturb.png", n_bootstrap=n_bootstrap)[0])
     stage.finish()

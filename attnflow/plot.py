@@ -22,6 +22,7 @@ from .flow import attention_flow
 from .images import Preprocessing, content_digest, decode_image, read_image_file
 from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .output import atomic_output, check_output_path
+from .perturb import ORDERS, PerturbSummary, summarize as summarize_perturbation
 from .registry import Y_SHARING
 from .schema import FG, StoreMode
 
@@ -575,3 +576,53 @@ def _finish_panel(ax, row: MapData) -> None:
         ax.contour(xs, ys, row.fg, levels=[0.5], colors=MASK_COLOR, linewidths=0.8)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+# -- perturbation curves -------------------------------------------------------------------------------------------
+
+
+def plot_perturbation(paths: Sequence[str | Path], output: str | Path, *, n_bootstrap: int = 2000,
+                      seed: int = 0) -> tuple[Path, PerturbSummary]:
+    """``attnflow plot perturb``: one panel per relevance map, x the fraction of patches removed, y the mean
+    similarity to the clean representation with its 95% bootstrap band; a line per model and order, models
+    coloured by family (as ``plot curves`` colours them), ``positive`` solid and ``negative`` dashed. With
+    probe predictions, a second row of panels shows the accuracy. Returns the path and the summary drawn."""
+    from types import SimpleNamespace
+
+    output = _check_output(output, paths)
+    plt = pyplot()
+    summary = summarize_perturbation(paths, n_bootstrap=n_bootstrap, seed=seed)
+    if not summary.curves:
+        raise AttnflowError("none of the perturbation files holds any image")
+    maps = list(dict.fromkeys(r["relevance"] for r in summary.curves))
+    models = list(dict.fromkeys((r["model"], r["family"]) for r in summary.curves))
+    colours = _family_colours(SimpleNamespace(models=[SimpleNamespace(label=m, family=f) for m, f in models]))
+    rows = [("similarity", "ci_low", "ci_high", "cosine similarity to the clean representation")]
+    if summary.has_accuracy:
+        rows.append(("accuracy", "accuracy_ci_low", "accuracy_ci_high", "probe accuracy"))
+    fig, axes = plt.subplots(len(rows), len(maps), figsize=(PANEL_SIZE[0] * len(maps), PANEL_SIZE[1] * len(rows) + 0.6),
+                             dpi=DPI, squeeze=False, sharey="row")
+    for row, (key, low, high, ylabel) in enumerate(rows):
+        for column, name in enumerate(maps):
+            ax = axes[row, column]
+            for model, family in models:
+                for order, style in zip(ORDERS, ("-", "--")):
+                    points = [r for r in summary.curves if (r["model"], r["relevance"], r["order"]) == (model, name, order)
+                              and r.get(key) is not None and not math.isnan(r[key])]
+                    if not points:
+                        continue
+                    x = np.array([r["fraction"] for r in points])
+                    ax.plot(x, [r[key] for r in points], linestyle=style, marker="o", markersize=3, color=colours[model],
+                            label=f"{model} ({family}), {order}")
+                    ax.fill_between(x, [r[low] for r in points], [r[high] for r in points], color=colours[model], alpha=0.15, linewidth=0)
+            ax.set_title(name if row == 0 else f"{name}: probe accuracy")
+            ax.set_xlabel("fraction of patches removed")
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.suptitle("perturbation curves: positive removes the most relevant patches first (solid), negative the least (dashed); "
+                 "bands: 95% bootstrap CI over images", fontsize=9)
+    fig.tight_layout(rect=(0, 0.6 / (PANEL_SIZE[1] * len(rows) + 0.6) + 0.04 * math.ceil(len(labels) / 4), 1, 1))
+    save_figure(fig, output, paths)
+    return output, summary
