@@ -24,10 +24,12 @@ from .errors import AttnflowError, AttnflowNote
 from .extract import extract
 from .images import list_images
 from .models import build_model
+from .output import atomic_output
 from .plot import plot_curves, plot_maps, pyplot
 from .probe import GAIN_COLUMNS, PROBE_COLUMNS, pools_for_store, probe_caches
 from .progress import OnProgress
 from .render import Format, emit
+from .schema import StoreMode
 from .threads import threads_for
 
 
@@ -118,9 +120,7 @@ def run_demo(
         metrics.append(result.metrics_path)
     stage("comparing")
     comparison = compare_files(metrics, n_bootstrap=n_bootstrap, groups=ALL_PAIRS)
-    compare_csv = out / "compare.csv"
-    with open(compare_csv, "w", newline="") as handle:
-        comparison.write(Format.csv, handle)
+    compare_csv = _write_csv(comparison, out / "compare.csv")
     perturbation, perturbation_summary = None, None
     if perturb:
         perturbation, perturbation_summary = _run_perturb(out, paths, overwrite=overwrite, device=device, workers=workers,
@@ -162,12 +162,18 @@ def _run_perturb(out: Path, paths: list[Path], *, overwrite: bool, device: str, 
             files.append(perturb(build_model(name), paths, out / f"{short}_perturb.h5", batch_size=50, workers=workers,
                                  device=device, overwrite=overwrite).path)
     summary = summarize(files, n_bootstrap=n_bootstrap)
-    with open(out / "perturb.csv", "w", newline="") as handle:
-        summary.write(Format.csv, handle)
+    _write_csv(summary, out / "perturb.csv")
     return files, summary
 
 
 PROBE_EPOCHS = 50
+
+
+def _write_csv(result, path: Path) -> Path:
+    """``result`` (anything with ``write(fmt, handle)``) as csv at ``path``, whole or not at all."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        result.write(Format.csv, handle)
+    return path
 
 
 def demo_disk_use(run: DemoRun) -> str:
@@ -220,7 +226,7 @@ def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, 
                on_progress: OnProgress | None, limit: int | None = None) -> tuple[Path, list]:
     stage(f"writing the probe images (PNG, into {out / 'probe_images'})")
     paths = write_probe_images(out / "probe_images", limit)
-    caches, store = [], "rows"  # the cls rows the attention pools need; rollout pooling would need full maps
+    caches, store = [], StoreMode.rows.value  # the cls rows the attention pools need; rollout pooling would need full maps
     for name in DEMO_MODELS:
         stage(f"extracting {name} probe images ({len(paths):,}, tokens kept)")
         short = name.split(":", 1)[1]
@@ -237,6 +243,6 @@ def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, 
     for note in notes:
         warnings.warn(AttnflowNote(note), stacklevel=3)
     probe_csv = out / "probe.csv"
-    with open(probe_csv, "w", newline="") as handle:
+    with atomic_output(probe_csv) as tmp, open(tmp, "w", newline="") as handle:
         emit(records, [*PROBE_COLUMNS, *GAIN_COLUMNS, "cls_entropy_norm"], Format.csv, out=handle)
     return probe_csv, records
