@@ -42,11 +42,19 @@ from enum import Enum
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 
 ALPHA = 0.05
 MAX_EXACT_RELABELINGS = 20_000  # above this the permutation test draws this many seeded relabelings
 _BLOCK_ELEMENTS = 5_000_000
+
+
+
+def _scipy_stats():
+    """scipy.stats, imported when a test first needs it: it costs a second at start-up, which every
+    ``attnflow`` command would otherwise pay."""
+    from scipy import stats
+
+    return stats
 
 
 class Correction(str, Enum):
@@ -238,7 +246,7 @@ def between_models(group_a: Sequence[np.ndarray], group_b: Sequence[np.ndarray],
         effect_low, effect_high = (float(v) for v in percentile_ci(rank_biserial(d, image_counts)))
     elif unit == "images":
         a, b = a_values[0], b_values[0]
-        p_value = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+        p_value = float(_scipy_stats().mannwhitneyu(a, b, alternative="two-sided").pvalue)
         effect = float(cliffs_delta(a, b))
         effect_low, effect_high = (float(v) for v in percentile_ci(cliffs_delta(a, b, *image_counts)))
     else:
@@ -254,7 +262,7 @@ def _wilcoxon(d: np.ndarray) -> float:
         return 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # scipy's note on ties and the normal approximation
-        return float(stats.wilcoxon(d).pvalue)
+        return float(_scipy_stats().wilcoxon(d).pvalue)
 
 
 def _crossed_bootstrap(x: np.ndarray, n_a: int, rng: np.random.Generator, n_bootstrap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -330,7 +338,7 @@ def hedges_g(means_a: np.ndarray, means_b: np.ndarray) -> tuple[float, float, fl
         return math.nan, math.nan, math.nan
     g = (1 - 3 / (4 * (n_a + n_b) - 9)) * (means_a.mean() - means_b.mean()) / pooled
     se = math.sqrt((n_a + n_b) / (n_a * n_b) + g * g / (2 * (n_a + n_b)))
-    z = float(stats.norm.ppf(0.975))
+    z = float(_scipy_stats().norm.ppf(0.975))
     return float(g), float(g - z * se), float(g + z * se)
 
 
@@ -351,7 +359,7 @@ def adjust(p_values: Sequence[float], correction: Correction | str) -> np.ndarra
     if correction is Correction.none:
         adjusted = raw
     elif correction is Correction.bh:
-        adjusted = stats.false_discovery_control(raw, method="bh")
+        adjusted = _scipy_stats().false_discovery_control(raw, method="bh")
     else:
         order = np.argsort(raw, kind="stable")
         stepped = np.minimum(1.0, (m - np.arange(m)) * raw[order])
@@ -378,5 +386,5 @@ def paired_accuracy_difference(right_a: np.ndarray, right_b: np.ndarray, n_boots
     samples = bootstrap_means(d, rng, n_bootstrap)[:, 0]
     low, high = percentile_ci(samples)
     only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    p = float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    p = float(_scipy_stats().binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
     return float(d.mean()), float(low), float(high), p
