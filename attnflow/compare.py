@@ -76,6 +76,23 @@ class ModelMetrics:
     model_name: str = ""
     relevance: list[str] = field(default_factory=list)  # a perturbation file's relevance maps: the columns of values
 
+    @classmethod
+    def from_file(cls, path: str | Path, attrs, image_ids: Sequence[str], *, label: str | None, family: str | None,
+                  **fields: Any) -> "ModelMetrics":
+        """A model as its file's root attributes describe it (``label`` and ``family`` override them), with
+        no values yet; an unknown family is refused."""
+        family = family or attrs.get("family", "unknown")
+        if family not in FAMILIES:
+            raise AttnflowError(f"unknown family '{family}' for {path} (choose from {', '.join(FAMILIES)})")
+        label = label or attrs.get("label") or Path(path).stem
+        return cls(
+            label=label, family=family, path=Path(path), num_layers=int(attrs["num_layers"]),
+            img_size=tuple(attrs.get("img_size", ())), has_cls=bool(attrs.get("has_cls", True)),
+            image_ids=_image_keys(image_ids, attrs.get("working_dir")), given_label=label,
+            weights=str(attrs.get("weights", "")), checkpoint_sha256=str(attrs.get("checkpoint_sha256", "")),
+            model_name=str(attrs.get("model", "")), **fields,
+        )
+
     def network_keys(self) -> list[tuple[str, str]]:
         """What identifies the network behind the file: the file itself, its label, its checkpoint's digest,
         or the hub weights of a pretrained name."""
@@ -126,23 +143,8 @@ def load_models(
     available: list[set[str]] = []
     for i, path in enumerate(paths):
         with open_metrics(path) as mf:
-            a = mf.attrs
-            family = (families[i] if i < len(families) else None) or a.get("family", "unknown")
-            if family not in FAMILIES:
-                raise AttnflowError(f"unknown family '{family}' for {path} (choose from {', '.join(FAMILIES)})")
-            model = ModelMetrics(
-                label=(labels[i] if i < len(labels) else None) or a.get("label") or Path(path).stem,
-                family=family,
-                path=Path(path),
-                num_layers=int(a["num_layers"]),
-                img_size=tuple(a.get("img_size", ())),
-                has_cls=bool(a.get("has_cls", True)),
-                image_ids=_image_keys(mf.image_ids, a.get("working_dir")),
-                weights=str(a.get("weights", "")),
-                checkpoint_sha256=str(a.get("checkpoint_sha256", "")),
-                model_name=str(a.get("model", "")),
-            )
-            model.given_label = model.label
+            model = ModelMetrics.from_file(path, mf.attrs, mf.image_ids, label=labels[i] if i < len(labels) else None,
+                                           family=families[i] if i < len(families) else None)
             names = set(mf.metric_names)
             available.append(names)
             for name in metrics or REGISTRY.defaults:
@@ -241,17 +243,8 @@ def load_perturbations(
     for i, path in enumerate(paths):
         with open_perturbation(path) as pf:
             a = pf.attrs
-            family = (families[i] if i < len(families) else None) or a.get("family", "unknown")
-            if family not in FAMILIES:
-                raise AttnflowError(f"unknown family '{family}' for {path} (choose from {', '.join(FAMILIES)})")
-            model = ModelMetrics(
-                label=(labels[i] if i < len(labels) else None) or a.get("label") or Path(path).stem,
-                family=family, path=Path(path), num_layers=int(a["num_layers"]), img_size=tuple(a.get("img_size", ())),
-                has_cls=bool(a.get("has_cls", True)), image_ids=_image_keys(pf.image_ids, a.get("working_dir")),
-                weights=str(a.get("weights", "")), checkpoint_sha256=str(a.get("checkpoint_sha256", "")),
-                model_name=str(a.get("model", "")), relevance=pf.relevance,
-            )
-            model.given_label = model.label
+            model = ModelMetrics.from_file(path, a, pf.image_ids, label=labels[i] if i < len(labels) else None,
+                                           family=families[i] if i < len(families) else None, relevance=pf.relevance)
             areas = area_values(pf.fractions, pf.orders, pf.similarity().astype(np.float64))
             model.values = {name: areas[name] for name in chosen}
             if not len(model.image_ids):
