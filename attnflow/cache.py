@@ -62,8 +62,19 @@ _TEXT = h5py.string_dtype("utf-8")
 
 
 def to_text(s: str) -> str:
-    """Paths may carry undecodable bytes (surrogate escapes); HDF5 text must be valid UTF-8."""
+    """Paths may carry undecodable bytes (surrogate escapes); HDF5 text must be valid UTF-8: each is written
+    ``\\udcNN``, as image ids are (:func:`attnflow.images.image_id`, reversed by :func:`attnflow.images.path_of_id`)."""
     return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _text_safe(value):
+    """An attribute value HDF5 can store: text (and lists of text) through :func:`to_text` (a working folder or a
+    checkpoint path whose name is not UTF-8), anything else as it is."""
+    if isinstance(value, str):
+        return to_text(value)
+    if isinstance(value, list):
+        return [_text_safe(v) for v in value]
+    return value
 
 
 def inputs_digest(paths: Sequence[str]) -> str:
@@ -388,7 +399,7 @@ class RowFileWriter:
         self._digests = image_digests
         self._static = static or {}
         self.partial = partial_path(self.path)
-        self._attrs = {k: _plain(v) for k, v in attrs.items()}
+        self._attrs = {k: _text_safe(_plain(v)) for k, v in attrs.items()}
         self._rows = rows
         self._class_names = class_names
         self._compression = compression

@@ -10,6 +10,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import stat
 import sys
 import warnings
@@ -80,6 +81,39 @@ def build_size(preset: str, img_size: int | None) -> int | None:
     if img_size is not None and img_size != BEYOND_CLS_SIZE:
         raise OptionError("--img-size", f"--preprocess beyond-cls feeds 224 x 224 inputs; drop --img-size {img_size} or give 224")
     return BEYOND_CLS_SIZE
+
+
+# Image ids, as caches, metrics and perturbation files store them (``image_ids``, ``skipped``): the image's path as
+# it was given (relative ones relative to the file's ``working_dir``), as UTF-8 text. Linux names are bytes: a
+# byte that is not part of valid UTF-8 (Python holds it as the surrogate U+DCNN, os.fsdecode) is written as the
+# six characters ``\udcNN``, NN its value in lowercase hex (Python's "backslashreplace"); every valid UTF-8
+# name is stored exactly as it is. :func:`path_of_id` undoes the escape, so such a file is found again.
+_ESCAPED_BYTE = re.compile(r"\\udc([89a-f][0-9a-f])")
+
+
+def image_id(path: str | os.PathLike) -> str:
+    """The id under which the image at ``path`` is stored: UTF-8 text, each non-UTF-8 byte written ``\\udcNN``."""
+    return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def path_of_id(stored_id: str, working_dir: str = "") -> Path:
+    """The file a stored image id names: ``\\udcNN`` escapes back to their bytes; a relative id as it is, else
+    under ``working_dir`` (the folder the extraction ran in, itself escaped the same way).
+
+    A valid UTF-8 name that itself holds the text ``\\udcNN`` is stored unchanged, so an id may read both ways:
+    the unescaped file is taken when it exists, else the id as written, else (neither exists) the unescaped path.
+    """
+    def unescaped(text: str) -> str:
+        return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
+
+    def places(text: str, folder: str) -> list[Path]:
+        path = Path(text)
+        return [path, Path(folder) / path] if folder and not path.is_absolute() else [path]
+
+    meant = places(unescaped(stored_id), unescaped(working_dir))
+    written = places(stored_id, working_dir)
+    found = next((path for path in (*meant, *written) if os.path.lexists(path)), None)
+    return found if found is not None else meant[-1]
 
 
 def list_images(

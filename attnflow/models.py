@@ -187,7 +187,7 @@ def build_model(
         ckpt = Path(checkpoint).expanduser().resolve()
         obj = read_checkpoint_file(ckpt, trust=trust_checkpoint)
         state_dict, container = select_state_dict(obj, checkpoint_key, source=f"checkpoint {ckpt}")
-        load_state_dict_strict(model, state_dict, source=str(ckpt))
+        load_state_dict_strict(model, state_dict, source=str(ckpt), container=container)
         ckpt_path, sha = str(ckpt), file_sha256(ckpt)
         if family is None:
             family = _family_of_checkpoint(name, obj, ckpt)
@@ -279,46 +279,81 @@ def _list_keys(keys: list[str], limit: int = 8) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: StateDict, *, source: str) -> None:
+# Tables laid out over the patch grid: timm's checkpoint filters resample them to the model's grid (another
+# --img-size, weights trained at another resolution), changing only their token dimension (the second to last).
+GRID_TABLE_PATTERN = re.compile(r"(^|\.)(pos_embed|relative_position_bias_table)$")
+
+
+def _may_become(key: str, stored: torch.Size, wanted: torch.Size) -> bool:
+    """Whether a checkpoint's tensor of shape ``stored`` may legitimately be converted to the model's ``wanted``:
+    a reshape that keeps every value (timm's old linear patch embedding), or a grid table resampled to the
+    model's grid. Any other difference means another architecture (another width, depth or patch size), which
+    timm's filter would otherwise silently resample (a patch kernel of another size) or fail on."""
+    if stored == wanted or stored.numel() == wanted.numel():
+        return True
+    return (
+        GRID_TABLE_PATTERN.search(key) is not None
+        and len(stored) == len(wanted) >= 2
+        and stored[:-2] == wanted[:-2]
+        and stored[-1] == wanted[-1]
+    )
+
+
+def _misshaped(names: list[str], stored: dict[str, torch.Size], wanted: dict[str, torch.Size]) -> str:
+    """``'mis-shaped blocks.0.attn.qkv.weight [576, 100] vs model [576, 192], ...'``: each tensor with the shape
+    the file stores (not the one a conversion made of it) and the model's."""
+    return "mis-shaped " + _list_keys([f"{k} {list(stored[k])} vs model {list(wanted[k])}" for k in names])
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: StateDict, *, source: str, container: str = "") -> None:
     """Fit a checkpoint's state dict to ``model``, refusing any partial load that would change attention.
 
     The prefix is stripped first; the architecture's adapter then drops keys only its pre-training uses,
     converts layouts timm does not know (BEiT's shared relative position bias) and applies timm's own
     checkpoint filter (foreign layouts, position embeddings resampled); decoder/mask-token/predictor/head
-    keys are dropped.
+    keys are dropped. A tensor whose shape differs from the model's (other than a grid table resampled to
+    the model's grid, or a reshape) is refused, naming ``source``, the tensor and both shapes, whether the
+    difference shows before or after the conversion or makes the conversion itself fail. ``container`` is
+    where the state dict sat in the file (``'teacher'``), for messages.
     """
     model_sd = model.state_dict()
-    state_dict, _ = strip_encoder_prefix(state_dict, model_sd.keys())
+    wanted = {k: v.shape for k, v in model_sd.items()}
+    state_dict, prefix = strip_encoder_prefix(state_dict, model_sd.keys())
+    stored = {k: v.shape for k, v in state_dict.items()}
+    where = ", ".join(part for part in (f"under '{container}'" if container else "", f"prefix '{prefix}'" if prefix else "") if part)
+    does_not_fit = f"checkpoint {source}" + (f" ({where})" if where else "") + " does not fit the model: "
     try:
         state_dict = adapter_for(model).convert_checkpoint(state_dict)
     except Exception as e:  # a foreign layout that cannot be converted is the user's file, not our bug
+        differing = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+        if differing:  # what the conversion could not bring to the model's shape
+            raise AttnflowError(does_not_fit + _misshaped(differing, stored, wanted)) from None
         raise AttnflowError(f"checkpoint {source} does not fit {type(model).__name__}: {first_line(e)}") from None
 
     unexpected = [k for k in state_dict if k not in model_sd and not UNUSED_KEY_PATTERN.match(k)]
     missing = [k for k in model_sd if k not in state_dict]
     misshaped = [
-        f"{k} {list(state_dict[k].shape)} vs model {list(v.shape)}"
-        for k, v in model_sd.items()
-        if k in state_dict and state_dict[k].shape != v.shape
+        k for k in model_sd
+        if (k in state_dict and state_dict[k].shape != wanted[k]) or (k in stored and not _may_become(k, stored[k], wanted[k]))
     ]
     fatal_missing = [k for k in missing if not OUTSIDE_CAPTURE_PATTERN.match(k)]
     fatal_unexpected = [k for k in unexpected if k.startswith("blocks.")]
     problems = []
+    if misshaped:
+        problems.append(_misshaped(misshaped, {k: stored[k] if k in stored else state_dict[k].shape for k in misshaped}, wanted))
     if fatal_missing:
         problems.append(f"missing {_list_keys(fatal_missing)}")
-    if misshaped:
-        problems.append(f"mis-shaped {_list_keys(misshaped)}")
     if fatal_unexpected:
         problems.append(f"unexpected {_list_keys(fatal_unexpected)}")
     if problems:
-        raise AttnflowError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
+        raise AttnflowError(does_not_fit + "; ".join(problems))
     for key_list, what in ((missing, "missing"), (unexpected, "ignored")):
         if key_list:
             warnings.warn(f"{what} checkpoint keys outside the captured path: {_list_keys(key_list)}", stacklevel=2)
-    wanted = {k: v for k, v in state_dict.items() if k in model_sd}
+    loadable = {k: v for k, v in state_dict.items() if k in model_sd}
     # checked here, naming the tensor: found later, a NaN weight only shows as maps that are not softmax rows
-    broken = [k for k, v in wanted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    broken = [k for k, v in loadable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         raise AttnflowError(f"checkpoint {source} holds NaN or infinite values in {_list_keys(broken)}")
     with torch.no_grad():
-        model.load_state_dict(wanted, strict=False)
+        model.load_state_dict(loadable, strict=False)

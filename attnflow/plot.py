@@ -18,7 +18,7 @@ from .compare import Comparison, describe, load_models, plan_layers
 from .errors import AttnflowError, OptionError
 from .families import get_family
 from .flow import attention_flow
-from .images import Preprocessing, content_digest, decode_image, read_image_file
+from .images import Preprocessing, content_digest, decode_image, image_id as stored_id, path_of_id, read_image_file
 from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .output import atomic_output, check_output_path
 from .perturb import ORDERS, PerturbSummary, summarize as summarize_perturbation
@@ -316,7 +316,10 @@ def shared_scale(rows: Sequence[MapData], kind: str = "log") -> MapScale:
 
 def find_image(image_ids: Sequence[str], image: str | int) -> int:
     """An image by index, by its path as stored, by file name or by file stem; a number that is also an
-    image's name or stem is refused as ambiguous."""
+    image's name or stem is refused as ambiguous. A name that is not UTF-8 matches given as the file system
+    passes it or as stored (:func:`attnflow.images.image_id`)."""
+    if isinstance(image, str):
+        image = stored_id(image)
     if isinstance(image, int) or (isinstance(image, str) and image.lstrip("-").isdigit()):
         index = int(image)
         in_range = -len(image_ids) <= index < len(image_ids)
@@ -470,11 +473,8 @@ def display_image(cache, image_id: str) -> np.ndarray:
     return shown[..., 0] if shown.shape[-1] == 1 else shown
 
 
-def _image_path(image_id: str, working_dir: str) -> Path:
-    path = Path(image_id)
-    if not path.is_absolute() and not path.exists() and working_dir:
-        return Path(working_dir) / path
-    return path
+def _image_path(stored_id: str, working_dir: str) -> Path:
+    return path_of_id(stored_id, working_dir)
 
 
 def plot_maps(

@@ -25,7 +25,8 @@ from attnflow.cache import MetricsSpec
 from attnflow.images import resolve_preprocessing
 from attnflow.models import LoadedModel
 
-torch.set_num_threads(2)
+# Under pytest-xdist the two cores are shared by the workers: one thread each, so that they do not fight.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # name -> (timm architecture, constructor overrides): one of each token layout attnflow must handle.
 TINY_VITS = {

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from attnflow import open_cache
+from attnflow.images import path_of_id
 
 ARCH = "vit_tiny_patch16_224"
 
@@ -79,7 +80,10 @@ def test_hostile_images(tmp_path, run_cli):
         attn = cache["attn"][()].astype(np.float32)
         np.testing.assert_allclose(attn.sum(-1), 1.0, atol=2e-3)  # every stored row is a real map
     assert {i for i in ids if "ünïcødé" in i} == {str(tmp_path / "corpus/good/with space and ünïcødé/naïve photo.png")}
-    assert any("bytes_" in i and "\\udcff" in i for i in ids)  # undecodable bytes kept visible, not lost
+    # undecodable bytes kept visible as \udcNN escapes, and the id leads back to the very file
+    odd = [i for i in ids if "bytes_" in i]
+    assert odd == [str(tmp_path / "corpus/good/bytes_\\udcff_name.png")]
+    assert os.path.samefile(path_of_id(odd[0]), os.fsencode(tmp_path / "corpus/good") + b"/bytes_\xff_name.png")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
