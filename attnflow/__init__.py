@@ -1,39 +1,74 @@
 """attnflow: how information flows through the attention of Vision Transformers.
 
-The package reads as the pipeline it implements (README "Architecture" lists every module):
+The package reads as the pipeline it implements (README "Architecture" lists every module), and its public
+API is the names below, importable from ``attnflow`` itself:
 
-- :mod:`attnflow.models` builds a timm ViT and loads weights (:func:`build_model`), asking
-  :mod:`attnflow.architectures` what its blocks are;
-- :mod:`attnflow.capture` captures per-block attention and magnitudes (:class:`AttentionCapture`);
-- :mod:`attnflow.images` finds, decodes and preprocesses images;
-- :mod:`attnflow.extract` runs images through the model into a cache (:func:`attnflow.extract.extract`),
-  written by :mod:`attnflow.cache` and read back, checked, through :mod:`attnflow.schema` (:func:`open_cache`);
-- :mod:`attnflow.metrics` declares and computes the metrics, :mod:`attnflow.measure` writes metrics files,
-  :mod:`attnflow.compare` compares models, :mod:`attnflow.plot` and :mod:`attnflow.render` show them;
-- :mod:`attnflow.cli` is the ``attnflow`` command, a thin layer over the above.
+- models: :func:`build_model` (a timm ViT with its weights, name, family and adapter), :func:`load_model`;
+- capture: :class:`AttentionCapture` (per-block maps and magnitudes), :class:`TokenLayout`;
+- the pipeline: :func:`extract` (images -> cache, optionally metrics), :func:`compute_metrics`
+  (cache -> metrics file), :func:`compare` (metrics or perturbation files -> tables and a group summary),
+  :func:`probe` (caches with tokens -> k-NN, linear and attentive probes), :func:`perturb` (perturbation
+  curves), :func:`build_report` (one offline HTML page);
+- files: :func:`open_cache`, :func:`open_metrics`, :func:`open_perturbation` (validated when opened);
+- :class:`AttnflowError`, what every user error raises, and :class:`AttnflowNote`, the warning category of
+  what a result wants said.
+
+The CLI (:mod:`attnflow.cli`) is a thin layer over these.
 """
+
+import importlib
+import sys
+import types
 
 from .version import __version__
 
-# Exported names, loaded on first use (PEP 562): `import attnflow` and `attnflow --version` do not wait
-# seconds for torch and timm, which only the commands that compute need.
+# name -> (module, attribute): loaded on first use (PEP 562), so that `import attnflow` and
+# `attnflow --version` do not wait seconds for torch and timm, which only the commands that compute need.
 _EXPORTS = {
-    "AttentionCapture": "capture",
-    "AttnflowError": "errors",
-    "TokenLayout": "layout",
-    "build_model": "models",
-    "load_model": "models",
-    "open_cache": "cache",
+    "AttentionCapture": ("capture", "AttentionCapture"),
+    "AttnflowError": ("errors", "AttnflowError"),
+    "AttnflowNote": ("errors", "AttnflowNote"),
+    "TokenLayout": ("layout", "TokenLayout"),
+    "build_model": ("models", "build_model"),
+    "build_report": ("report", "build_report"),
+    "compare": ("compare", "compare_files"),
+    "compute_metrics": ("measure", "compute_metrics"),
+    "extract": ("extract", "extract"),
+    "load_model": ("models", "load_model"),
+    "open_cache": ("schema", "open_cache"),
+    "open_metrics": ("schema", "open_metrics"),
+    "open_perturbation": ("schema", "open_perturbation"),
+    "perturb": ("perturb", "perturb"),
+    "probe": ("probe", "probe_caches"),
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
+def _load(name: str):
+    module, attribute = _EXPORTS[name]
+    return getattr(importlib.import_module(f".{module}", __name__), attribute)
+
+
+class _Package(types.ModuleType):
+    """``attnflow`` itself. Four exported functions share their name with the module that defines them
+    (``attnflow.extract`` the function, in ``attnflow/extract.py``): importing such a module sets the
+    package's attribute to the module, so each of these names is a property that always gives the function
+    (``from attnflow.extract import extract`` still works: it reads the module from ``sys.modules``)."""
+
+
+def _function(name: str) -> property:
+    return property(lambda self: _load(name), lambda self, value: None, doc=f"attnflow.{name}, the function")
+
+
+for _name in ("compare", "extract", "perturb", "probe"):
+    setattr(_Package, _name, _function(_name))
+sys.modules[__name__].__class__ = _Package
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        value = _load(name)
         globals()[name] = value  # once: later lookups skip this function
         return value
     raise AttributeError(f"module 'attnflow' has no attribute '{name}'")

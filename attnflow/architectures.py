@@ -34,6 +34,12 @@ from timm.models.naflexvit import NaFlexVit
 from .checkpoint import StateDict
 from .errors import AttnflowError
 
+__all__ = [
+    "Finish", "BlockFamily", "EVA_ATTENTION", "VIT_BLOCK", "VIT_RESPOST_BLOCK", "VIT_PARALLEL_BLOCK", "EVA_BLOCK",
+    "EVA_POST_NORM_BLOCK", "BEIT_BLOCK", "Signature", "ModelAdapter", "VisionTransformerAdapter", "EvaAdapter",
+    "BeitAdapter", "ADAPTERS", "REFUSED", "supported_names", "architecture_problem", "adapter_for", "timm_signature",
+]
+
 Finish = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -17,7 +17,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import shutil
 import socket
 import uuid
@@ -32,20 +31,27 @@ import h5py
 import numpy as np
 
 from .errors import AttnflowError
-from .output import RUN_MARKER, atomic_output, check_output_path, check_run_folder, file_system_errors, fsync as _fsync, make_run_folder, remove_run_folder, run_folder_marker, write_new_file  # noqa: F401  (file_system_errors: re-exported)
+from .output import (
+    RUN_MARKER, atomic_output, check_output_path, check_run_folder, file_system_errors, fsync as _fsync, make_run_folder,
+    remove_run_folder, write_new_file,
+)
 from .choices import choice_values
 from .layout import TokenLayout
 from .metrics import ArtifactRule
 from .version import __version__
-from .schema import (  # noqa: F401  (the readers, re-exported: ``attnflow.cache`` is where users import them from)
-    ATTN, ATTN_ROWS, CACHE_DATASETS, CLASS_NAMES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS,
-    FINAL_NORM_WEIGHT, IMAGE_IDS, IMAGE_SHA256, LABELS, MAGNITUDE, METRICS_DATASETS, METRICS_GROUP, METRICS_SCHEMA,
-    PARTIAL_SUFFIX, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON, STATIC_DATASETS,
-    TOKEN_NORM, TOKENS, LAYER_TOKENS, Cache, Compression, DType, StoreMode, CheckedDataset, Expect, MetricsFile, attach_dimension_scales, describe, file_attrs, from_text,
-    layout_attrs, layout_from_attrs, metric_dataset, open_cache, open_hdf5, open_metrics, partial_path, validate,
-    tokens_dataset,
+from .schema import (
+    ATTN, ATTN_ROWS, CLASS_NAMES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS, FINAL_NORM_WEIGHT, IMAGE_IDS, IMAGE_SHA256,
+    LABELS, MAGNITUDE, METRICS_SCHEMA, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON,
+    TOKEN_NORM, TOKENS, Compression, DType, StoreMode, attach_dimension_scales, file_attrs, from_text, layout_attrs,
+    metric_dataset, partial_path, tokens_dataset,
 )
-from .schema import ROOT_ATTRS, _plain, hdf5_reason
+from .schema import ROOT_ATTRS, _plain
+
+__all__ = [
+    "RESUME_KEYS", "to_text", "inputs_digest", "masks_digest", "RowDataset", "CacheSpec", "MetricsSpec",
+    "GZIP_LEVEL", "Segment", "RunLock", "RowFileWriter", "in_memory_hdf5", "ASSEMBLY", "ASSEMBLY_STATE",
+    "STEP_BYTES",
+]
 
 # Attributes that must agree between an interrupted run and the run that resumes it.
 RESUME_KEYS = tuple(name for name, attr in ROOT_ATTRS.items() if attr.identity)
@@ -1070,3 +1076,17 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+
+
+def __getattr__(name: str):
+    """The readers and names of :mod:`attnflow.schema`, which attnflow 0.1 showed imported from here: they
+    still are until 0.3, with a DeprecationWarning."""
+    from . import schema
+
+    if name in schema.__all__:
+        import warnings
+
+        warnings.warn(f"attnflow.cache.{name} is deprecated: import it from attnflow (open_cache, open_metrics) or "
+                      f"attnflow.schema; attnflow.cache keeps it until 0.3", DeprecationWarning, stacklevel=2)
+        return getattr(schema, name)
+    raise AttributeError(f"module 'attnflow.cache' has no attribute '{name}'")

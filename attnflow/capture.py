@@ -30,6 +30,10 @@ from .architectures import Finish, adapter_for
 from .choices import StrEnum, choice_values
 from .errors import AttnflowError
 
+__all__ = [
+    "ROW_SUM_TOLERANCE", "MagnitudeUpdate", "attention_problem", "resolve_blocks", "Captured", "AttentionCapture",
+]
+
 ROW_SUM_TOLERANCE = 1e-3
 # Where the magnitude's update is taken (a cache's ``magnitude_update`` attribute): after the block's layer
 # scale (what the residual stream receives) or before it (the Beyond [cls] code's).

@@ -17,6 +17,11 @@ import torch
 
 from .errors import AttnflowError, first_line
 
+__all__ = [
+    "StateDict", "CONTAINER_KEYS", "ENCODER_PREFIXES", "PICKLE_SUFFIXES", "file_sha256", "read_checkpoint_file",
+    "select_state_dict", "strip_encoder_prefix",
+]
+
 StateDict = dict[str, torch.Tensor]
 
 # Nested containers, in the order they are preferred when several are present: the teacher (DINO, iBOT)

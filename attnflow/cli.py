@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import re
 import signal
 import sys
@@ -30,6 +29,13 @@ from .schema import Compression, DType, StoreMode as Store
 from .registry import Y_SHARING
 from .render import Format, Table
 from .options import QUERY_ROWS, REPORT_IMAGES
+
+__all__ = [
+    "app", "Family", "InfoFormat", "ShareY", "QueryRows", "MAX_BOOTSTRAP", "MAX_SEED", "FLOW_LAYERS_HELP", "extract",
+    "metrics_command", "Depth", "compare", "demo", "probe_command", "PerturbMode", "PerturbReadout",
+    "perturb_command", "plot_app", "plot_curves_command", "plot_maps_command", "plot_perturb_command",
+    "report_command", "info", "models", "main",
+]
 
 app = typer.Typer(
     name="attnflow",
@@ -64,49 +70,6 @@ def _device_option(value: str) -> str:
     if DEVICE_PATTERN.fullmatch(value) is None:
         raise typer.BadParameter(f"takes auto, cpu, cuda or cuda:N, not '{value}'")
     return value
-
-
-def _check_img_size(img_size: int, patch_size: tuple[int, int]) -> None:
-    """--img-size must tile into whole patches, at least 2 x 2 of them.
-
-    timm's patch embedding silently drops the pixels beyond the last whole patch (only a model built with
-    ``dynamic_img_pad`` pads instead, and its grid then differs from the one the layout records; attnflow
-    builds none). With one patch every attention-over-patches metric is trivial or undefined (0 / ln 1).
-    """
-    step = math.lcm(*patch_size)
-    smallest = step * math.ceil(2 * max(patch_size) / step)
-    patches = "x".join(map(str, patch_size))
-    if img_size < smallest:
-        raise typer.BadParameter(
-            f"{img_size} is smaller than 2 x 2 patches of {patches} px; use at least {smallest}", param_hint="'--img-size'"
-        )
-    if img_size % step:
-        below, above = img_size // step * step, (img_size // step + 1) * step
-        nearest = f"{below} or {above}" if below >= smallest else str(above)
-        raise typer.BadParameter(
-            f"{img_size} is not a multiple of the patch size {patches}: the model would drop the last "
-            f"{img_size - below} pixels of every row and column; use {nearest}", param_hint="'--img-size'",
-        )
-
-
-def _patch_size_of(model: str) -> Optional[tuple[int, int]]:
-    """The patch size of timm model ``model`` (or a demo model), from a weightless build on the meta device;
-    None when it cannot be built (build_model then says why)."""
-    import timm
-    import torch
-
-    from .architectures import adapter_for
-    from .demo_models import DEMO_MODELS, create_demo_vit
-    from .models import split_model_name
-
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            built = create_demo_vit() if model in DEMO_MODELS else timm.create_model(
-                split_model_name(model)[0], pretrained=False, num_classes=0)
-        return adapter_for(built).patch_size
-    except Exception:  # an unknown or unsupported name: reported by build_model with its own message
-        return None
 
 
 def _check_metric_names(names: Sequence[str], areas: Sequence[str] = ()) -> None:
@@ -238,7 +201,7 @@ def extract(
     masks: Optional[Path] = typer.Option(None, help="Folder of object masks (nonzero = object) matched to images by file stem; stores each patch's object fraction."),
     metrics: Optional[Path] = typer.Option(None, help="Also compute the metrics file in the same pass, from the float32 maps (works with --store none)."),
     fusion: Reduction = typer.Option(Reduction.mean, help="Rollout head fusion, with --metrics."),
-    discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries per image and layer, with --metrics."),
+    discard_ratio: float = typer.Option(0.0, help="Rollout: zero this fraction, in [0, 1), of the lowest off-diagonal entries per image and layer, with --metrics."),
     artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block with --metrics (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
     artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
     flow: bool = typer.Option(False, "--flow", help="With --metrics: also compute exact attention flow (flow/map and the flow_* metrics; a max-flow per patch on the CPU: seconds per ViT-S/16 image)."),
@@ -275,7 +238,7 @@ def extract(
     from .threads import set_threads
     from .decode import check_decode_device
     from .images import build_size
-    from .models import build_model
+    from .models import build_model, check_model_options
     from .options import ExtractOptions, FlowOptions, StoreOptions, resolve_device
 
     console = _stderr_console()
@@ -298,12 +261,7 @@ def extract(
         decode=decode.value, strict=strict, batch_size=batch_size, workers=workers, device=device, amp=amp, resume=resume, overwrite=overwrite,
     )
     img_size = build_size(preprocess.value, img_size)
-    if img_size is not None:
-        patch_size = _patch_size_of(model)
-        if patch_size is not None:  # else build_model reports the name; the built model is checked below
-            _check_img_size(img_size, patch_size)
-    if checkpoint_key is not None and checkpoint is None:
-        raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
+    check_model_options(model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key)  # before reading the inputs
     check_decode_device(decode.value, device)  # before --device's own check: without CUDA it is --decode's usage error
     resolve_device(device)
     paths = _input_images(images, limit, console)
@@ -311,8 +269,6 @@ def extract(
         model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key, random_init=random_init,
         trust_checkpoint=trust_checkpoint, family=family.value if family else None, label=label,
     )
-    if img_size is not None:
-        _check_img_size(img_size, loaded.adapter.patch_size)
     if loaded.weights == "random" and not quiet:
         console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
     for note in size_notes(loaded, options, len(paths), img_size_given=img_size is not None):
@@ -363,7 +319,7 @@ def metrics_command(
     cache: Path = typer.Argument(..., help="Attention cache written by `attnflow extract`."),
     output: Path = typer.Option(..., "-o", "--output", help="Metrics file to write (HDF5)."),
     fusion: Reduction = typer.Option(Reduction.mean, help="How rollout fuses heads: mean, max or min."),
-    discard_ratio: float = typer.Option(0.0, min=0.0, max=0.999, help="Rollout: zero this fraction of the lowest off-diagonal entries of each image's fused map."),
+    discard_ratio: float = typer.Option(0.0, help="Rollout: zero this fraction, in [0, 1), of the lowest off-diagonal entries of each image's fused map."),
     artifact_factor: Optional[float] = typer.Option(None, help=f"A patch token is a high-norm artifact when its block output norm exceeds this times the image's median patch norm at that block (default {DEFAULT_ARTIFACT_FACTOR:g}; see the README)."),
     artifact_norm: Optional[float] = typer.Option(None, help="Instead of --artifact-factor: a patch token is an artifact when its block output norm exceeds this absolute value."),
     flow: bool = typer.Option(False, "--flow", help="Also compute exact attention flow (flow/map and the flow_* metrics; a max-flow per patch: seconds per ViT-S/16 image). Needs --store full."),
@@ -383,7 +339,7 @@ def metrics_command(
 
     The definitions are in the README's "Metrics" section.
     """
-    from .cache import open_cache, open_metrics
+    from .schema import open_cache, open_metrics
     from .measure import compute_metrics, layer_summary
     from .options import FlowOptions, MetricsOptions, resolve_device
     from .progress import progress_bar
@@ -706,7 +662,7 @@ def perturb_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .images import build_size
-    from .models import build_model
+    from .models import build_model, check_model_options
     from .options import resolve_device
     from .perturb import DEFAULT_RELEVANCE, PerturbationOptions, PerturbOptions, perturb, summarize
 
@@ -719,12 +675,7 @@ def perturb_command(
         workers=workers, device=device, resume=resume, overwrite=overwrite,
     )
     img_size = build_size(preprocess.value, img_size)
-    if img_size is not None:
-        patch_size = _patch_size_of(model)
-        if patch_size is not None:
-            _check_img_size(img_size, patch_size)
-    if checkpoint_key is not None and checkpoint is None:
-        raise typer.BadParameter("selects a container inside --checkpoint; give --checkpoint too", param_hint="'--checkpoint-key'")
+    check_model_options(model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key)  # before reading the inputs
     resolve_device(device)
     paths = _input_images(images, limit, console)
     _check_output(output, paths)
@@ -872,7 +823,7 @@ def info(
     format: InfoFormat = typer.Option(InfoFormat("table"), "--format", "-f", help="table or json."),
 ) -> None:
     """Print what an attnflow file holds: its attributes and dataset shapes."""
-    from .cache import describe
+    from .schema import describe
 
     described = describe(path)
     if format is InfoFormat("json"):

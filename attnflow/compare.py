@@ -33,8 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cache import open_metrics
-from .schema import METRICS_SCHEMA, PERTURB_SCHEMA, open_hdf5, open_perturbation
+from .schema import PERTURB_SCHEMA, open_hdf5, open_metrics, open_perturbation
 from .errors import AttnflowError, OptionError
 from .families import FAMILIES, title
 from .inference import (
@@ -43,6 +42,13 @@ from .inference import (
 from .choices import choice_values
 from .metrics import REGISTRY, Fusion, reduce_heads
 from .render import Format, emit, format_cell, json_value
+
+__all__ = [
+    "ROW_COLUMNS", "METRICS", "PERTURBATION", "AXES", "DEFAULT_GROUPS", "ALL_PAIRS", "LEGACY_SUMMARY_KEYS",
+    "ModelMetrics", "LayerRow", "load_models", "input_kind", "load_perturbations", "plan_relevance", "plan_layers",
+    "describe", "parse_groups", "summary_pairs", "verdict", "summarize", "with_legacy_keys", "layer_tables",
+    "EFFECT_SYMBOLS", "summary_table", "Comparison", "compare_files",
+]
 
 ROW_COLUMNS = ("model", "family", "metric", "layer", "mean", "std", "ci_low", "ci_high", "n_images")
 # The kinds of file compare reads, by schema, and the name of their rows' axis in every output.

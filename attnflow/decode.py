@@ -30,6 +30,12 @@ from PIL import Image
 from .errors import AttnflowError, OptionError, first_line
 from .images import DecodeMode, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, content_digest, read_image_file
 
+__all__ = [
+    "JPEG_MAGIC", "EXIF_ORIENTATION", "DEVICE_INTERPOLATIONS", "DEVICE_CROP_MODES", "with_decode",
+    "check_device_decodable", "check_decode_device", "scaled_size", "resize_and_crop", "EncodedJpeg", "EncodedItem",
+    "EncodedImages", "EncodedBatch", "collate_encoded", "decode_batch", "image_batches",
+]
+
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker: every JPEG file starts so
 EXIF_ORIENTATION = 0x0112
 

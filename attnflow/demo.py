@@ -32,6 +32,10 @@ from .render import Format, emit
 from .schema import StoreMode
 from .threads import threads_for
 
+__all__ = [
+    "DemoRun", "demo_images", "run_demo", "PROBE_EPOCHS", "demo_disk_use", "PROBE_IMAGES", "write_probe_images",
+]
+
 
 @dataclass
 class DemoRun:

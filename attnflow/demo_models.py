@@ -15,6 +15,11 @@ from pathlib import Path
 import timm
 import torch
 
+__all__ = [
+    "CANVAS", "NORMALIZE_MEAN", "NORMALIZE_STD", "DEMO_ARCH", "DEMO_KWARGS", "DemoModel", "DEMO_MODELS",
+    "TRAINED_DEMO_MODELS", "demo_data_dir", "create_demo_vit",
+]
+
 CANVAS = 48  # the demo images' side, in pixels: the models' input size
 NORMALIZE_MEAN, NORMALIZE_STD = 0.5, 0.5  # one grey channel around 0.5
 

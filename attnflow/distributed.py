@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cache import file_attrs, in_memory_hdf5, inputs_digest
+from .cache import in_memory_hdf5, inputs_digest
+
+from .schema import file_attrs
 from .output import atomic_output
 from .errors import AttnflowError
 from .extract import extract
@@ -28,6 +30,11 @@ from .images import folder_classes
 from .models import LoadedModel
 from .options import ExtractOptions
 from .schema import FG, IMAGE_IDS, LABELS, SKIP_DATASETS, STATIC_DATASETS, attach_dimension_scales
+
+__all__ = [
+    "SMALL_ROW_DATASETS", "Rank", "launched_rank", "init", "shard", "shard_path", "barrier", "finish",
+    "extract_sharded", "assemble", "spawn_local",
+]
 
 # Row datasets that stay in the shards (virtual), the rest is copied: every row of these is at least 2-D.
 SMALL_ROW_DATASETS = (IMAGE_IDS, LABELS, FG)
@@ -97,7 +104,7 @@ def extract_sharded(
 ) -> Path | None:
     """One rank of a launch (``torchrun ... python my_script.py``): this rank's block of ``paths`` into its
     shard, then rank 0 writes ``output`` (and ``metrics``) over all shards. Returns ``output`` on rank 0,
-    None on the others. Options as for :func:`attnflow.extract.extract`; ``--resume`` keeps a finished
+    None on the others. Options as for :func:`attnflow.extract`; ``--resume`` keeps a finished
     shard only once it is checked to be this run's (inputs, model, options)."""
     options = (options or ExtractOptions()).replace(**option_values)
     rank = rank or launched_rank()

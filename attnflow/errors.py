@@ -4,6 +4,8 @@ The CLI turns them into a one-line message on stderr and exit code 1 (2 for an :
 anything else is a bug and keeps its traceback.
 """
 
+__all__ = ["AttnflowError", "OptionError", "AttnflowNote", "first_line"]
+
 
 class AttnflowError(Exception):
     """A data, model or file problem the user can fix; its message is one self-contained line."""

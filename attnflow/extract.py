@@ -33,6 +33,12 @@ from .models import LoadedModel
 from .options import ExtractOptions, resolve_device
 from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, TOKEN_NORM, TOKENS, DType, StoreMode
 
+__all__ = [
+    "ExtractResult", "LARGE_INPUT_SIDE", "ANNOUNCED_CACHE_BYTES", "LARGE_IMAGE_BYTES", "cache_bytes_per_image",
+    "size_notes", "LONG_EXTRACT_SECONDS", "time_note", "report_failures", "default_workers", "HostRows",
+    "BackgroundWriter", "extract",
+]
+
 
 @dataclass
 class ExtractResult:

@@ -10,6 +10,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "Family", "FAMILY_DECLARATIONS", "FAMILIES", "MIM_TAG_WORDS", "JEA_TAG_WORDS", "AUTOREGRESSIVE_ARCH_WORDS",
+    "LANGUAGE_ARCH_WORDS", "LANGUAGE_TAG_WORDS", "SUPERVISED_TAG_WORDS", "get_family", "title", "infer_family",
+    "CHECKPOINT_CONTAINER_RULES", "CHECKPOINT_KEY_RULES", "checkpoint_family",
+]
+
 
 @dataclass(frozen=True)
 class Family:

@@ -29,6 +29,8 @@ from scipy.sparse.csgraph import maximum_flow
 from .layout import TokenLayout
 from .metrics import Fusion, mixing_matrix, readout_vector
 
+__all__ = ["FLOW_SCALE", "max_flow_to_patches", "attention_flow"]
+
 # Capacities in [0, 1] become integers up to 2**30: a flow never exceeds the source's capacity (at most 1,
 # so at most 2**30 + T / 2 after rounding), well inside scipy's int32 (which silently wraps wider types).
 FLOW_SCALE = 2 ** 30

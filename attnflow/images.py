@@ -28,6 +28,13 @@ from .architectures import adapter_for
 from .choices import StrEnum, choice_values
 from .errors import AttnflowError, OptionError
 
+__all__ = [
+    "IMAGE_EXTENSIONS", "Interpolation", "CROP_PCT_MIN", "Preprocess", "BEYOND_CLS_SIZE", "BEYOND_CLS_RESIZE",
+    "DecodeMode", "build_size", "list_images", "class_of", "folder_classes", "MAX_RESIZED_PIXELS", "read_image_file",
+    "content_digest", "decode_image", "Preprocessing", "resolve_preprocessing", "index_masks", "decode_mask",
+    "ImageItem", "ImageDataset", "describe_decode_error", "ImageBatch", "collate_images",
+]
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )

@@ -43,6 +43,12 @@ from typing import Sequence
 
 import numpy as np
 
+__all__ = [
+    "ALPHA", "MAX_EXACT_RELABELINGS", "Correction", "Difference", "bootstrap_means", "percentile_ci",
+    "rank_biserial", "cliffs_delta", "paired_images", "unpaired_images", "between_models", "permutation_p",
+    "hedges_g", "adjust", "smallest_adjusted", "paired_accuracy_difference",
+]
+
 ALPHA = 0.05
 MAX_EXACT_RELABELINGS = 20_000  # above this the permutation test draws this many seeded relabelings
 _BLOCK_ELEMENTS = 5_000_000

@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from .architectures import adapter_for
 
+__all__ = ["TokenLayout"]
+
 
 @dataclass(frozen=True)
 class TokenLayout:

@@ -13,13 +13,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .cache import MetricsFile, MetricsSpec, open_cache
+from .cache import MetricsSpec
+
 from .errors import AttnflowError, AttnflowNote
-from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, StoreMode, metric_dataset
+from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, metric_dataset, MetricsFile, open_cache, StoreMode
 from .flow import attention_flow
 from .layout import TokenLayout
 from .options import MetricsOptions, RolloutOptions, resolve_device
 from .metrics import REGISTRY, ArtifactRule, available_metrics, batch_metrics
+
+__all__ = ["SUMMARY_METRICS", "compute_metrics", "metric_rows", "warn_about_layout", "layer_summary"]
 
 # The columns of the per-layer summary: the metrics the registry marks ``summary``, in its order.
 SUMMARY_METRICS = REGISTRY.summary

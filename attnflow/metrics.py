@@ -28,6 +28,16 @@ from .choices import StrEnum
 from .layout import TokenLayout
 from .registry import Level, Metric, MetricGroup, Need, Registry, check_group_output
 
+__all__ = [
+    "Fusion", "TOP_FRACTION", "ROW_SHARE", "CLS_SHARE", "ROLLOUT_SHARE", "NORMALISED_ENTROPY", "entropy", "top_mass",
+    "gini", "distribution_stats", "renormalise_over_patches", "patch_distances", "Batch", "cls_metrics", "CLS_ROW",
+    "patch_metrics", "query_key_nmi", "PATCH_ROWS", "magnitude_metrics", "MAGNITUDES", "reduce_heads", "fuse_heads",
+    "discard_lowest", "readout_vector", "mixing_matrix", "rollout", "rollout_metrics", "ROLLOUT", "mask_metrics",
+    "flow_metrics", "FLOW_SHARE", "FLOW", "MASKS", "DEFAULT_ARTIFACT_FACTOR", "ArtifactRule", "artifact_mask",
+    "artifact_metrics", "ARTIFACT_SET", "ARTIFACTS", "REGISTRY", "HEAD_METRICS", "LAYER_METRICS", "IMAGE_METRICS",
+    "available_metrics", "batch_metrics", "main",
+]
+
 class Fusion(StrEnum):
     """How heads are combined: rollout's head fusion, and the head reduction of compare and plots."""
 

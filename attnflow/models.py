@@ -6,6 +6,7 @@ model (name, checkpoint, its sha256, family, label).
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -19,9 +20,14 @@ from timm.models import get_arch_name
 from .architectures import ModelAdapter, adapter_for, timm_signature
 from .checkpoint import StateDict, file_sha256, read_checkpoint_file, select_state_dict, strip_encoder_prefix
 from .demo_models import DEMO_MODELS, create_demo_vit, demo_data_dir
-from .errors import AttnflowError, AttnflowNote, first_line
+from .errors import AttnflowError, AttnflowNote, OptionError, first_line
 from .families import FAMILIES, checkpoint_family, infer_family
 from .layout import TokenLayout
+
+__all__ = [
+    "UNUSED_KEY_PATTERN", "OUTSIDE_CAPTURE_PATTERN", "LoadedModel", "split_model_name", "supported_pretrained",
+    "default_label", "build_model", "load_model", "load_state_dict_strict",
+]
 
 # Keys a pre-training checkpoint carries that the encoder has no use for (an architecture's own ones, such as
 # BEiT's lm_head, are declared by its adapter).
@@ -78,6 +84,51 @@ def default_label(name: str, checkpoint: str | Path | None) -> str:
     return f"{name}@{Path(checkpoint).stem}" if checkpoint else name
 
 
+def check_img_size(img_size: int, patch_size: tuple[int, int]) -> None:
+    """``img_size`` must tile into whole patches, at least 2 x 2 of them (an :class:`OptionError` otherwise).
+
+    timm's patch embedding silently drops the pixels beyond the last whole patch (only a model built with
+    ``dynamic_img_pad`` pads instead, and its grid then differs from the one the layout records; attnflow
+    builds none). With one patch every attention-over-patches metric is trivial or undefined (0 / ln 1).
+    """
+    step = math.lcm(*patch_size)
+    smallest = step * math.ceil(2 * max(patch_size) / step)
+    patches = "x".join(map(str, patch_size))
+    if img_size < smallest:
+        raise OptionError("--img-size", f"{img_size} is smaller than 2 x 2 patches of {patches} px; use at least {smallest}")
+    if img_size % step:
+        below, above = img_size // step * step, (img_size // step + 1) * step
+        nearest = f"{below} or {above}" if below >= smallest else str(above)
+        raise OptionError("--img-size", f"{img_size} is not a multiple of the patch size {patches}: the model would drop the "
+                                        f"last {img_size - below} pixels of every row and column; use {nearest}")
+
+
+def patch_size_of(name: str) -> tuple[int, int] | None:
+    """The patch size of timm model (or demo model) ``name``, from a weightless build on the meta device, so
+    nothing is downloaded; None when it cannot be built (:func:`build_model` then says why)."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = create_demo_vit() if name in DEMO_MODELS else timm.create_model(
+                split_model_name(name)[0], pretrained=False, num_classes=0)
+        return adapter_for(built).patch_size
+    except Exception:  # an unknown or unsupported name: reported by build_model with its own message
+        return None
+
+
+def check_model_options(name: str, checkpoint: str | Path | None = None, *, img_size: int | None = None,
+                        checkpoint_key: str | None = None) -> None:
+    """Refuse, before any weights are read or downloaded, the options :func:`build_model` could never honour:
+    an ``img_size`` that does not tile into whole patches (at least 2 x 2), a ``checkpoint_key`` without a
+    checkpoint."""
+    if checkpoint_key is not None and checkpoint is None:
+        raise OptionError("--checkpoint-key", "selects a container inside --checkpoint; give --checkpoint too")
+    if img_size is not None:
+        patch_size = patch_size_of(name)
+        if patch_size is not None:
+            check_img_size(img_size, patch_size)
+
+
 def build_model(
     name: str,
     checkpoint: str | Path | None = None,
@@ -90,6 +141,7 @@ def build_model(
     label: str | None = None,
 ) -> LoadedModel:
     """Create ``name`` with timm and load its weights, see :func:`load_model`."""
+    check_model_options(name, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key)
     demo = DEMO_MODELS.get(name)
     seed = None
     if demo is not None and demo.checkpoint is None:  # demo:random: the same weights on every machine
@@ -127,6 +179,8 @@ def build_model(
             model = _create_demo(**kwargs)
     else:
         model = _create_demo(**kwargs)
+    if img_size is not None:  # the weightless build above may not have known the name's patch size
+        check_img_size(img_size, adapter_for(model).patch_size)
 
     ckpt_path, sha, container = "", "", ""
     if checkpoint is not None:

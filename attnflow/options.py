@@ -1,7 +1,7 @@
 """The options of a run, in groups: each a frozen dataclass that checks itself once, when it is made.
 
 The Python API and the CLI share them: ``attnflow extract`` builds one :class:`ExtractOptions` from its flags,
-``attnflow.extract.extract(..., batch_size=8)`` builds the same object from keywords. A value that cannot
+``attnflow.extract(..., batch_size=8)`` builds the same object from keywords. A value that cannot
 work raises :class:`OptionError`, which names the flag; the CLI prints it as a usage error (exit 2).
 """
 from __future__ import annotations
@@ -21,6 +21,11 @@ from .choices import StrEnum, choice_values
 from .images import CROP_PCT_MIN, DecodeMode, Interpolation, Preprocess
 from .metrics import DEFAULT_ARTIFACT_FACTOR, ArtifactRule, Fusion
 from .schema import Compression, DType, StoreMode
+
+__all__ = [
+    "DEVICE_PATTERN", "REPORT_IMAGES", "QUERY_ROWS", "StoreOptions", "RolloutOptions", "ArtifactOptions",
+    "FlowOptions", "InputOptions", "RunOptions", "ExtractOptions", "MetricsOptions", "resolve_device",
+]
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # attnflow report's options, here so that the CLI reads them without importing the report:

@@ -34,6 +34,11 @@ from typing import Iterable, Iterator
 
 from .errors import AttnflowError
 
+__all__ = [
+    "RUN_MARKER", "refuse_output_that_is_read", "check_output_path", "atomic_output", "write_new_file", "fsync",
+    "make_run_folder", "run_folder_marker", "check_run_folder", "remove_run_folder", "file_system_errors",
+]
+
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # The file whose presence in a real (not linked) folder proves that attnflow made the folder.

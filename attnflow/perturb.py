@@ -58,6 +58,15 @@ from .schema import (
 )
 from .version import __version__
 
+__all__ = [
+    "RELEVANCE_MAPS", "PROBE_PREFIX", "DEFAULT_RELEVANCE", "ORDERS", "MODES", "READOUTS", "DEFAULT_FRACTIONS",
+    "HEAD_POOLS", "CURVE_COLUMNS", "ACCURACY_COLUMNS", "AUC_COLUMNS", "AREA_QUANTITIES", "DEFAULT_AREA_QUANTITIES",
+    "PerturbationOptions", "PerturbOptions", "removed_count", "removal_order", "drop_problem", "embed",
+    "forward_kept", "zero_patches", "representation", "probe_input", "attention_relevance", "random_relevance",
+    "head_relevance", "auc", "area_values", "ProbeHead", "find_head", "PerturbResult", "open_writer", "perturb",
+    "measure", "PerturbSummary", "summarize",
+]
+
 RELEVANCE_MAPS = ("cls-attn", "rollout", "flow", "random")
 PROBE_PREFIX = "probe:"  # probe:PATH, the attention of a saved probe head
 DEFAULT_RELEVANCE = ("cls-attn", "rollout", "random")

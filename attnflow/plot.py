@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cache import open_cache
 from .compare import Comparison, describe, load_models, plan_layers
 from .errors import AttnflowError, OptionError
 from .families import get_family
@@ -24,7 +23,15 @@ from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .output import atomic_output, check_output_path
 from .perturb import ORDERS, PerturbSummary, summarize as summarize_perturbation
 from .registry import Y_SHARING
-from .schema import FG, StoreMode
+from .schema import FG, open_cache, StoreMode
+
+__all__ = [
+    "DPI", "PANEL_SIZE", "MAP_SIZE", "FORMATS", "MAP_COLORMAP", "MAP_SCALES", "LOG_SHARE_LIMITS", "SHARE_LABEL",
+    "COLORBAR_WIDTH", "MASK_COLOR", "PAPER_RC", "REFERENCE_STYLE", "LABEL_POINTS", "pyplot", "save_figure",
+    "wrap_text", "Curve", "curve_data", "plot_curves", "curve_comparison", "reference_values", "share_y_by_unit",
+    "MapData", "MapPanel", "MapScale", "uniform_share", "shared_scale", "find_image", "map_data",
+    "probe_head_panels", "display_image", "plot_maps", "plot_perturbation",
+]
 
 DPI = 150
 PANEL_SIZE = (4.2, 3.2)  # inches per curve panel
@@ -204,7 +211,7 @@ def reference_values(comparison: Comparison, name: str) -> list[float]:
         return []
     if not isinstance(uniform, str):
         return [float(uniform)]
-    from .cache import open_metrics
+    from .schema import open_metrics
 
     values = []
     for model in comparison.models:

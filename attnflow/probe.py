@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import open_cache
 from .errors import AttnflowError, first_line
 from .inference import Correction, adjust, paired_accuracy_difference
 from .output import atomic_output
@@ -46,7 +45,17 @@ from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .options import resolve_device
 from .progress import OnProgress
 from .choices import StrEnum, choice_values
-from .schema import LABELS, TOKENS, StoreMode
+from .schema import LABELS, TOKENS, open_cache, StoreMode
+
+__all__ = [
+    "Pool", "Evaluator", "POOLS", "EVALUATORS", "ATTENTION_POOLS", "TRAINED_POOLS", "EP_WITH_CLS", "POOL_STORES",
+    "EP_QUERIES", "PROBE_COLUMNS", "GAIN_COLUMNS", "KNN_K", "KNN_TEMPERATURE", "STREAM_CHUNK", "STREAM_BUFFER",
+    "KNN_BLOCK", "READ_SPARSITY", "IN_MEMORY_BYTES", "pools_for_store", "TokenSource", "Tokens", "token_chunks",
+    "ProbeSet", "load_probe_set", "pooled", "knn_accuracy", "AbMILP", "ep_fits", "EfficientProbe", "HEAD_FORMAT",
+    "HEAD_CONFIG_KEYS", "make_head", "head_path", "save_head", "load_head", "LinearHead", "stratified_split",
+    "predict", "fit_linear", "train_linear", "bootstrap_accuracy", "pool_tokens", "probe", "probe_caches",
+    "shared_images",
+]
 
 
 

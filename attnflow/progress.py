@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+__all__ = ["OnProgress", "progress_bar", "StepProgress"]
+
 # What long library calls take as ``on_progress``: the step's description, units done and units in all
 # (None: not known yet). A new description starts a new step.
 OnProgress = Callable[[str, int, Optional[int]], None]

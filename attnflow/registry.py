@@ -16,6 +16,11 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 from .layout import TokenLayout
 
+__all__ = [
+    "Level", "LEVELS", "LEVEL_SHAPES", "Need", "Y_SHARING", "NAN_REASONS", "UNIT_RANGES", "RANGE_TOLERANCE",
+    "Metric", "MetricGroup", "Registry", "check_group_output",
+]
+
 Level = Literal["head", "layer", "image"]
 LEVELS: tuple[Level, ...] = ("head", "layer", "image")
 # The shape of ``metrics/<name>`` in a metrics file, by level: n images, L layers, H heads.

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol, Sequence, TextIO
 
+__all__ = ["MACHINE_DIGITS", "json_value", "Format", "format_cell", "emit", "Result", "Table"]
+
 
 MACHINE_DIGITS = 9  # enough to round-trip a float32
 

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cache import open_cache, open_metrics
 from .choices import choice_values
 from .compare import DEFAULT_GROUPS, compare_files, summary_table
 from .errors import AttnflowError, OptionError
@@ -47,8 +46,14 @@ from .metrics import REGISTRY, Fusion, renormalise_over_patches, rollout
 from .options import QUERY_ROWS, REPORT_IMAGES
 from .plot import MAP_COLORMAP, SHARE_LABEL, _family_colours, curve_data, display_image, shared_scale
 from .render import format_cell
-from .schema import FG, FLOW_MAP, METRICS_SCHEMA, SCHEMA, StoreMode, file_attrs, open_hdf5
+from .schema import FG, FLOW_MAP, METRICS_SCHEMA, SCHEMA, file_attrs, open_cache, open_hdf5, open_metrics, StoreMode
 from .version import __version__
+
+__all__ = [
+    "SUFFIXES", "LEVELS", "SCALE", "QUANTISATION_ERROR", "BATCH_BYTES", "PICTURE_MAX_SIDE", "TEMPLATE",
+    "DATA_MARKER", "quantise_share", "Report", "OnProgress", "check_output", "sort_inputs", "sample_images",
+    "read_probe_table", "short_names", "render_page", "write_page", "build_report",
+]
 
 SUFFIXES = (".html", ".htm")
 LEVELS = 256  # one byte per stored map value

@@ -52,6 +52,19 @@ from .metrics import REGISTRY
 from .registry import NAN_REASONS, RANGE_TOLERANCE
 from .version import __version__
 
+__all__ = [
+    "Rows", "SCHEMA", "METRICS_SCHEMA", "PERTURB_SCHEMA", "StoreMode", "DType", "Compression", "PARTIAL_SUFFIX",
+    "IMAGE_IDS", "IMAGE_SHA256", "LABELS", "CLASS_NAMES", "SKIPPED", "SKIPPED_REASON", "FG", "ATTN", "ATTN_ROWS",
+    "MAGNITUDE", "TOKEN_NORM", "TOKENS", "LAYER_TOKENS", "FINAL_NORM_WEIGHT", "FINAL_NORM_BIAS", "FINAL_NORM_EPS",
+    "METRICS_GROUP", "ROLLOUT_MAP", "FLOW_MAP", "PERTURB_SIMILARITY", "PERTURB_CORRECT", "PERTURB_CLEAN_CORRECT",
+    "PERTURB_RELEVANCE", "MAPS_DATASET", "STATIC_DATASETS", "SKIP_DATASETS", "metric_dataset", "partial_path",
+    "from_text", "layout_attrs", "layout_from_attrs", "stored_token_layers", "tokens_dataset", "open_hdf5",
+    "hdf5_reason", "file_attrs", "Expect", "CACHE_DATASETS", "METRICS_DATASETS", "PERTURB_DATASETS",
+    "METRIC_DATASETS", "Attr", "ROOT_ATTRS", "FILE_ATTRS", "CACHE_ATTRS", "METRICS_ATTRS", "PERTURB_ATTRS",
+    "OPTIONAL_ATTRS", "PREPROCESSING_KEYS", "validate", "written_by", "CheckedDataset", "Cache", "MetricsFile",
+    "PerturbFile", "attach_dimension_scales", "open_cache", "open_metrics", "open_perturbation", "describe",
+]
+
 # What the typed readers return: a numpy array, or with ``device=`` a torch tensor on that device.
 Rows = Union[np.ndarray, torch.Tensor]
 

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+__all__ = ["SMALL_HEAD_THREADS", "available_cores", "policy_threads", "set_threads", "threads_for"]
+
 SMALL_HEAD_THREADS = 1
 
 

@@ -12,11 +12,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
+
+from attnflow import AttentionCapture
+from attnflow.cache import MetricsSpec
+from attnflow.images import resolve_preprocessing
+from attnflow.models import LoadedModel
 
 # Under pytest-xdist the two cores are shared by the workers: one thread each, so that they do not fight.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -124,3 +131,88 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- helpers the test modules share -------------------------------------------------------------------------
+
+
+def tiny(kind: str) -> LoadedModel:
+    return LoadedModel(
+        model=make_tiny_vit(kind), name=f"tiny-{kind}", checkpoint="", checkpoint_sha256="",
+        weights="random", family="unknown", label=f"tiny-{kind}",
+    )
+
+
+def direct_capture(model, paths):
+    """What capture gives for these files when run by hand, one image at a time."""
+    preprocessing = resolve_preprocessing(model)
+    transform = preprocessing.transform()  # the plain float path, not extract's uint8-then-normalise path
+    out = []
+    with AttentionCapture(model) as capture, torch.no_grad():
+        for path in paths:
+            model.forward_features(transform(Image.open(path).convert("RGB"))[None])
+            out.append(capture.pop())
+    return out
+
+
+def read_all(path: Path) -> dict:
+    """Every dataset of an HDF5 file, by its full name."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+class Interrupt(Exception):
+    pass
+
+
+HEADS = 3
+
+
+def write_metrics(path: Path, values: dict[str, np.ndarray], *, family="unknown", label=None, num_layers=4,
+                  has_cls=True, img_size=(32, 32)) -> Path:
+    """A real metrics file through attnflow's own writer, holding exactly ``values``."""
+    n = next(iter(values.values())).shape[0]
+    attrs = {
+        "model": "synthetic", "label": label or path.stem, "family": family, "num_layers": num_layers,
+        "num_heads": HEADS, "num_tokens": 17 if has_cls else 16, "num_prefix_tokens": 1 if has_cls else 0,
+        "has_cls": has_cls, "num_registers": 0, "grid_size": [4, 4], "patch_size": [8, 8], "img_size": list(img_size),
+    }
+    levels = {name: "head" if v.ndim == 3 else "layer" for name, v in values.items()}
+    writer = MetricsSpec(attrs, levels, has_rollout=False, fusion="mean", discard_ratio=0.0, source="none").writer(path)
+    writer.append({f"metrics/{k}": v.astype(np.float32) for k, v in values.items()},
+                  image_ids=[f"img{i}.png" for i in range(n)], n_inputs_done=n)
+    writer.finish()
+    return path
+
+
+def synthetic(rng, n=40, L=4, shift=0.0, has_cls=True):
+    entropy = np.clip(0.7 + shift + 0.05 * rng.standard_normal((n, L, HEADS)), 0, 1)
+    cls_self = 0.1 + 0.02 * rng.random((n, L, HEADS))
+    if not has_cls:
+        entropy[:] = np.nan
+        cls_self[:] = np.nan
+    return {
+        "cls_entropy_norm": entropy,
+        "cls_self": cls_self,
+        "attn_distance": 20 + rng.standard_normal((n, L, HEADS)),
+        "magnitude_cls": (np.nan if not has_cls else 1.0) * rng.random((n, L)),
+    }
+
+
+def write_mask_case(folder: Path) -> tuple[Path, Path]:
+    """A 32x32 image and a mask whose left half is object, in separate trees, matched by stem."""
+    images, masks = folder / "images" / "cls", folder / "masks" / "nested"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{name}.jpg")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :16] = 7  # any nonzero value is object
+    Image.fromarray(mask).save(masks / "a.png")
+    big = np.zeros((64, 64, 3), dtype=np.uint8)  # twice the image's size: resized onto it first
+    big[:32, :, 1] = 255  # top half
+    Image.fromarray(big).save(masks / "b.png")
+    return folder / "images", folder / "masks"

@@ -21,7 +21,7 @@ from conftest import make_tiny
 from test_capture import (
     assert_capture_matches_reference, capture_unchanged_forward, softmax_attention, timm_attention_map, vit_embed,
 )
-from test_extract import direct_capture
+from conftest import direct_capture
 
 SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 

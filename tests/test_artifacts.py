@@ -12,26 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from attnflow.cache import open_cache, open_metrics
+from attnflow.schema import open_cache, open_metrics
 from attnflow.capture import AttentionCapture
 from attnflow.errors import AttnflowError, AttnflowNote, OptionError
 from attnflow.extract import extract
 from attnflow.layout import TokenLayout
 from attnflow.measure import compute_metrics
 from attnflow.metrics import ArtifactRule, artifact_mask, artifact_metrics, batch_metrics
-from attnflow.models import LoadedModel
 from attnflow.options import ArtifactOptions, ExtractOptions, MetricsOptions, StoreOptions
-from conftest import TINY_VITS, make_tiny_vit, write_images
+from conftest import TINY_VITS, make_tiny_vit, write_images, tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARTIFACT_METRICS = {"artifact_frac", "cls_artifact_mass", "artifact_fg_overlap"}
 
 
-def tiny(kind: str) -> LoadedModel:
-    return LoadedModel(
-        model=make_tiny_vit(kind), name=f"tiny-{kind}", checkpoint="", checkpoint_sha256="",
-        weights="random", family="unknown", label=f"tiny-{kind}",
-    )
+
 
 
 def images_for(model: torch.nn.Module, n: int = 3, seed: int = 0) -> torch.Tensor:

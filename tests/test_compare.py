@@ -5,48 +5,13 @@ import csv
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from attnflow.cache import MetricsSpec
 from attnflow.compare import ROW_COLUMNS
-
-HEADS = 3
-
-
-def write_metrics(path: Path, values: dict[str, np.ndarray], *, family="unknown", label=None, num_layers=4,
-                  has_cls=True, img_size=(32, 32)) -> Path:
-    """A real metrics file through attnflow's own writer, holding exactly ``values``."""
-    n = next(iter(values.values())).shape[0]
-    attrs = {
-        "model": "synthetic", "label": label or path.stem, "family": family, "num_layers": num_layers,
-        "num_heads": HEADS, "num_tokens": 17 if has_cls else 16, "num_prefix_tokens": 1 if has_cls else 0,
-        "has_cls": has_cls, "num_registers": 0, "grid_size": [4, 4], "patch_size": [8, 8], "img_size": list(img_size),
-    }
-    levels = {name: "head" if v.ndim == 3 else "layer" for name, v in values.items()}
-    writer = MetricsSpec(attrs, levels, has_rollout=False, fusion="mean", discard_ratio=0.0, source="none").writer(path)
-    writer.append({f"metrics/{k}": v.astype(np.float32) for k, v in values.items()},
-                  image_ids=[f"img{i}.png" for i in range(n)], n_inputs_done=n)
-    writer.finish()
-    return path
-
-
-def synthetic(rng, n=40, L=4, shift=0.0, has_cls=True):
-    entropy = np.clip(0.7 + shift + 0.05 * rng.standard_normal((n, L, HEADS)), 0, 1)
-    cls_self = 0.1 + 0.02 * rng.random((n, L, HEADS))
-    if not has_cls:
-        entropy[:] = np.nan
-        cls_self[:] = np.nan
-    return {
-        "cls_entropy_norm": entropy,
-        "cls_self": cls_self,
-        "attn_distance": 20 + rng.standard_normal((n, L, HEADS)),
-        "magnitude_cls": (np.nan if not has_cls else 1.0) * rng.random((n, L)),
-    }
-
+from conftest import synthetic, write_metrics
 
 def parse_csv(text: str, delimiter=",") -> list[dict]:
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
@@ -209,7 +174,7 @@ def test_labels_families_and_pooling(tmp_path, run_cli):
 def test_errors(tmp_path, run_cli, image_dir):
     from attnflow.extract import extract
     from attnflow.images import list_images
-    from test_extract import tiny
+    from conftest import tiny
 
     write_metrics(tmp_path / "ok.h5", synthetic(np.random.default_rng(7)))
     extract(tiny("plain"), list_images([str(image_dir)]), tmp_path / "cache.h5", workers=0)

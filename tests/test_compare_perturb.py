@@ -8,18 +8,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy import stats
 
-from conftest import make_tiny_vit, one_line_error
-from test_compare import synthetic, write_metrics
+from conftest import make_tiny_vit, one_line_error, synthetic, write_metrics
 from test_perturb import hand_built_model, loaded_model
 from attnflow.compare import compare_files
 from attnflow.perturb import perturb

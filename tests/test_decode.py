@@ -6,7 +6,6 @@ on real photos, take the exact CPU path for everything it cannot decode as PIL d
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 

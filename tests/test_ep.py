@@ -59,8 +59,7 @@ def test_demo_store_asks_only_for_the_pools_it_supports():
 def test_ep_through_the_cli(tmp_path, run_cli):
     from attnflow.extract import extract
     from attnflow.images import list_images
-    from conftest import write_images
-    from test_extract import tiny
+    from conftest import write_images, tiny
 
     write_images(tmp_path / "imgs", 16, classes=("a", "b"))
     paths = list_images([str(tmp_path / "imgs")])

@@ -14,12 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from attnflow import AttentionCapture, AttnflowError, build_model, open_cache
-from attnflow.cache import SCHEMA
+from attnflow import AttnflowError, build_model, open_cache
+from attnflow.schema import SCHEMA
 from attnflow.extract import extract
-from attnflow.images import list_images, resolve_preprocessing
-from attnflow.models import LoadedModel
-from conftest import make_tiny_vit
+from attnflow.images import list_images
+from conftest import Interrupt, direct_capture, read_all, tiny
 
 ARCH = "vit_tiny_patch16_224"
 
@@ -32,31 +31,7 @@ CACHE_ATTRS = {
 }
 
 
-def tiny(kind: str) -> LoadedModel:
-    return LoadedModel(
-        model=make_tiny_vit(kind), name=f"tiny-{kind}", checkpoint="", checkpoint_sha256="",
-        weights="random", family="unknown", label=f"tiny-{kind}",
-    )
 
-
-def direct_capture(model, paths):
-    """What capture gives for these files when run by hand, one image at a time."""
-    preprocessing = resolve_preprocessing(model)
-    transform = preprocessing.transform()  # the plain float path, not extract's uint8-then-normalise path
-    out = []
-    with AttentionCapture(model) as capture, torch.no_grad():
-        for path in paths:
-            model.forward_features(transform(Image.open(path).convert("RGB"))[None])
-            out.append(capture.pop())
-    return out
-
-
-def read_all(path: Path) -> dict:
-    """Every dataset of an HDF5 file, by its full name."""
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 def test_cache_carries_exactly_the_schema(tmp_path, image_dir, run_cli):
@@ -170,8 +145,7 @@ def test_paths_from_stdin_in_a_real_pipeline(tmp_path, image_dir):
         assert cache.image_ids == [str(p) for p in paths]
 
 
-class Interrupt(Exception):
-    pass
+
 
 
 def test_interrupted_extraction_resumes_to_the_same_cache(tmp_path, image_dir):

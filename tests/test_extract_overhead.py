@@ -15,8 +15,7 @@ from attnflow.images import ImageDataset, collate_images, list_images
 from attnflow.layout import TokenLayout
 from attnflow.metrics import patch_metrics
 from attnflow.options import ExtractOptions
-from conftest import make_tiny_vit
-from test_extract import tiny
+from conftest import make_tiny_vit, tiny
 
 
 def test_a_reused_buffer_gives_the_same_maps_and_fresh_ones_are_kept():

@@ -13,8 +13,7 @@ import pytest
 import timm
 import torch
 
-from conftest import write_images
-from test_extract import read_all
+from conftest import write_images, read_all
 
 ROOT = Path(__file__).resolve().parents[1]
 

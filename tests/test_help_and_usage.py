@@ -7,7 +7,7 @@ import numpy as np
 import typer
 
 from attnflow.cli import app
-from test_compare import synthetic, write_metrics
+from conftest import synthetic, write_metrics
 
 
 def commands():

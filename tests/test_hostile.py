@@ -102,8 +102,7 @@ def test_hostile_checkpoints_and_caches(tmp_path, run_cli, image_dir):
 
     from attnflow.extract import extract
     from attnflow.images import list_images
-    from test_compare import synthetic, write_metrics
-    from test_extract import tiny
+    from conftest import synthetic, write_metrics, tiny
 
     args = ["extract", ARCH, image_dir, "-o", tmp_path / "x.h5", "--img-size", 32, "--workers", 0]
     torch.save({"model": torch.nn.Linear(3, 4).state_dict()}, tmp_path / "linear.pth")

@@ -76,3 +76,44 @@ def test_every_module_imports_alone_in_any_order():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_public_api_is_the_pipeline_whatever_was_imported_before():
+    """attnflow.extract, .compare, .probe and .perturb are functions even after their modules are imported
+    (which sets a package attribute of the same name), and every name of __all__ resolves."""
+    import warnings
+
+    import attnflow
+    import attnflow.cli  # imports attnflow/extract.py, compare.py, probe.py, perturb.py
+    from attnflow.compare import compare_files
+    from attnflow.extract import extract
+    from attnflow.measure import compute_metrics
+    from attnflow.perturb import perturb
+    from attnflow.probe import probe_caches
+    from attnflow.schema import open_metrics
+
+    assert (attnflow.extract, attnflow.compare, attnflow.probe, attnflow.perturb) == (extract, compare_files, probe_caches, perturb)
+    assert attnflow.compute_metrics is compute_metrics and attnflow.open_metrics is open_metrics
+    for name in attnflow.__all__:
+        assert getattr(attnflow, name) is not None, name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from attnflow.cache import open_metrics as old  # the path attnflow 0.1 showed, kept until 0.3
+    assert old is open_metrics
+    assert [w.category for w in caught] == [DeprecationWarning] and "attnflow.cache.open_metrics" in str(caught[0].message)
+
+
+def test_every_module_declares_its_public_names():
+    import importlib
+    import pkgutil
+
+    import attnflow
+
+    for info in pkgutil.iter_modules(attnflow.__path__):
+        if info.name == "__main__":  # runs the command
+            continue
+        module = importlib.import_module(f"attnflow.{info.name}")
+        declared = getattr(module, "__all__", None)
+        assert declared, f"attnflow.{info.name} has no __all__"
+        missing = [name for name in declared if not hasattr(module, name)]
+        assert not missing, (info.name, missing)

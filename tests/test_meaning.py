@@ -21,8 +21,7 @@ from PIL import Image
 from attnflow import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images
-from conftest import one_line_error, write_images
-from test_extract import tiny
+from conftest import one_line_error, write_images, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

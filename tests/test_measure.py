@@ -5,21 +5,19 @@ import csv
 import io
 import json
 import math
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from attnflow import AttnflowError, open_cache
 from attnflow.errors import OptionError
-from attnflow.cache import METRICS_SCHEMA, open_metrics
+from attnflow.schema import METRICS_SCHEMA, open_metrics
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.measure import compute_metrics, layer_summary
 from attnflow.metrics import available_metrics
-from test_extract import Interrupt, read_all, tiny
+from conftest import Interrupt, read_all, tiny, write_mask_case
 from test_metrics import reference_metrics
 
 
@@ -73,21 +71,7 @@ def test_streaming_metrics_equal_the_two_step_path(tmp_path, image_dir):
         np.testing.assert_array_equal(s["metrics/cls_gini"][()], t["metrics/cls_gini"][()])
 
 
-def write_mask_case(folder: Path) -> tuple[Path, Path]:
-    """A 32x32 image and a mask whose left half is object, in separate trees, matched by stem."""
-    images, masks = folder / "images" / "cls", folder / "masks" / "nested"
-    images.mkdir(parents=True)
-    masks.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{name}.jpg")
-    mask = np.zeros((32, 32), dtype=np.uint8)
-    mask[:, :16] = 7  # any nonzero value is object
-    Image.fromarray(mask).save(masks / "a.png")
-    big = np.zeros((64, 64, 3), dtype=np.uint8)  # twice the image's size: resized onto it first
-    big[:32, :, 1] = 255  # top half
-    Image.fromarray(big).save(masks / "b.png")
-    return folder / "images", folder / "masks"
+
 
 
 def test_masks_give_patch_fractions_and_fg_mass(tmp_path):

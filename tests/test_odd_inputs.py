@@ -14,9 +14,7 @@ from attnflow import AttnflowError, open_cache
 from attnflow.extract import extract
 from attnflow.choices import choice_values
 from attnflow.images import CROP_PCT_MIN, Interpolation, list_images, resolve_preprocessing
-from conftest import one_line_error, write_images
-from test_compare import synthetic, write_metrics
-from test_extract import tiny
+from conftest import one_line_error, write_images, synthetic, write_metrics, tiny
 
 ARCH = "vit_tiny_patch16_224"  # 16 px patches
 
@@ -116,6 +114,19 @@ def test_img_size_off_the_patch_grid_is_refused_with_the_nearest_sizes(work, run
                      "--img-size", 32, "--workers", 0)
     usage_error(dinov2, "--img-size")
     assert "use 28 or 42" in flat(dinov2.stderr)
+
+
+def test_the_library_refuses_what_the_command_refuses_before_any_weights():
+    from attnflow.errors import OptionError
+    from attnflow.models import build_model
+
+    with pytest.raises(OptionError, match=r"--img-size: 70 is not a multiple of the patch size 16x16.*use 64 or 80"):
+        build_model("vit_tiny_patch16_224", random_init=True, img_size=70)
+    with pytest.raises(OptionError, match=r"--img-size: 8 is smaller than 2 x 2 patches of 16x16 px; use at least 32"):
+        build_model("vit_tiny_patch16_224.augreg_in21k", img_size=8)  # refused before timm tries the hub
+    with pytest.raises(OptionError, match="--checkpoint-key: selects a container inside --checkpoint"):
+        build_model("vit_tiny_patch16_224", random_init=True, checkpoint_key="student")
+    assert build_model("vit_tiny_patch16_224", random_init=True, img_size=64).adapter.patch_size == (16, 16)
 
 
 # -- 4. the same input twice ----------------------------------------------------------------------------------

@@ -50,3 +50,13 @@ def test_the_cli_reports_option_errors_as_usage_errors(run_cli, tmp_path):
     assert result.stderr.strip() == ("attnflow: error: --resume: continues a run and --overwrite starts one afresh: "
                                      "give one of them")
     assert not Path(str(tmp_path / "c.h5") + ".partial").exists()
+
+
+def test_the_command_has_the_bounds_of_the_option_objects(run_cli, tmp_path):
+    """--discard-ratio is bounded once, by RolloutOptions: [0, 1), as in Python (the CLI once stopped at 0.999)."""
+    refused = run_cli("metrics", tmp_path / "missing.h5", "-o", tmp_path / "m.h5", "--discard-ratio", "1")
+    assert refused.exit_code == 2 and "--discard-ratio: must be in [0, 1), not 1.0" in refused.stderr, refused.stderr
+    with pytest.raises(OptionError, match=r"--discard-ratio: must be in \[0, 1\), not 1.0"):
+        MetricsOptions().replace(discard_ratio=1.0)
+    allowed = run_cli("metrics", tmp_path / "missing.h5", "-o", tmp_path / "m.h5", "--discard-ratio", "0.9995")
+    assert allowed.exit_code == 1 and "missing.h5" in allowed.stderr  # past the options: the cache is what is wrong

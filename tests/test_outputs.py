@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -21,8 +20,7 @@ from attnflow import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.output import RUN_MARKER, atomic_output
-from conftest import one_line_error, write_images
-from test_extract import read_all, tiny
+from conftest import one_line_error, write_images, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

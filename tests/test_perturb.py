@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import make_tiny, make_tiny_vit, write_images
+from conftest import make_tiny, make_tiny_vit, write_images, read_all
 from attnflow.demo import demo_images
 from attnflow.errors import AttnflowError, OptionError
 from attnflow.images import ImageDataset, list_images, resolve_preprocessing
@@ -393,11 +393,7 @@ def test_probe_head_relevance_and_accuracy_against_the_head_run_by_hand(tmp_path
 # -- resume, errors ----------------------------------------------------------------------------------------
 
 
-def read_all(path: Path) -> dict:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
+
 
 
 def test_sigkill_mid_run_then_resume_gives_the_same_file(tmp_path, run_cli, one_thread):

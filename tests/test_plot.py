@@ -8,13 +8,11 @@ import pytest
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache
-from attnflow.cache import open_metrics
+from attnflow.schema import open_metrics
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.plot import DPI, MAP_SIZE, PANEL_SIZE, find_image, map_data, plot_curves, plot_maps
-from test_compare import synthetic, write_metrics
-from test_extract import tiny
-from test_measure import write_mask_case
+from conftest import synthetic, write_metrics, tiny, write_mask_case
 
 
 def test_curves_data_and_file(tmp_path):

@@ -10,15 +10,14 @@ import torch
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache
-from attnflow.cache import open_metrics
+from attnflow.schema import open_metrics
 from attnflow.errors import OptionError
 from attnflow.extract import extract
 from attnflow.images import ImageDataset, Preprocessing, build_size, collate_images, list_images, resolve_preprocessing
 from attnflow.models import LoadedModel
 from attnflow.options import InputOptions
 from attnflow.plot import LOG_SHARE_LIMITS, SHARE_LABEL, plot_maps, shared_scale, uniform_share
-from conftest import make_tiny
-from test_extract import tiny
+from conftest import make_tiny, tiny
 
 # The paper's numbers, typed here rather than imported, so the test does not borrow the code's constants.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

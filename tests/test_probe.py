@@ -86,8 +86,7 @@ def test_stratified_split_keeps_class_proportions():
 def test_probe_cli_on_real_caches(tmp_path, run_cli):
     from attnflow.extract import extract
     from attnflow.images import list_images
-    from conftest import write_images
-    from test_extract import tiny
+    from conftest import write_images, tiny
 
     write_images(tmp_path / "imgs", 24, classes=("a", "b", "c"))
     paths = list_images([str(tmp_path / "imgs")])
@@ -113,7 +112,7 @@ def test_probe_cli_on_real_caches(tmp_path, run_cli):
 def test_probe_errors(tmp_path, run_cli, image_dir):
     from attnflow.extract import extract
     from attnflow.images import list_images
-    from test_extract import tiny
+    from conftest import tiny
 
     extract(tiny("plain"), list_images([str(image_dir)]), tmp_path / "bare.h5", workers=0)
     result = run_cli("probe", tmp_path / "bare.h5", "--split", "0.8")

@@ -11,8 +11,7 @@ from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.models import LoadedModel
 from attnflow.probe import AbMILP, EfficientProbe, load_head, save_head
-from conftest import make_tiny, write_images
-from test_extract import tiny
+from conftest import make_tiny, write_images, tiny
 
 
 def normed_tokens(cache_path, index: int) -> np.ndarray:

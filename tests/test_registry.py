@@ -21,8 +21,7 @@ from attnflow.flow import attention_flow
 from attnflow.metrics import REGISTRY, batch_metrics, main
 from attnflow.plot import plot_curves
 from attnflow.registry import LEVEL_SHAPES, Metric, MetricGroup, Need, Registry, check_group_output
-from conftest import TINY_VITS, make_tiny_vit
-from test_compare import synthetic, write_metrics
+from conftest import TINY_VITS, make_tiny_vit, synthetic, write_metrics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SHAPES = {"head": lambda B, L, H: (B, L, H), "layer": lambda B, L, H: (B, L), "image": lambda B, L, H: (B,)}

@@ -2,7 +2,6 @@
 disks and resumed runs with changed options, each reproduced with real processes and real files."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -22,15 +21,13 @@ from attnflow import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.output import make_run_folder
-from conftest import write_images
-from test_extract import read_all, tiny
+from conftest import write_images, Interrupt, read_all, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-class Interrupt(Exception):
-    pass
+
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ from attnflow.images import list_images
 from attnflow.measure import compute_metrics
 from attnflow.models import build_model
 from attnflow.report import build_report, sample_images
-from test_extract import tiny
-from test_measure import write_mask_case
+from conftest import tiny, write_mask_case
 
 # The page's documented quantisation: shares clipped to [1/8, 16], 256 steps even in log, so within 0.96%.
 LOW, HIGH, STEPS, ERROR = 1 / 8, 16.0, 255, 0.0096

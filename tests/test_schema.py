@@ -16,14 +16,13 @@ import torch
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache
-from attnflow.cache import attach_dimension_scales, describe, open_metrics
+from attnflow.schema import attach_dimension_scales, describe, open_metrics
 from attnflow.distributed import assemble
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.measure import compute_metrics
 from attnflow.schema import ROOT_ATTRS
-from conftest import write_images
-from test_extract import tiny
+from conftest import write_images, tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
 N = 6  # images; those of index < 3 have an object mask

@@ -15,13 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from attnflow.cache import open_cache
+from attnflow.schema import open_cache
 from attnflow.errors import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images, resolve_preprocessing
 from attnflow.probe import load_probe_set, pooled
-from conftest import write_images
-from test_extract import tiny
+from conftest import write_images, tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

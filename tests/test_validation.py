@@ -13,13 +13,12 @@ import pytest
 from PIL import Image
 
 from attnflow import open_cache
-from attnflow.cache import open_metrics
+from attnflow.schema import open_metrics
 from attnflow.distributed import assemble
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.measure import compute_metrics
-from conftest import TINY_VITS, write_images
-from test_extract import tiny
+from conftest import TINY_VITS, write_images, tiny
 
 N = 8  # images; those of index < 4 have an object mask
 
