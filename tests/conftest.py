@@ -216,3 +216,16 @@ def write_mask_case(folder: Path) -> tuple[Path, Path]:
     big[:32, :, 1] = 255  # top half
     Image.fromarray(big).save(masks / "b.png")
     return folder / "images", folder / "masks"
+
+
+def mount_tmpfs(folder: Path, size: int) -> bool:
+    """A real tmpfs of ``size`` bytes (rounded up to 4 KiB pages) at ``folder``, a small disk to fill; False
+    where mounting is not allowed (it needs root)."""
+    import subprocess
+
+    folder.mkdir()
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={-(-size // 4096) * 4}k", "tmpfs", str(folder)],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False

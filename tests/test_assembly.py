@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from attnflow import AttnflowError
+from conftest import mount_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 N, BATCH, T = 360, 40, 65  # 9 segments of about 1.3 MB (float16 noise does not compress)
@@ -104,22 +105,13 @@ def test_a_kill_at_any_moment_of_the_assembly_resumes_to_the_same_file(run, tmp_
     assert not partial.exists()
 
 
-def _mount_tmpfs(folder: Path, size: int) -> bool:
-    folder.mkdir()
-    try:
-        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={-(-size // 4096) * 4}k", "tmpfs", str(folder)],
-                              capture_output=True).returncode == 0
-    except OSError:
-        return False
-
-
 def test_a_disk_that_holds_the_segments_and_one_more_is_enough(run, tmp_path):
     """A disk with room for the segments but not one step more is refused naming the bytes; with room for one
     more segment (the old assembly needed 2.25 times the segments and 4 MB), the run finishes."""
     folder, segment_run, sizes = run
     disk = tmp_path / "disk"
     total = sum(p.stat().st_size for p in (folder / "segments").iterdir())
-    if not _mount_tmpfs(disk, total + 64 * 1024):
+    if not mount_tmpfs(disk, total + 64 * 1024):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         out = disk / "c.h5"

@@ -21,7 +21,7 @@ from attnflow import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.output import make_run_folder
-from conftest import write_images, Interrupt, read_all, tiny
+from conftest import Interrupt, mount_tmpfs, read_all, tiny, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -243,18 +243,9 @@ def test_metrics_on_a_full_disk_is_one_line_and_resumable(base, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def _mount_tmpfs(folder: Path, size: str) -> bool:
-    folder.mkdir()
-    try:
-        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True).returncode == 0
-    except OSError:
-        return False
-
-
 def test_a_real_full_disk(base, tmp_path):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "160k"):
+    if not mount_tmpfs(disk, 160 * 1024):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         out = disk / "c.h5"
