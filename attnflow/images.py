@@ -32,7 +32,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "Interpolation", "CROP_PCT_MIN", "Preprocess", "BEYOND_CLS_SIZE", "BEYOND_CLS_RESIZE",
     "DecodeMode", "build_size", "list_images", "class_of", "folder_classes", "MAX_RESIZED_PIXELS", "read_image_file",
     "content_digest", "decode_image", "Preprocessing", "resolve_preprocessing", "index_masks", "decode_mask",
-    "ImageItem", "ImageDataset", "describe_decode_error", "ImageBatch", "collate_images",
+    "ImageItem", "ImageDataset", "describe_decode_error", "ImageBatch", "collate_images", "image_id", "path_of_id",
 ]
 
 IMAGE_EXTENSIONS = frozenset(

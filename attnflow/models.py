@@ -26,7 +26,8 @@ from .layout import TokenLayout
 
 __all__ = [
     "UNUSED_KEY_PATTERN", "OUTSIDE_CAPTURE_PATTERN", "LoadedModel", "split_model_name", "supported_pretrained",
-    "default_label", "build_model", "load_model", "load_state_dict_strict",
+    "default_label", "build_model", "load_model", "load_state_dict_strict", "check_img_size", "patch_size_of",
+    "check_model_options",
 ]
 
 # Keys a pre-training checkpoint carries that the encoder has no use for (an architecture's own ones, such as

@@ -104,6 +104,7 @@ def test_the_public_api_is_the_pipeline_whatever_was_imported_before():
 
 
 def test_every_module_declares_its_public_names():
+    """Each module's __all__ names what it defines without a leading underscore, and only what exists."""
     import importlib
     import pkgutil
 
@@ -117,3 +118,7 @@ def test_every_module_declares_its_public_names():
         assert declared, f"attnflow.{info.name} has no __all__"
         missing = [name for name in declared if not hasattr(module, name)]
         assert not missing, (info.name, missing)
+        tree = ast.parse(Path(module.__file__).read_text())
+        defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
+        undeclared = [name for name in defined if name not in declared]
+        assert not undeclared, f"attnflow.{info.name} defines {undeclared} without declaring them in __all__"
