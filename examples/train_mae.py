@@ -87,12 +87,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, out="mae.pth")
     p.add_argument("--base-lr", type=float, default=1.5e-4, help="per 256 images, as in MAE")
+    p.add_argument("--decoder-depth", type=int, default=2, help="decoder blocks (MAE's linear probe is sensitive to it)")
+    p.add_argument("--decoder-dim", type=int, default=64, help="decoder width")
     args = p.parse_args()
     device = check_run_arguments(p, args)
 
     torch.manual_seed(args.seed)
     stream = TrainingStream(device, args.seed, root=args.data_root)
-    model = MaskedAutoencoder().to(device)
+    model = MaskedAutoencoder(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth).to(device)
     peak = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.05)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -111,7 +113,8 @@ def main() -> None:
     if not run.complete:
         run.exit_incomplete()
     record = {
-        "recipe": "MAE, mask ratio 0.75, decoder 2x64, normalised-pixel loss, AdamW (0.9, 0.95) wd 0.05, cosine",
+        "recipe": f"MAE, mask ratio 0.75, decoder {args.decoder_depth}x{args.decoder_dim}, normalised-pixel loss, "
+                  "AdamW (0.9, 0.95) wd 0.05, cosine",
         **run.summary(),
     }
     torch.save({"model": model.checkpoint_state(), "training": record}, args.out)
