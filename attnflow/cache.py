@@ -36,6 +36,7 @@ from .output import (
     remove_run_folder, write_new_file,
 )
 from .choices import choice_values
+from .images import image_id
 from .layout import TokenLayout
 from .metrics import ArtifactRule
 from .version import __version__
@@ -62,9 +63,9 @@ _TEXT = h5py.string_dtype("utf-8")
 
 
 def to_text(s: str) -> str:
-    """Paths may carry undecodable bytes (surrogate escapes); HDF5 text must be valid UTF-8: each is written
-    ``\\udcNN``, as image ids are (:func:`attnflow.images.image_id`, reversed by :func:`attnflow.images.path_of_id`)."""
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    """Paths may carry undecodable bytes (surrogate escapes); HDF5 text must be valid UTF-8: every text is
+    written as an image id is (:func:`attnflow.images.image_id`, reversed by :func:`attnflow.images.path_of_id`)."""
+    return image_id(s)
 
 
 def _text_safe(value):
