@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import signal
 import sys
@@ -21,7 +22,7 @@ from .version import __version__
 from .errors import AttnflowError, AttnflowNote, OptionError
 from .capture import MagnitudeUpdate
 from .families import FAMILIES
-from .images import DecodeMode as Decode, Interpolation, Preprocess
+from .images import READ_TIMEOUT_S, DecodeMode as Decode, Interpolation, Preprocess, ReadStalled
 from .inference import Correction
 from .metrics import DEFAULT_ARTIFACT_FACTOR, REGISTRY, Fusion as Reduction  # rollout's --fusion and compare's --heads
 from .probe import EP_QUERIES, Evaluator, Pool
@@ -210,6 +211,7 @@ def extract(
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Store each image's parent folder as its class (ImageFolder layout)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decoding worker processes (default: CPU count - 1, at most 8)."),
+    read_timeout: float = typer.Option(READ_TIMEOUT_S, "--read-timeout", metavar="SECONDS", help="Stop the run, naming the file, when reading one image receives no data for this long (a hung network mount; --resume continues); a slow read that keeps receiving data is never cut. 0: wait forever."),
     device: str = typer.Option("auto", callback=_device_option, help="auto, cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on the GPU; attention is still captured in float32."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads of torch's forward pass (default: every core, whatever --workers, so that the bits do not depend on it; OMP_NUM_THREADS when set; 1 is often faster on a busy machine)."),
@@ -258,7 +260,8 @@ def extract(
         interpolation=interpolation.value if interpolation else None, labels_from_dirs=labels_from_dirs, masks=masks,
         preprocess=preprocess.value, artifact_factor=artifact_factor, artifact_norm=artifact_norm, magnitude=magnitude.value,
         flow=flow, flow_layers=None if flow_layers is None else FlowOptions.parse_layers(flow_layers),
-        decode=decode.value, strict=strict, batch_size=batch_size, workers=workers, device=device, amp=amp, resume=resume, overwrite=overwrite,
+        decode=decode.value, strict=strict, batch_size=batch_size, workers=workers, read_timeout=read_timeout, device=device, amp=amp,
+        resume=resume, overwrite=overwrite,
     )
     img_size = build_size(preprocess.value, img_size)
     check_model_options(model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key)  # before reading the inputs
@@ -638,6 +641,7 @@ def perturb_command(
     labels_from_dirs: bool = _EXTRACT_OPTIONS["labels_from_dirs"],
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Images per clean forward pass; the perturbed copies run in passes of this many sequences."),
     workers: Optional[int] = _EXTRACT_OPTIONS["workers"],
+    read_timeout: float = _EXTRACT_OPTIONS["read_timeout"],
     device: str = _EXTRACT_OPTIONS["device"],
     crop_pct: Optional[float] = _EXTRACT_OPTIONS["crop_pct"],
     interpolation: Optional[Interpolation] = _EXTRACT_OPTIONS["interpolation"],
@@ -672,7 +676,7 @@ def perturb_command(
         mode=mode.value if mode else None, readout=readout.value if readout else None, layer=layer, seed=seed,
         probe=probe, crop_pct=crop_pct, interpolation=interpolation.value if interpolation else None,
         labels_from_dirs=labels_from_dirs, preprocess=preprocess.value, strict=strict, batch_size=batch_size,
-        workers=workers, device=device, resume=resume, overwrite=overwrite,
+        workers=workers, read_timeout=read_timeout, device=device, resume=resume, overwrite=overwrite,
     )
     img_size = build_size(preprocess.value, img_size)
     check_model_options(model, checkpoint, img_size=img_size, checkpoint_key=checkpoint_key)  # before reading the inputs
@@ -878,6 +882,11 @@ def main() -> None:
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
+    except ReadStalled as e:
+        sys.stdout.flush()
+        print(f"attnflow: error: {e}", file=sys.stderr, flush=True)
+        # multiprocessing's exit handler would join the worker that the kernel holds in the hung read
+        os._exit(1)
     except AttnflowError as e:
         print(f"attnflow: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, OptionError) else 1)

@@ -28,7 +28,9 @@ import torch
 from PIL import Image
 
 from .errors import AttnflowError, OptionError, first_line
-from .images import DecodeMode, ImageBatch, ImageDataset, ImageItem, Preprocessing, collate_images, content_digest, read_image_file
+from .images import (
+    DecodeMode, ImageBatch, ImageDataset, ImageItem, Preprocessing, ReadStalled, collate_images, content_digest, read_image_file,
+)
 
 __all__ = [
     "JPEG_MAGIC", "EXIF_ORIENTATION", "DEVICE_INTERPOLATIONS", "DEVICE_CROP_MODES", "with_decode",
@@ -173,7 +175,7 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> EncodedItem:
         try:
-            data = read_image_file(self.dataset.paths[index])
+            data = read_image_file(self.dataset.paths[index], self.dataset.read_timeout)
         except (OSError, ValueError):
             return self.dataset[index]  # unreadable: the CPU path gives the skip reason the default run gives
         size = self._device_decodable(data)
@@ -296,10 +298,17 @@ def _leave_interrupts_to_the_parent(worker_id: int) -> None:
 
 
 def _surviving(loader: Iterable) -> Iterable:
-    """The loader's batches; a worker process that dies (killed, out of memory) ends the run with one line
-    instead of the DataLoader's traceback, its committed batches kept."""
+    """The loader's batches; a worker process that dies (killed, out of memory) or a read that stalls ends the
+    run with one line instead of the DataLoader's traceback, its committed batches kept."""
     try:
         yield from loader
+    except ReadStalled as e:
+        message, in_worker = _stalled_message(e)
+        # The kernel holds a thread blocked in a hung mount's read until the mount answers (FUSE: even past
+        # SIGKILL); in a worker process the run can end without it, in this process it cannot.
+        held = "" if in_worker else "; with --workers 0 the read is this process's own, so it exits only once the read returns"
+        raise ReadStalled(f"{message} (--read-timeout); the committed batches are kept: rerun with --resume once it "
+                          f"answers{held}") from None
     except (RuntimeError, OSError, EOFError) as e:
         # the DataLoader's own report, or a batch cut off in transfer (the dataset turns every failure of a
         # user's file into a skip reason, so nothing else is raised here)
@@ -307,3 +316,11 @@ def _surviving(loader: Iterable) -> Iterable:
             raise
         raise AttnflowError(f"a decoding worker process died ({type(e).__name__}: {first_line(e)}); the committed "
                             "batches are kept: rerun with --resume (with fewer --workers if memory ran out)") from None
+
+
+def _stalled_message(error: ReadStalled) -> tuple[str, bool]:
+    """The reader's own message, and whether a worker process raised it: the DataLoader re-raises a worker's
+    exception with the whole traceback as its text, the original message after the qualified name."""
+    text = str(error)
+    marker = f"{ReadStalled.__module__}.{ReadStalled.__qualname__}: "
+    return (text[text.rindex(marker) + len(marker):].strip(), True) if marker in text else (text, False)

@@ -405,6 +405,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
     dataset = ImageDataset(
         paths[start:], plan.preprocessing,
         masks=None if plan.mask_paths is None else plan.mask_paths[start:], patch_size=plan.loaded.layout.patch_size,
+        read_timeout=options.run.read_timeout,
     )
     loader = image_batches(
         dataset, device=plan.device, batch_size=options.run.batch_size,

@@ -10,9 +10,11 @@ import hashlib
 import io
 import math
 import os
+import queue
 import re
 import stat
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from .errors import AttnflowError, OptionError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "Interpolation", "CROP_PCT_MIN", "Preprocess", "BEYOND_CLS_SIZE", "BEYOND_CLS_RESIZE",
-    "DecodeMode", "build_size", "list_images", "class_of", "folder_classes", "MAX_RESIZED_PIXELS", "read_image_file",
+    "DecodeMode", "build_size", "list_images", "class_of", "folder_classes", "MAX_RESIZED_PIXELS", "READ_TIMEOUT_S", "ReadStalled", "read_image_file",
     "content_digest", "decode_image", "Preprocessing", "resolve_preprocessing", "index_masks", "decode_mask",
     "ImageItem", "ImageDataset", "describe_decode_error", "ImageBatch", "collate_images", "image_id", "path_of_id",
 ]
@@ -186,16 +188,87 @@ def _walk_images(root: Path) -> list[Path]:
 MAX_RESIZED_PIXELS = 1 << 25
 
 
-def read_image_file(path: Path | str) -> bytes:
+# How long one image file's read may go without receiving any data before it counts as stalled (a hung
+# network mount): the run stops naming the file instead of waiting forever. A slow read that keeps
+# receiving data is never cut.
+READ_TIMEOUT_S = 60.0
+_READ_CHUNK = 1 << 20
+
+
+class ReadStalled(AttnflowError):
+    """A file read that received no data for the read timeout: its file system is hung, not the image bad.
+    It ends the run rather than becoming an image's skip reason, since every later file would stall too."""
+
+
+def read_image_file(path: Path | str, timeout: float | None = READ_TIMEOUT_S) -> bytes:
     """The bytes of the regular file ``path``. Anything else (a FIFO, a device, a socket) is refused without
-    waiting for it: opened non-blocking, checked by ``fstat`` on the very file opened."""
+    waiting for it: opened non-blocking, checked by ``fstat`` on the very file opened.
+
+    The read runs in this process's reader thread, so that a read blocked in the kernel (a hung mount cannot
+    be interrupted) is abandoned: :class:`ReadStalled` when no data arrived for ``timeout`` seconds (None or
+    0: wait as long as it takes).
+    """
+    if not timeout:
+        return _read_regular_file(path, lambda: None)
+    return _READER.read(path, timeout)
+
+
+class _Reader:
+    """A daemon thread that reads files for this process. One thread for every read, not one per read:
+    starting a thread costs more than reading a small image. A thread the kernel holds in a stalled read is
+    left behind, and the next read starts another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue | None = None
+        self._pid = -1
+
+    def read(self, path: Path | str, timeout: float) -> bytes:
+        with self._lock:
+            if self._jobs is None or self._pid != os.getpid():  # no thread yet, or this is a forked child
+                self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
+                threading.Thread(target=self._serve, args=(self._jobs,), name="attnflow-read", daemon=True).start()
+            outcome: list[bytes | BaseException] = []
+            progress = threading.Event()
+            self._jobs.put((path, outcome, progress))
+            while not outcome:
+                if not progress.wait(timeout):
+                    self._jobs = None
+                    raise ReadStalled(f"reading {path} received no data for {timeout:g} s: its file system is not answering")
+                progress.clear()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while True:
+            path, outcome, progress = jobs.get()
+            try:
+                outcome.append(_read_regular_file(path, progress.set))
+            except BaseException as e:  # handed to the caller's thread
+                outcome.append(e)
+            progress.set()
+
+
+_READER = _Reader()
+
+
+def _read_regular_file(path: Path | str, on_progress: Callable[[], None]) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
+    try:
+        on_progress()  # opening is the first step a hung mount can block in
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
             raise ValueError(f"{kind}, not an image file")
-        return f.read()
+        chunks = []
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
+            on_progress()
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def content_digest(data: bytes) -> str:
@@ -203,11 +276,11 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _open_image(path: Path | str, data: bytes | None = None) -> Image.Image:
+def _open_image(path: Path | str, data: bytes | None = None, read_timeout: float | None = READ_TIMEOUT_S) -> Image.Image:
     """PIL's image over ``data``, the bytes of the regular file ``path`` (read here when not given), named by
     its path when PIL cannot read it."""
     try:
-        return Image.open(io.BytesIO(read_image_file(path) if data is None else data))
+        return Image.open(io.BytesIO(read_image_file(path, read_timeout) if data is None else data))
     except UnidentifiedImageError:
         raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
 
@@ -375,12 +448,12 @@ def index_masks(folder: str | Path) -> dict[str, Path]:
     return masks
 
 
-def decode_mask(path: Path | str) -> Image.Image:
+def decode_mask(path: Path | str, read_timeout: float | None = READ_TIMEOUT_S) -> Image.Image:
     """A mask file as an 'L' image: 255 where the file is nonzero (object), 0 elsewhere.
 
     Nonzero means any nonzero palette index, grey level or colour channel (alpha is ignored).
     """
-    with _open_image(path) as im:
+    with _open_image(path, read_timeout=read_timeout) as im:
         im = ImageOps.exif_transpose(im)
         arr = np.asarray(im)
     if arr.ndim == 3:
@@ -408,8 +481,10 @@ class ImageDataset(torch.utils.data.Dataset):
         preprocessing: Preprocessing,
         masks: Sequence[Path | None] | None = None,
         patch_size: tuple[int, int] | None = None,
+        read_timeout: float | None = READ_TIMEOUT_S,
     ):
         self.paths = list(paths)
+        self.read_timeout = read_timeout
         self.preprocessing = preprocessing
         self.channels = preprocessing.input_size[0]
         self.transform = preprocessing.transform(normalized=False)
@@ -428,11 +503,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> ImageItem:
         try:
-            data = read_image_file(self.paths[index])
+            data = read_image_file(self.paths[index], self.read_timeout)
             image = decode_image(self.paths[index], self.channels, data)
             self.preprocessing.check_size(*image.size)
             fg = self.object_fraction(index, image.size)
             return index, self.transform(image), fg, None, content_digest(data)
+        except ReadStalled:
+            raise
         except Exception as e:  # every decode failure of a user's file is a skip with its reason
             return self.failure(index, e)
 
@@ -449,7 +526,9 @@ class ImageDataset(torch.utils.data.Dataset):
         if mask_path is None:
             return torch.full((self.num_patches,), float("nan"))
         try:
-            mask = decode_mask(mask_path)
+            mask = decode_mask(mask_path, self.read_timeout)
+        except ReadStalled:
+            raise
         except Exception as e:  # reported as the image's skip reason, naming the mask
             raise ValueError(f"mask {mask_path}: {describe_decode_error(e)}") from None
         if mask.size != image_size:

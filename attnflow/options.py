@@ -18,7 +18,7 @@ import torch
 from .errors import AttnflowError, OptionError
 from .capture import MagnitudeUpdate, resolve_blocks
 from .choices import StrEnum, choice_values
-from .images import CROP_PCT_MIN, DecodeMode, Interpolation, Preprocess
+from .images import CROP_PCT_MIN, READ_TIMEOUT_S, DecodeMode, Interpolation, Preprocess
 from .metrics import DEFAULT_ARTIFACT_FACTOR, ArtifactRule, Fusion
 from .schema import Compression, DType, StoreMode
 
@@ -170,7 +170,8 @@ class InputOptions:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How the work runs: batch size, decoding workers, device, autocast, and what happens to earlier output."""
+    """How the work runs: batch size, decoding workers and their read timeout, device, autocast, and what happens
+    to earlier output."""
 
     batch_size: int = 32
     workers: int | None = None
@@ -178,12 +179,15 @@ class RunOptions:
     amp: bool = False
     resume: bool = False
     overwrite: bool = False
+    read_timeout: float = READ_TIMEOUT_S  # seconds an image file's read may receive nothing; 0: no limit
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise OptionError("--batch-size", f"must be at least 1, not {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise OptionError("--workers", f"must be 0 or more, not {self.workers}")
+        if not (math.isfinite(self.read_timeout) and self.read_timeout >= 0):
+            raise OptionError("--read-timeout", f"takes seconds, 0 or more (0: no limit), not {self.read_timeout}")
         if DEVICE_PATTERN.fullmatch(self.device) is None:
             raise OptionError("--device", f"takes auto, cpu, cuda or cuda:N, not '{self.device}'")
         if self.resume and self.overwrite:

@@ -553,7 +553,7 @@ def _run(plan: _Plan, paths: Sequence[Path], preprocessing, writer: RowFileWrite
     for head in [*plan.heads.values(), *([plan.scorer] if plan.scorer else [])]:
         head.head.to(plan.device)
     loader = image_batches(
-        ImageDataset(paths[start:], preprocessing), device=plan.device, batch_size=options.run.batch_size,
+        ImageDataset(paths[start:], preprocessing, read_timeout=options.run.read_timeout), device=plan.device, batch_size=options.run.batch_size,
         workers=default_workers() if options.run.workers is None else options.run.workers,
     )
     with torch.inference_mode():
