@@ -14,7 +14,7 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import typer
 
@@ -251,7 +251,7 @@ def extract(
                     raise AttnflowError(f"{target} already exists; pass --overwrite to replace it")
             raise typer.Exit(distributed.spawn_local(nproc, sys.argv[1:]))
         if distributed.launched_rank().world != nproc:
-            raise OptionError("--nproc", f"is {nproc} but the launcher (torchrun) started {distributed.launched_rank().world} processes; drop --nproc under torchrun")
+            raise OptionError("nproc", f"is {nproc} but the launcher (torchrun) started {distributed.launched_rank().world} processes; drop {{nproc}} under torchrun")
     set_threads(threads, "model", default_workers() if workers is None else workers)
     options = ExtractOptions().replace(
         store=store.value, dtype=dtype.value, compression=compression.value, save_tokens=save_tokens,
@@ -875,6 +875,22 @@ def _interrupt(signum, frame) -> None:
     raise _Interrupted(signum)
 
 
+def _flags_of_command(args: list[str]) -> Callable[[str], str]:
+    """How the command on this command line names a Python parameter: by its long flag (``batch_size`` ->
+    ``--batch-size``) or an argument's metavar (``IMAGES``); a parameter it lacks, as a flag would be spelled."""
+    command = typer.main.get_command(app)
+    words = iter(a for a in args if not a.startswith("-"))
+    while hasattr(command, "commands") and (word := next(words, None)) in command.commands:
+        command = command.commands[word]
+    names = {}
+    for parameter in getattr(command, "params", []):
+        if parameter.param_type_name == "option":
+            names[parameter.name] = max(parameter.opts, key=len)
+        else:
+            names[parameter.name] = parameter.name.upper()
+    return lambda name: names.get(name, "--" + name.replace("_", "-"))
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1; Ctrl-C and SIGTERM one
     line and the shell's codes 130 and 143."""
@@ -887,9 +903,12 @@ def main() -> None:
         print(f"attnflow: error: {e}", file=sys.stderr, flush=True)
         # multiprocessing's exit handler would join the worker that the kernel holds in the hung read
         os._exit(1)
+    except OptionError as e:
+        print(f"attnflow: error: {e.render(_flags_of_command(sys.argv[1:]), assigns=' ')}", file=sys.stderr)
+        sys.exit(2)
     except AttnflowError as e:
         print(f"attnflow: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, OptionError) else 1)
+        sys.exit(1)
     except _Interrupted as e:
         what = "interrupted" if e.signum == signal.SIGINT else "stopped (SIGTERM)"
         print(f"attnflow: {what}; an interrupted extract or metrics run continues with --resume", file=sys.stderr)

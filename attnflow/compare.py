@@ -391,12 +391,12 @@ def parse_groups(spec: str | Sequence[str]) -> tuple[str, str] | None:
         names = [str(part) for part in spec]
     shown = spec if isinstance(spec, str) else ",".join(names)
     if len(names) != 2 or not all(names):
-        raise OptionError("--groups", f"takes two families A,B or {ALL_PAIRS}, not '{shown}'")
+        raise OptionError("groups", f"takes two families A,B or {ALL_PAIRS}, not '{shown}'")
     for name in names:
         if name not in FAMILIES:
-            raise OptionError("--groups", f"unknown family '{name}' (choose from {', '.join(FAMILIES)})")
+            raise OptionError("groups", f"unknown family '{name}' (choose from {', '.join(FAMILIES)})")
     if names[0] == names[1]:
-        raise OptionError("--groups", f"names '{names[0]}' twice; give two different families")
+        raise OptionError("groups", f"names '{names[0]}' twice; give two different families")
     return names[0], names[1]
 
 
@@ -780,7 +780,7 @@ def compare_files(
     try:
         correction = Correction(correction)
     except ValueError:
-        raise OptionError("--correction", f"takes {', '.join(c.value for c in Correction)}, not '{correction}'") from None
+        raise OptionError("correction", f"takes {', '.join(c.value for c in Correction)}, not '{correction}'") from None
     notes: list[str] = []
     pair = parse_groups(groups)
     metrics = list(dict.fromkeys(metrics)) if metrics else metrics  # a metric asked for twice: one table

@@ -59,22 +59,22 @@ _LUMA_WEIGHTS = (19595, 38470, 7471)
 
 def with_decode(preprocessing: Preprocessing, decode: str) -> Preprocessing:
     """``preprocessing`` decoded the ``decode`` way (:class:`~attnflow.images.DecodeMode`); ``gpu`` must be able
-    to mirror it, else an :class:`OptionError` naming ``--decode``."""
+    to mirror it, else an :class:`OptionError` naming ``decode``."""
     if decode != DecodeMode.cpu:
         check_device_decodable(preprocessing)
     return dataclasses.replace(preprocessing, decode=decode)
 
 
 def check_device_decodable(preprocessing: Preprocessing) -> None:
-    """Refuse, with an :class:`OptionError` naming ``--decode``, a preprocessing the device path cannot mirror."""
+    """Refuse, with an :class:`OptionError` naming ``decode``, a preprocessing the device path cannot mirror."""
     if preprocessing.interpolation not in DEVICE_INTERPOLATIONS:
-        raise OptionError("--decode", f"gpu resizes with {', '.join(DEVICE_INTERPOLATIONS)}, not "
-                                      f"{preprocessing.interpolation}: use --decode cpu or --interpolation bicubic")
+        raise OptionError("decode", f"gpu resizes with {', '.join(DEVICE_INTERPOLATIONS)}, not "
+                                      f"{preprocessing.interpolation}: use {{decode}}=cpu or {{interpolation}}=bicubic")
     square = preprocessing.input_size[1] == preprocessing.input_size[2]
     if preprocessing.crop_mode not in DEVICE_CROP_MODES or (preprocessing.crop_mode == "center" and not square):
-        raise OptionError("--decode", f"gpu mirrors timm's centre crop of square inputs and its squash crop, not the "
+        raise OptionError("decode", f"gpu mirrors timm's centre crop of square inputs and its squash crop, not the "
                                       f"{preprocessing.crop_mode} crop of {preprocessing.input_size[1]} x "
-                                      f"{preprocessing.input_size[2]} inputs: use --decode cpu")
+                                      f"{preprocessing.input_size[2]} inputs: use {{decode}}=cpu")
 
 
 def check_decode_device(decode: str, device: str) -> None:
@@ -84,9 +84,9 @@ def check_decode_device(decode: str, device: str) -> None:
     if decode == DecodeMode.cpu:
         return
     if not torch.cuda.is_available():
-        raise OptionError("--decode", f"{decode} decodes with nvJPEG on a CUDA device, and this machine has none: use --decode cpu")
+        raise OptionError("decode", f"{decode} decodes with nvJPEG on a CUDA device, and this machine has none: use {{decode}}=cpu")
     if device == "cpu":
-        raise OptionError("--decode", f"{decode} decodes on the model's CUDA device, but --device is cpu: drop one of them")
+        raise OptionError("decode", f"{decode} decodes on the model's CUDA device, but {{device}} is cpu: drop one of them")
 
 
 def scaled_size(height: int, width: int, preprocessing: Preprocessing) -> tuple[int, int]:

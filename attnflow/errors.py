@@ -4,6 +4,9 @@ The CLI turns them into a one-line message on stderr and exit code 1 (2 for an :
 anything else is a bug and keeps its traceback.
 """
 
+import re
+from typing import Callable
+
 __all__ = ["AttnflowError", "OptionError", "AttnflowNote", "first_line"]
 
 
@@ -12,11 +15,35 @@ class AttnflowError(Exception):
 
 
 class OptionError(AttnflowError):
-    """An option value that can never work, whatever the input: a usage error, named by its flag."""
+    """An option value that can never work, whatever the input: a usage error, named by its parameter.
 
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
+    ``parameter`` is the Python name (``batch_size``); ``message`` names other parameters as ``{name}``
+    (``{overwrite}``, ``{decode}=cpu``). ``str()`` reads in Python's names; :meth:`render` in any other
+    naming, as the CLI does with its flags (``--batch-size: must be at least 1``)."""
+
+    def __init__(self, parameter: str, message: str):
+        self.parameter, self.template = parameter, message
+        super().__init__(self.render(lambda name: name))
+
+    @property
+    def flag(self) -> str:
+        """Deprecated (0.1's attribute; removed in 0.3): the flag as the CLI spells it; use :attr:`parameter`."""
+        import warnings
+
+        warnings.warn("OptionError.flag is deprecated and goes in 0.3: use OptionError.parameter (the Python name)",
+                      DeprecationWarning, stacklevel=2)
+        return "--" + self.parameter.replace("_", "-")
+
+    def render(self, name_of: Callable[[str], str], assigns: str = "=") -> str:
+        """The message with every parameter named by ``name_of(parameter)``, and a value given to it
+        (``{decode}=cpu``) joined by ``assigns`` (the CLI's ``--decode cpu``)."""
+        def name(m: re.Match) -> str:
+            return name_of(m.group(1)) + (assigns if m.group(2) else "")
+
+        return f"{name_of(self.parameter)}: " + _PARAMETER.sub(name, self.template)
+
+
+_PARAMETER = re.compile(r"\{([a-z][a-z0-9_]*)\}(=)?")
 
 
 class AttnflowNote(UserWarning):

@@ -262,7 +262,7 @@ def extract(
     if metrics is not None and Path(metrics).resolve() == Path(output).resolve():
         raise AttnflowError("the metrics file and the cache must be different files")
     if options.flow.flow and metrics is None:
-        raise OptionError("--flow", "computes attention flow into the metrics file: add --metrics")
+        raise OptionError("flow", "computes attention flow into the metrics file: add {metrics}")
     plan = _plan(loaded, paths, options, class_names)
     files = {"cache": (plan.cache_spec(output), output, metrics)}
     if metrics is not None:

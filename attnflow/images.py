@@ -81,7 +81,7 @@ def build_size(preset: str, img_size: int | None) -> int | None:
     if preset != Preprocess.beyond_cls:
         return img_size
     if img_size is not None and img_size != BEYOND_CLS_SIZE:
-        raise OptionError("--img-size", f"--preprocess beyond-cls feeds 224 x 224 inputs; drop --img-size {img_size} or give 224")
+        raise OptionError("img_size", f"{{preprocess}}=beyond-cls feeds 224 x 224 inputs; drop {{img_size}}={img_size} or give 224")
     return BEYOND_CLS_SIZE
 
 

@@ -96,11 +96,11 @@ def check_img_size(img_size: int, patch_size: tuple[int, int]) -> None:
     smallest = step * math.ceil(2 * max(patch_size) / step)
     patches = "x".join(map(str, patch_size))
     if img_size < smallest:
-        raise OptionError("--img-size", f"{img_size} is smaller than 2 x 2 patches of {patches} px; use at least {smallest}")
+        raise OptionError("img_size", f"{img_size} is smaller than 2 x 2 patches of {patches} px; use at least {smallest}")
     if img_size % step:
         below, above = img_size // step * step, (img_size // step + 1) * step
         nearest = f"{below} or {above}" if below >= smallest else str(above)
-        raise OptionError("--img-size", f"{img_size} is not a multiple of the patch size {patches}: the model would drop the "
+        raise OptionError("img_size", f"{img_size} is not a multiple of the patch size {patches}: the model would drop the "
                                         f"last {img_size - below} pixels of every row and column; use {nearest}")
 
 
@@ -123,7 +123,7 @@ def check_model_options(name: str, checkpoint: str | Path | None = None, *, img_
     an ``img_size`` that does not tile into whole patches (at least 2 x 2), a ``checkpoint_key`` without a
     checkpoint."""
     if checkpoint_key is not None and checkpoint is None:
-        raise OptionError("--checkpoint-key", "selects a container inside --checkpoint; give --checkpoint too")
+        raise OptionError("checkpoint_key", "selects a container inside {checkpoint}; give {checkpoint} too")
     if img_size is not None:
         patch_size = patch_size_of(name)
         if patch_size is not None:

@@ -2,7 +2,8 @@
 
 The Python API and the CLI share them: ``attnflow extract`` builds one :class:`ExtractOptions` from its flags,
 ``attnflow.extract(..., batch_size=8)`` builds the same object from keywords. A value that cannot
-work raises :class:`OptionError`, which names the flag; the CLI prints it as a usage error (exit 2).
+work raises :class:`OptionError`, which names the Python parameter (``batch_size: must be at least 1``); the
+CLI prints it with its flag instead (``--batch-size: ...``), as a usage error (exit 2).
 """
 from __future__ import annotations
 
@@ -53,26 +54,26 @@ class StoreOptions:
     tokens_dtype: str = DType.float32.value
 
     def __post_init__(self) -> None:
-        _choice("--store", self.store, StoreMode)
-        _choice("--magnitude", self.magnitude, MagnitudeUpdate)
-        _choice("--dtype", self.dtype, DType)
-        _choice("--compression", self.compression, Compression)
-        _choice("--tokens-dtype", self.tokens_dtype, DType)
+        _choice("store", self.store, StoreMode)
+        _choice("magnitude", self.magnitude, MagnitudeUpdate)
+        _choice("dtype", self.dtype, DType)
+        _choice("compression", self.compression, Compression)
+        _choice("tokens_dtype", self.tokens_dtype, DType)
         object.__setattr__(self, "token_layers", tuple(self.token_layers))  # the CLI and Python may pass a list
         if not self.token_layers:
-            raise OptionError("--token-layers", "names no block")
+            raise OptionError("token_layers", "names no block")
         if not self.save_tokens and (self.token_layers != (-1,) or self.tokens_dtype != DType.float32):
-            flag = "--token-layers" if self.token_layers != (-1,) else "--tokens-dtype"
-            raise OptionError(flag, "chooses how tokens are stored: add --save-tokens")
+            flag = "token_layers" if self.token_layers != (-1,) else "tokens_dtype"
+            raise OptionError(flag, "chooses how tokens are stored: add {save_tokens}")
 
     @staticmethod
     def parse_token_layers(text: str) -> tuple[int, ...]:
         """``--token-layers``' text: comma-separated 0-based block indices (negative from the last)."""
-        return _parse_blocks("--token-layers", text, "comma-separated block indices such as -1,-4,-7")
+        return _parse_blocks("token_layers", text, "comma-separated block indices such as -1,-4,-7")
 
     def token_blocks(self, num_layers: int) -> tuple[int, ...]:
         """The blocks whose tokens a ``num_layers``-block model stores: 0-based, increasing, each once."""
-        return _blocks("--token-layers", self.token_layers, num_layers)
+        return _blocks("token_layers", self.token_layers, num_layers)
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,9 @@ class RolloutOptions:
     discard_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("--fusion", self.fusion, Fusion)
+        _choice("fusion", self.fusion, Fusion)
         if not 0 <= self.discard_ratio < 1:
-            raise OptionError("--discard-ratio", f"must be in [0, 1), not {self.discard_ratio}")
+            raise OptionError("discard_ratio", f"must be in [0, 1), not {self.discard_ratio}")
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,11 @@ class ArtifactOptions:
 
     def __post_init__(self) -> None:
         if self.artifact_factor is not None and self.artifact_norm is not None:
-            raise OptionError("--artifact-norm", "is an absolute threshold and --artifact-factor one relative to the median: give one of them")
+            raise OptionError("artifact_norm", "is an absolute threshold and {artifact_factor} one relative to the median: give one of them")
         try:
             self.rule
         except ValueError as e:
-            raise OptionError("--artifact-norm" if self.artifact_norm is not None else "--artifact-factor", str(e)) from None
+            raise OptionError("artifact_norm" if self.artifact_norm is not None else "artifact_factor", str(e)) from None
 
     @property
     def rule(self) -> ArtifactRule:
@@ -124,22 +125,22 @@ class FlowOptions:
         if self.flow_layers is not None:
             object.__setattr__(self, "flow_layers", tuple(self.flow_layers))  # the CLI and Python may pass a list
             if not self.flow:
-                raise OptionError("--flow-layers", "chooses the layers of attention flow: add --flow")
+                raise OptionError("flow_layers", "chooses the layers of attention flow: add {flow}")
             if not self.flow_layers:
-                raise OptionError("--flow-layers", "names no layer")
+                raise OptionError("flow_layers", "names no layer")
 
     @staticmethod
     def parse_layers(text: str) -> tuple[int, ...]:
         """``--flow-layers``' text: ``last`` or comma-separated 0-based block indices (negative from the end)."""
         if text.strip() == "last":
             return (-1,)
-        return _parse_blocks("--flow-layers", text, "last or comma-separated layer indices")
+        return _parse_blocks("flow_layers", text, "last or comma-separated layer indices")
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         """The chosen blocks of a ``num_layers``-block model, 0-based, sorted, each once; () without ``--flow``."""
         if not self.flow:
             return ()
-        return _blocks("--flow-layers", self.flow_layers if self.flow_layers is not None else (-1,), num_layers)
+        return _blocks("flow_layers", self.flow_layers if self.flow_layers is not None else (-1,), num_layers)
 
 
 @dataclass(frozen=True)
@@ -156,16 +157,16 @@ class InputOptions:
     decode: str = DecodeMode.cpu.value  # PIL in the workers, or JPEGs in batches on the device
 
     def __post_init__(self) -> None:
-        _choice("--preprocess", self.preprocess, Preprocess)
-        _choice("--decode", self.decode, DecodeMode)
+        _choice("preprocess", self.preprocess, Preprocess)
+        _choice("decode", self.decode, DecodeMode)
         if self.preprocess == Preprocess.beyond_cls and (self.crop_pct is not None or self.interpolation is not None):
             # the preset is the paper's transform; an override would make it something else under its name
-            flag = "--crop-pct" if self.crop_pct is not None else "--interpolation"
-            raise OptionError(flag, "--preprocess beyond-cls fixes the crop (256 -> 224) and the interpolation (bicubic); drop it")
+            flag = "crop_pct" if self.crop_pct is not None else "interpolation"
+            raise OptionError(flag, "{preprocess}=beyond-cls fixes the crop (256 -> 224) and the interpolation (bicubic); drop it")
         if self.crop_pct is not None and not (math.isfinite(self.crop_pct) and CROP_PCT_MIN <= self.crop_pct <= 1):
-            raise OptionError("--crop-pct", f"must be in [{CROP_PCT_MIN}, 1], not {self.crop_pct}")
+            raise OptionError("crop_pct", f"must be in [{CROP_PCT_MIN}, 1], not {self.crop_pct}")
         if self.interpolation is not None:
-            _choice("--interpolation", self.interpolation, Interpolation)
+            _choice("interpolation", self.interpolation, Interpolation)
 
 
 @dataclass(frozen=True)
@@ -183,15 +184,15 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise OptionError("--batch-size", f"must be at least 1, not {self.batch_size}")
+            raise OptionError("batch_size", f"must be at least 1, not {self.batch_size}")
         if self.workers is not None and self.workers < 0:
-            raise OptionError("--workers", f"must be 0 or more, not {self.workers}")
+            raise OptionError("workers", f"must be 0 or more, not {self.workers}")
         if not (math.isfinite(self.read_timeout) and self.read_timeout >= 0):
-            raise OptionError("--read-timeout", f"takes seconds, 0 or more (0: no limit), not {self.read_timeout}")
+            raise OptionError("read_timeout", f"takes seconds, 0 or more (0: no limit), not {self.read_timeout}")
         if DEVICE_PATTERN.fullmatch(self.device) is None:
-            raise OptionError("--device", f"takes auto, cpu, cuda or cuda:N, not '{self.device}'")
+            raise OptionError("device", f"takes auto, cpu, cuda or cuda:N, not '{self.device}'")
         if self.resume and self.overwrite:
-            raise OptionError("--resume", "continues a run and --overwrite starts one afresh: give one of them")
+            raise OptionError("resume", "continues a run and {overwrite} starts one afresh: give one of them")
 
 
 def _parse_blocks(flag: str, text: str, what: str) -> tuple[int, ...]:
@@ -267,7 +268,7 @@ def resolve_device(device: str) -> torch.device:
     """``--device`` on this machine: ``auto`` is the first GPU if there is one; a CUDA device this machine
     lacks is a one-line error (the value itself was checked by :class:`RunOptions`)."""
     if DEVICE_PATTERN.fullmatch(device) is None:
-        raise OptionError("--device", f"takes auto, cpu, cuda or cuda:N, not '{device}'")
+        raise OptionError("device", f"takes auto, cpu, cuda or cuda:N, not '{device}'")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):

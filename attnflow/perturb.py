@@ -130,30 +130,30 @@ class PerturbationOptions:
         relevance = tuple(self.relevance)
         object.__setattr__(self, "relevance", relevance)
         if not relevance:
-            raise OptionError("--relevance", "names no relevance map")
+            raise OptionError("relevance", "names no relevance map")
         for name in relevance:
             if name.startswith(PROBE_PREFIX):
                 if not name[len(PROBE_PREFIX):]:
-                    raise OptionError("--relevance", "probe: needs the folder (or file) of a head saved by attnflow probe --save-heads: probe:DIR")
+                    raise OptionError("relevance", "probe: needs the folder (or file) of a head saved by attnflow probe {save_heads}: probe:DIR")
             elif name not in RELEVANCE_MAPS:
-                raise OptionError("--relevance", f"choose from {', '.join(RELEVANCE_MAPS)} or probe:DIR, not '{name}'")
+                raise OptionError("relevance", f"choose from {', '.join(RELEVANCE_MAPS)} or probe:DIR, not '{name}'")
         if len(set(relevance)) != len(relevance):
-            raise OptionError("--relevance", f"names a map twice ({', '.join(relevance)})")
+            raise OptionError("relevance", f"names a map twice ({', '.join(relevance)})")
         fractions = tuple(float(f) for f in self.fractions)
         if not fractions:
-            raise OptionError("--fractions", "names no fraction")
+            raise OptionError("fractions", "names no fraction")
         for f in fractions:
             if not (math.isfinite(f) and 0 < f < 1):
-                raise OptionError("--fractions", f"{f:g} is not in (0, 1): a fraction of the patches removed, above 0 and below 1")
+                raise OptionError("fractions", f"{f:g} is not in (0, 1): a fraction of the patches removed, above 0 and below 1")
         if len(set(fractions)) != len(fractions):
-            raise OptionError("--fractions", "names a fraction twice")
+            raise OptionError("fractions", "names a fraction twice")
         object.__setattr__(self, "fractions", tuple(sorted(fractions)))
         if self.mode is not None:
-            _choice("--mode", self.mode, MODES)
+            _choice("mode", self.mode, MODES)
         if self.readout is not None:
-            _choice("--readout", self.readout, READOUTS)
+            _choice("readout", self.readout, READOUTS)
         if not 0 <= self.seed < 2**63:
-            raise OptionError("--seed", f"must be a non-negative integer below 2**63, not {self.seed}")
+            raise OptionError("seed", f"must be a non-negative integer below 2**63, not {self.seed}")
         if self.probe is not None:
             object.__setattr__(self, "probe", Path(self.probe))
 
@@ -163,7 +163,7 @@ class PerturbationOptions:
         try:
             return tuple(float(part) for part in text.split(","))
         except ValueError:
-            raise OptionError("--fractions", f"takes comma-separated numbers in (0, 1) such as 0.1,0.5,0.9, not '{text}'") from None
+            raise OptionError("fractions", f"takes comma-separated numbers in (0, 1) such as 0.1,0.5,0.9, not '{text}'") from None
 
 
 @dataclass(frozen=True)
@@ -415,14 +415,14 @@ def _resolve(loaded: LoadedModel, paths: Sequence[Path], options: PerturbOptions
     problem = drop_problem(loaded.model)
     mode = chosen.mode or ("drop" if problem is None else "pixels")
     if mode == "drop" and problem is not None:
-        raise OptionError("--mode", f"drop: '{loaded.name}' is {problem}, so its tokens cannot be dropped; use --mode pixels")
+        raise OptionError("mode", f"drop: '{loaded.name}' is {problem}, so its tokens cannot be dropped; use {{mode}}=pixels")
     readout = chosen.readout or ("cls" if layout.has_cls else "mean")
     if readout == "cls" and not layout.has_cls:
-        raise OptionError("--readout", f"cls: '{loaded.name}' has no cls token; use --readout mean")
+        raise OptionError("readout", f"cls: '{loaded.name}' has no cls token; use {{readout}}=mean")
     try:
         (layer,) = resolve_blocks((chosen.layer,), adapter.num_layers)
     except ValueError as e:
-        raise OptionError("--layer", str(e)) from None
+        raise OptionError("layer", str(e)) from None
     if chosen.probe is not None and not chosen.probe.exists():
         raise AttnflowError(f"--probe {chosen.probe}: no such file or directory")
     heads, names = {}, []
@@ -431,13 +431,13 @@ def _resolve(loaded: LoadedModel, paths: Sequence[Path], options: PerturbOptions
             head = find_head(Path(name[len(PROBE_PREFIX):]), loaded, f"--relevance {PROBE_PREFIX}")
             name = f"{PROBE_PREFIX}{head.pool}"
             if name in heads:
-                raise OptionError("--relevance", f"two probe maps resolve to the same kind of head ({head.pool})")
+                raise OptionError("relevance", f"two probe maps resolve to the same kind of head ({head.pool})")
             heads[name] = head
         names.append(name)
     scorer = find_head(chosen.probe, loaded, "--probe") if chosen.probe is not None else None
     labels = options.inputs.labels_from_dirs
     if scorer is not None and not labels:
-        raise OptionError("--probe", "scores the probe's predictions against labels: add --labels-from-dirs")
+        raise OptionError("probe", "scores the probe's predictions against labels: add {labels_from_dirs}")
     names_of_classes = (list(class_names) if class_names is not None else folder_classes(paths)) if labels else None
     if scorer is not None and "classes" not in scorer.config:
         raise AttnflowError(f"--probe {scorer.path} holds a pooling head without its classifier; save heads with attnflow probe --save-heads")
@@ -518,7 +518,7 @@ def perturb(
     if not paths:
         raise AttnflowError("no images to process")
     if options.inputs.masks is not None:
-        raise OptionError("--masks", "perturb does not read object masks")
+        raise OptionError("masks", "perturb does not read object masks")
     plan = _resolve(loaded, paths, options, class_names)
     inputs = options.inputs
     preprocessing = with_decode(resolve_preprocessing(
@@ -611,9 +611,9 @@ def measure(
         to 1), and with ``scorer`` ``perturb/correct`` (B, R, O, F) and ``perturb/clean_correct`` (B,) int8.
     """
     if mode == "drop" and drop_problem(model) is not None:
-        raise OptionError("--mode", f"drop: the model is {drop_problem(model)}; use --mode pixels")
+        raise OptionError("mode", f"drop: the model is {drop_problem(model)}; use {{mode}}=pixels")
     if readout == "cls" and not layout.has_cls:
-        raise OptionError("--readout", "cls: the model has no cls token; use --readout mean")
+        raise OptionError("readout", "cls: the model has no cls token; use {readout}=mean")
     heads = heads or {}
     p, P, B = layout.num_prefix_tokens, layout.num_patches, pixels.shape[0]
     image_index = list(range(B)) if image_index is None else list(image_index)

@@ -69,7 +69,7 @@ def pyplot():
 def _check_output(output: str | Path, reads: Sequence[str | Path]) -> Path:
     output = Path(output)
     if output.suffix.lower() not in FORMATS:
-        raise OptionError("-o", f"cannot write a figure as '{output.suffix or output.name}': use {', '.join(FORMATS)}")
+        raise OptionError("output", f"cannot write a figure as '{output.suffix or output.name}': use {', '.join(FORMATS)}")
     return check_output_path(output, reads=reads)  # before the work, not found by savefig after it
 
 
@@ -145,7 +145,7 @@ def plot_curves(
     Where a metric declares what uniform attention scores (:attr:`~attnflow.registry.Metric.uniform`), a
     dotted reference line marks it (per model where it depends on the images, as ``fg_frac`` does)."""
     if share_y not in Y_SHARING:
-        raise OptionError("--share-y", f"choose from {', '.join(Y_SHARING)}, not '{share_y}'")
+        raise OptionError("share_y", f"choose from {', '.join(Y_SHARING)}, not '{share_y}'")
     output = _check_output(output, paths)
     plt = pyplot()
     comparison = curve_comparison(paths, metrics=metrics, heads=heads, n_bootstrap=n_bootstrap, seed=seed)
@@ -301,7 +301,7 @@ def uniform_share(attention: np.ndarray | None) -> np.ndarray | None:
 
 def _check_scale(kind: str) -> None:
     if kind not in MAP_SCALES:
-        raise OptionError("--scale", f"choose from {', '.join(MAP_SCALES)}, not '{kind}'")
+        raise OptionError("scale", f"choose from {', '.join(MAP_SCALES)}, not '{kind}'")
 
 
 def shared_scale(rows: Sequence[MapData], kind: str = "log") -> MapScale:
@@ -497,7 +497,7 @@ def plot_maps(
     plt = pyplot()
     images = [image] if isinstance(image, (str, int)) else list(image)
     if not images:
-        raise OptionError("--image", "names no image")
+        raise OptionError("image", "names no image")
     with open_cache(caches[0]) as first:  # each image is named once; every other cache is searched by its id
         image_ids = [first.image_ids[find_image(first.image_ids, one)] for one in images]
     rows = [map_data(c, image_id, layer=layer, heads=heads, flow=flow, heads_dir=heads_dir, ep_queries_each=ep_queries_each,

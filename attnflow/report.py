@@ -92,11 +92,11 @@ def check_output(output: str | Path) -> Path:
     """The page's path: an .html file in an existing folder (checked before any work)."""
     output = Path(output)
     if output.suffix.lower() not in SUFFIXES:
-        raise OptionError("--output", f"the report is an HTML page: give a path ending in .html, not '{output.name}'")
+        raise OptionError("output", f"the report is an HTML page: give a path ending in .html, not '{output.name}'")
     if output.is_dir():
-        raise OptionError("--output", f"{output} is a directory; give a file path")
+        raise OptionError("output", f"{output} is a directory; give a file path")
     if not output.absolute().parent.is_dir():
-        raise OptionError("--output", f"no such directory {output.absolute().parent}")
+        raise OptionError("output", f"no such directory {output.absolute().parent}")
     return output
 
 
@@ -422,9 +422,9 @@ def build_report(
     """
     output = check_output(output)
     if n_images < 1:
-        raise OptionError("--images", f"takes a positive number of images, not {n_images}")
+        raise OptionError("images", f"takes a positive number of images, not {n_images}")
     if query_rows not in QUERY_ROWS:
-        raise OptionError("--query-rows", f"choose from {', '.join(QUERY_ROWS)}, not '{query_rows}'")
+        raise OptionError("query_rows", f"choose from {', '.join(QUERY_ROWS)}, not '{query_rows}'")
     if not files:
         raise AttnflowError("give attention caches and/or metrics files")
     caches, metrics = sort_inputs(files)

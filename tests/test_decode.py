@@ -178,10 +178,10 @@ def test_configurations_the_device_cannot_mirror_are_refused_naming_the_flag():
     for config in (Preprocessing((3, 224, 224), "lanczos", crop_pct=0.875, crop_mode="center", **IMAGENET),
                    Preprocessing((3, 224, 224), "bicubic", crop_pct=0.875, crop_mode="border", **IMAGENET),
                    Preprocessing((3, 224, 256), "bicubic", crop_pct=0.875, crop_mode="center", **IMAGENET)):
-        with pytest.raises(OptionError, match="^--decode: "):
+        with pytest.raises(OptionError, match="^decode: "):
             with_decode(config, "gpu")
     assert with_decode(base, "cpu") == base
-    with pytest.raises(OptionError, match="^--decode: "):
+    with pytest.raises(OptionError, match="^decode: "):
         InputOptions(decode="nvjpeg")
 
 
@@ -194,7 +194,7 @@ def test_gpu_decode_needs_cuda_on_the_cli(run_cli, image_dir, tmp_path, monkeypa
             "--decode: gpu decodes with nvJPEG on a CUDA device, and this machine has none: use --decode cpu")
         assert "Traceback" not in result.stderr
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, for the --device cpu rule
-    with pytest.raises(OptionError, match="^--decode: gpu decodes on the model's CUDA device, but --device is cpu"):
+    with pytest.raises(OptionError, match="^decode: gpu decodes on the model's CUDA device, but device is cpu"):
         check_decode_device("gpu", "cpu")
     check_decode_device("gpu", "auto")
     check_decode_device("cpu", "cpu")

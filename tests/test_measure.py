@@ -58,7 +58,7 @@ def test_streaming_metrics_equal_the_two_step_path(tmp_path, image_dir):
     assert {"metrics/cls_entropy_norm", "rollout/map", "flow/map"} <= set(two_step)
     with h5py.File(tmp_path / "streamed.h5") as s, h5py.File(tmp_path / "two_step.h5") as t:
         assert list(s.attrs["flow_layers"]) == list(t.attrs["flow_layers"]) == [0, 1]
-    with pytest.raises(OptionError, match="--flow.*add --metrics"):
+    with pytest.raises(OptionError, match="^flow: .*add metrics"):
         extract(loaded, paths, tmp_path / "flow_only.h5", flow=True, workers=0)
     for name, want in two_step.items():
         if want.dtype.kind == "f":

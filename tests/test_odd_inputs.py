@@ -120,11 +120,11 @@ def test_the_library_refuses_what_the_command_refuses_before_any_weights():
     from attnflow.errors import OptionError
     from attnflow.models import build_model
 
-    with pytest.raises(OptionError, match=r"--img-size: 70 is not a multiple of the patch size 16x16.*use 64 or 80"):
+    with pytest.raises(OptionError, match=r"^img_size: 70 is not a multiple of the patch size 16x16.*use 64 or 80"):
         build_model("vit_tiny_patch16_224", random_init=True, img_size=70)
-    with pytest.raises(OptionError, match=r"--img-size: 8 is smaller than 2 x 2 patches of 16x16 px; use at least 32"):
+    with pytest.raises(OptionError, match=r"^img_size: 8 is smaller than 2 x 2 patches of 16x16 px; use at least 32"):
         build_model("vit_tiny_patch16_224.augreg_in21k", img_size=8)  # refused before timm tries the hub
-    with pytest.raises(OptionError, match="--checkpoint-key: selects a container inside --checkpoint"):
+    with pytest.raises(OptionError, match="^checkpoint_key: selects a container inside checkpoint"):
         build_model("vit_tiny_patch16_224", random_init=True, checkpoint_key="student")
     assert build_model("vit_tiny_patch16_224", random_init=True, img_size=64).adapter.patch_size == (16, 16)
 

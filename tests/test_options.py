@@ -29,17 +29,36 @@ def test_flat_keywords_reach_their_group_and_leave_the_rest():
 
 
 @pytest.mark.parametrize("values,flag", [
-    (dict(store="some"), "--store"), (dict(dtype="int8"), "--dtype"), (dict(compression="zip"), "--compression"),
-    (dict(fusion="median"), "--fusion"), (dict(discard_ratio=1.0), "--discard-ratio"),
-    (dict(discard_ratio=-0.1), "--discard-ratio"), (dict(crop_pct=0.0), "--crop-pct"),
-    (dict(crop_pct=float("nan")), "--crop-pct"), (dict(interpolation="cubic"), "--interpolation"),
-    (dict(batch_size=0), "--batch-size"), (dict(workers=-1), "--workers"), (dict(device="gpu"), "--device"),
-    (dict(resume=True, overwrite=True), "--resume"),
+    (dict(store="some"), "store"), (dict(dtype="int8"), "dtype"), (dict(compression="zip"), "compression"),
+    (dict(fusion="median"), "fusion"), (dict(discard_ratio=1.0), "discard_ratio"),
+    (dict(discard_ratio=-0.1), "discard_ratio"), (dict(crop_pct=0.0), "crop_pct"),
+    (dict(crop_pct=float("nan")), "crop_pct"), (dict(interpolation="cubic"), "interpolation"),
+    (dict(batch_size=0), "batch_size"), (dict(workers=-1), "workers"), (dict(device="gpu"), "device"),
+    (dict(read_timeout=-1.0), "read_timeout"), (dict(read_timeout=float("inf")), "read_timeout"),
+    (dict(resume=True, overwrite=True), "resume"),
 ])
-def test_a_value_that_cannot_work_names_its_flag(values, flag):
+def test_a_value_that_cannot_work_names_its_parameter(values, flag):
     with pytest.raises(OptionError, match=f"^{flag}: ") as caught:
         ExtractOptions().replace(**values)
-    assert caught.value.flag == flag
+    assert caught.value.parameter == flag
+    assert "--" not in str(caught.value)  # Python's names, not the CLI's
+
+
+def test_the_cli_names_its_flags_where_the_library_names_parameters(run_cli, tmp_path):
+    with pytest.raises(OptionError) as caught:
+        ExtractOptions().replace(resume=True, overwrite=True)
+    assert str(caught.value) == "resume: continues a run and overwrite starts one afresh: give one of them"
+    with pytest.raises(OptionError) as caught:
+        ExtractOptions().replace(preprocess="beyond-cls", crop_pct=0.9)
+    assert str(caught.value).startswith("crop_pct: preprocess=beyond-cls fixes the crop")
+    result = run_cli("extract", "vit_tiny_patch16_224", str(tmp_path), "-o", str(tmp_path / "c.h5"), "--random-init",
+                     "--resume", "--overwrite")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "attnflow: error: --resume: continues a run and --overwrite starts one afresh: give one of them"
+    result = run_cli("extract", "vit_tiny_patch16_224", str(tmp_path), "-o", str(tmp_path / "c.h5"), "--random-init",
+                     "--preprocess", "beyond-cls", "--crop-pct", "0.9")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("attnflow: error: --crop-pct: --preprocess beyond-cls fixes the crop")
 
 
 def test_the_cli_reports_option_errors_as_usage_errors(run_cli, tmp_path):
@@ -56,7 +75,7 @@ def test_the_command_has_the_bounds_of_the_option_objects(run_cli, tmp_path):
     """--discard-ratio is bounded once, by RolloutOptions: [0, 1), as in Python (the CLI once stopped at 0.999)."""
     refused = run_cli("metrics", tmp_path / "missing.h5", "-o", tmp_path / "m.h5", "--discard-ratio", "1")
     assert refused.exit_code == 2 and "--discard-ratio: must be in [0, 1), not 1.0" in refused.stderr, refused.stderr
-    with pytest.raises(OptionError, match=r"--discard-ratio: must be in \[0, 1\), not 1.0"):
+    with pytest.raises(OptionError, match=r"^discard_ratio: must be in \[0, 1\), not 1.0"):
         MetricsOptions().replace(discard_ratio=1.0)
     allowed = run_cli("metrics", tmp_path / "missing.h5", "-o", tmp_path / "m.h5", "--discard-ratio", "0.9995")
     assert allowed.exit_code == 1 and "missing.h5" in allowed.stderr  # past the options: the cache is what is wrong

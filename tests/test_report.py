@@ -205,7 +205,7 @@ def test_cli_writes_the_page_and_replaces_a_symlink_not_its_target(tmp_path, run
 
 def test_api_checks_its_inputs(tmp_path, demo_report):
     _, caches, _ = demo_report
-    with pytest.raises(AttnflowError, match="--images"):
+    with pytest.raises(AttnflowError, match="^images: "):
         build_report(caches, tmp_path / "r.html", n_images=0)
     with pytest.raises(AttnflowError, match="caches and/or metrics"):
         build_report([], tmp_path / "r.html")
