@@ -20,6 +20,7 @@ import typer
 
 from .version import __version__
 from .errors import AttnflowError, AttnflowNote, OptionError
+from .notes import note
 from .capture import MagnitudeUpdate
 from .families import FAMILIES
 from .images import READ_TIMEOUT_S, DecodeMode as Decode, Interpolation, Preprocess, ReadStalled
@@ -153,8 +154,8 @@ def _input_images(images: Sequence[str], limit: Optional[int], console) -> list[
 
 def _print_notes(notes) -> None:
     """Notes a command's result carries, printed as the CLI prints every :class:`AttnflowNote`."""
-    for note in notes:
-        print(f"attnflow: note: {note}", file=sys.stderr)
+    for text in notes:
+        print(f"attnflow: note: {text}", file=sys.stderr)
 
 
 def _stderr_console():
@@ -274,8 +275,8 @@ def extract(
     )
     if loaded.weights == "random" and not quiet:
         console.print(f"attnflow: note: {escape(model)} has random weights (--random-init)")
-    for note in size_notes(loaded, options, len(paths), img_size_given=img_size is not None):
-        console.print(f"attnflow: note: {note}", markup=False)  # before the work, while it can still be changed
+    for text in size_notes(loaded, options, len(paths), img_size_given=img_size is not None):
+        note(text)  # before the work, while it can still be changed
 
     def on_skip(path: str, reason: str) -> None:
         console.print(f"attnflow: skipped {escape(path)}: {escape(reason)}")

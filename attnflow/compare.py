@@ -21,6 +21,8 @@ interpolation). Images whose value is NaN are left out of that metric's statisti
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -35,6 +37,7 @@ import torch
 
 from .schema import PERTURB_SCHEMA, open_hdf5, open_metrics, open_perturbation
 from .errors import AttnflowError, OptionError
+from .notes import collect, note
 from .families import FAMILIES, title
 from .inference import (
     ALPHA, MAX_EXACT_RELABELINGS, Correction, adjust, between_models, bootstrap_means, percentile_ci, smallest_adjusted,
@@ -125,13 +128,11 @@ def load_models(
     families: Sequence[str | None] = (),
     metrics: Sequence[str] | None = None,
     heads: str = "mean",
-    notes: list[str] | None = None,
 ) -> tuple[list[ModelMetrics], list[str]]:
     """Read the requested metrics of every file; returns the models and the metric names to report.
 
     ``labels``/``families`` override the files' own, position by position (``None`` keeps the file's).
     """
-    notes = notes if notes is not None else []
     if not paths:
         raise AttnflowError("no metrics files to compare")
     if heads not in choice_values(Fusion):
@@ -164,21 +165,21 @@ def load_models(
                     data = np.repeat(data[:, None], model.num_layers, axis=1)
                 model.values[name] = data
             models.append(model)
-    _make_labels_unique(models, notes)
+    _make_labels_unique(models)
     # without --metric: the registry's default set, those of it that some file has
     chosen = list(metrics) if metrics else [m for m in REGISTRY.defaults if any(m in names for names in available)]
     for name in chosen:
         lacking = [m.label for m in models if name not in m.values]
         if len(lacking) == len(models):
-            notes.append(f"no file has metric '{name}'")
+            note(f"no file has metric '{name}'")
         elif lacking:
-            notes.append(f"metric '{name}' is missing for {', '.join(lacking)} (left blank)")
+            note(f"metric '{name}' is missing for {', '.join(lacking)} (left blank)")
     for m in models:
         if not m.has_cls:
-            notes.append(f"{m.label} has no cls token: its cls_* metrics are NaN")
+            note(f"{m.label} has no cls token: its cls_* metrics are NaN")
     if len({m.img_size for m in models}) > 1:
         sizes = ", ".join(f"{m.label} {'x'.join(map(str, m.img_size))}" for m in models)
-        notes.append(f"models ran at different resolutions ({sizes}): attn_distance is in each model's input pixels")
+        note(f"models ran at different resolutions ({sizes}): attn_distance is in each model's input pixels")
     return models, chosen
 
 
@@ -190,13 +191,13 @@ def _image_keys(image_ids: Sequence[str], working_dir: str | None) -> list[str]:
     return [os.path.normpath(os.path.join(working_dir, i)) for i in image_ids]
 
 
-def _make_labels_unique(models: list[ModelMetrics], notes: list[str]) -> None:
+def _make_labels_unique(models: list[ModelMetrics]) -> None:
     seen: dict[str, int] = {}
     for m in models:
         if m.label in seen:
             seen[m.label] += 1
             new = f"{m.label}#{seen[m.label]}"
-            notes.append(f"two models are labelled '{m.label}'; {m.path} is shown as '{new}'")
+            note(f"two models are labelled '{m.label}'; {m.path} is shown as '{new}'")
             m.label = new
         else:
             seen[m.label] = 1
@@ -226,7 +227,6 @@ def load_perturbations(
     labels: Sequence[str | None] = (),
     families: Sequence[str | None] = (),
     quantities: Sequence[str] | None = None,
-    notes: list[str] | None = None,
 ) -> tuple[list[ModelMetrics], list[str]]:
     """Read perturbation files (validated) as models whose values are per-image areas: ``values[q]`` is
     (n, R) float64 for each quantity q of :data:`attnflow.perturb.AREA_QUANTITIES` asked for (default
@@ -236,7 +236,6 @@ def load_perturbations(
     fractions are refused; files perturbed another way (``mode``, ``readout``) give a note."""
     from .perturb import AREA_QUANTITIES, DEFAULT_AREA_QUANTITIES, area_values
 
-    notes = notes if notes is not None else []
     if len(labels) > len(paths) or len(families) > len(paths):
         raise AttnflowError(f"{max(len(labels), len(families))} labels/families given for {len(paths)} files")
     for name in quantities or ():
@@ -254,7 +253,7 @@ def load_perturbations(
             areas = area_values(pf.fractions, pf.orders, pf.similarity().astype(np.float64))
             model.values = {name: areas[name] for name in chosen}
             if not len(model.image_ids):
-                notes.append(f"{path} holds no images")
+                note(f"{path} holds no images")
             settings.append({"fractions": pf.fractions, "mode": a.get("mode"), "readout": a.get("readout")})
         models.append(model)
     for m, setting in zip(models[1:], settings[1:]):
@@ -266,14 +265,14 @@ def load_perturbations(
             )
     for key in ("mode", "readout"):
         if len({s[key] for s in settings}) > 1:
-            notes.append(f"the files were perturbed with different --{key} ("
-                         + ", ".join(f"{m.label} {s[key]}" for m, s in zip(models, settings))
-                         + "): their areas measure different perturbations")
-    _make_labels_unique(models, notes)
+            note(f"the files were perturbed with different --{key} ("
+                 + ", ".join(f"{m.label} {s[key]}" for m, s in zip(models, settings))
+                 + "): their areas measure different perturbations")
+    _make_labels_unique(models)
     return models, chosen
 
 
-def plan_relevance(models: Sequence[ModelMetrics], relevance: Sequence[str] | None, notes: list[str]) -> list[LayerRow]:
+def plan_relevance(models: Sequence[ModelMetrics], relevance: Sequence[str] | None) -> list[LayerRow]:
     """Rows for perturbation files: one per relevance map (``relevance``, default every map some file holds,
     in file order), each model's index the map's column in its file (None: the file lacks it, a note; a map
     no file has is an error)."""
@@ -286,13 +285,13 @@ def plan_relevance(models: Sequence[ModelMetrics], relevance: Sequence[str] | No
         if len(lacking) == len(models):
             raise AttnflowError(f"--relevance {name}: no file has that relevance map (they have {', '.join(present)})")
         if lacking:
-            notes.append(f"relevance map '{name}' is missing for {', '.join(lacking)} (left blank, and left out of that map's "
-                         "summary rows)")
+            note(f"relevance map '{name}' is missing for {', '.join(lacking)} (left blank, and left out of that map's "
+                 "summary rows)")
         rows.append(LayerRow(name, index))
     return rows
 
 
-def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = "absolute", notes: list[str] | None = None,
+def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = "absolute",
                 option: str = "--layers") -> list[LayerRow]:
     """Rows for ``--layers all|last|N,M,...`` at absolute layer indices or at relative depth.
 
@@ -301,7 +300,6 @@ def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = 
     Absolute indices are 0-based; negative ones count from each model's last layer. An explicit index no
     model has is an error; one that only some models lack is a note (``option`` names the flag in both).
     """
-    notes = notes if notes is not None else []
     depths = [m.num_layers for m in models]
     if depth not in ("absolute", "relative"):
         raise AttnflowError(f"--depth must be absolute or relative, not '{depth}'")
@@ -319,7 +317,7 @@ def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = 
             LayerRow(f"{f:.3g}", tuple(min(L - 1, max(0, round(f * L) - 1)) for L in depths)) for f in fractions
         ]
     if len(set(depths)) > 1:
-        notes.append(
+        note(
             "models have different depths (" + ", ".join(f"{m.label} {m.num_layers}" for m in models)
             + "): rows are absolute layer indices; --depth relative aligns them"
         )
@@ -334,8 +332,8 @@ def plan_layers(models: Sequence[ModelMetrics], spec: str = "all", depth: str = 
                 + "; layers are 0-based, negative from the end)"
             )
         if spec != "all" and lacking:
-            notes.append(f"{option} {i}: " + ", ".join(f"{m.label} has only {m.num_layers} blocks" for m in lacking)
-                         + (" (left blank)" if option == "--layers" else " (left out of the summary)"))
+            note(f"{option} {i}: " + ", ".join(f"{m.label} has only {m.num_layers} blocks" for m in lacking)
+                 + (" (left blank)" if option == "--layers" else " (left out of the summary)"))
         rows.append(LayerRow(str(i), per_model))
     return rows
 
@@ -400,20 +398,20 @@ def parse_groups(spec: str | Sequence[str]) -> tuple[str, str] | None:
     return names[0], names[1]
 
 
-def summary_pairs(models: Sequence[ModelMetrics], pair: tuple[str, str] | None, notes: list[str]) -> list[tuple[str, str]]:
+def summary_pairs(models: Sequence[ModelMetrics], pair: tuple[str, str] | None) -> list[tuple[str, str]]:
     """The group pairs to summarise: ``pair`` when both of its families are present, or with ``pair`` None
     every pair of the families present, in family order. A pair that cannot be summarised is a note."""
     present = [f for f in FAMILIES if any(m.family == f for m in models)]
     if pair is None:
         pairs = list(itertools.combinations(present, 2))
         if not pairs and len(models) > 1:
-            notes.append(f"no summary: every model is {title(present[0])}; --groups {ALL_PAIRS} compares the families present")
+            note(f"no summary: every model is {title(present[0])}; --groups {ALL_PAIRS} compares the families present")
         return pairs
     missing = [f for f in pair if f not in present]
     if missing:
         if len(models) > 1:
-            notes.append(f"no {title(pair[0])}-vs-{title(pair[1])} summary: no {title(missing[0])} model among the files "
-                         f"(families here: {', '.join(present)}); --groups picks the two families")
+            note(f"no {title(pair[0])}-vs-{title(pair[1])} summary: no {title(missing[0])} model among the files "
+                 f"(families here: {', '.join(present)}); --groups picks the two families")
         return []
     return [pair]
 
@@ -462,7 +460,7 @@ def _subjects(record: dict[str, Any]) -> tuple[str, str]:
 
 def summarize(
     models: Sequence[ModelMetrics], metrics: Sequence[str], rows: Sequence[LayerRow], *, n_bootstrap: int = 2000,
-    seed: int = 0, notes: list[str] | None = None, groups: Sequence[tuple[str, str]] = (DEFAULT_GROUPS,),
+    seed: int = 0, groups: Sequence[tuple[str, str]] = (DEFAULT_GROUPS,),
     correction: Correction | str = Correction.holm, axis: str = "layer",
 ) -> list[dict[str, Any]]:
     """Group A vs group B per pair in ``groups``, metric and layer row (:mod:`attnflow.inference`): networks
@@ -471,7 +469,6 @@ def summarize(
     present gives no rows; summary row ``j`` (over all pairs, in output order) draws its bootstrap from
     ``numpy.random.default_rng([seed, 1000 + j])``. ``axis`` names the rows in the records: ``layer``, or
     ``relevance`` for perturbation files."""
-    notes = notes if notes is not None else []
     correction = Correction(correction)
     out: list[dict[str, Any]] = []
     for pair in groups:
@@ -479,26 +476,25 @@ def summarize(
         if not all(members):
             continue
         _refuse_one_network_twice([models[i] for indices in members for i in indices])
-        shared = _shared_images(models, members, pair, notes)
+        shared = _shared_images(models, members, pair)
         for name in metrics:
             for row in rows:
                 present = [[i for i in indices if name in models[i].values and row.index[i] is not None]
                            for indices in members]
                 rng = np.random.default_rng([seed, 1000 + len(out)])
                 out.append(_compare_groups(models, name, row, pair, present, shared, n_bootstrap, rng, axis))
-        _note_design(models, members, pair, shared, notes)
+        _note_design(models, members, pair, shared)
     adjusted = adjust([r["p_value"] for r in out], correction)
     n_tests = int(np.isfinite(adjusted).sum())
     for record, p in zip(out, adjusted):
         record.update({"p_adjusted": float(p), "correction": correction.value, "n_tests": n_tests,
                        "min_p_adjusted": smallest_adjusted(record["min_p"], n_tests, correction)})
         record["verdict"] = verdict(record["metric"], record)
-    _note_multiplicity(out, correction, n_tests, notes, "--summary-layers" if axis == "layer" else "--relevance")
+    _note_multiplicity(out, correction, n_tests, "--summary-layers" if axis == "layer" else "--relevance")
     return out
 
 
-def _shared_images(models: Sequence[ModelMetrics], members: list[list[int]], pair: tuple[str, str],
-                   notes: list[str]) -> dict[int, np.ndarray] | None:
+def _shared_images(models: Sequence[ModelMetrics], members: list[list[int]], pair: tuple[str, str]) -> dict[int, np.ndarray] | None:
     """Row indices, per model, of the images every model of the pair holds (in the first model's order), or
     None when they share fewer than two images (then the groups are compared unpaired)."""
     everyone = [i for indices in members for i in indices]
@@ -507,16 +503,16 @@ def _shared_images(models: Sequence[ModelMetrics], members: list[list[int]], pai
         common &= set(models[i].image_ids)
     if len(common) < 2:
         if common or any(set(models[i].image_ids) & set(models[j].image_ids) for i in everyone for j in everyone if i < j):
-            notes.append(f"{_pair_name(pair)}: the models share fewer than two images; compared unpaired, "
-                         "as if their images were independent")
+            note(f"{_pair_name(pair)}: the models share fewer than two images; compared unpaired, "
+                 "as if their images were independent")
         return None
     order = [image for image in models[everyone[0]].image_ids if image in common]
     order = list(dict.fromkeys(order))
     partial = [models[i] for i in everyone if len(models[i].image_ids) != len(order)]
     if partial:
-        notes.append(f"{_pair_name(pair)}: {len(order)} images are held by all {len(everyone)} models ("
-                     + ", ".join(f"{m.label} {len(m.image_ids)}" for m in partial)
-                     + "); the summary pairs those and leaves the others out")
+        note(f"{_pair_name(pair)}: {len(order)} images are held by all {len(everyone)} models ("
+             + ", ".join(f"{m.label} {len(m.image_ids)}" for m in partial)
+             + "); the summary pairs those and leaves the others out")
     positions = {}
     for i in everyone:
         first = {}
@@ -566,42 +562,42 @@ def _pair_name(pair: tuple[str, str]) -> str:
 
 
 def _note_design(models: Sequence[ModelMetrics], members: list[list[int]], pair: tuple[str, str],
-                 shared: dict[int, np.ndarray] | None, notes: list[str]) -> None:
+                 shared: dict[int, np.ndarray] | None) -> None:
     """Say what the pair's rows can claim: about two networks, or about the families."""
     n_a, n_b = (len(indices) for indices in members)
     images = f"paired over {len(next(iter(shared.values())))} shared images" if shared is not None else "unpaired (no shared images)"
     if n_a == 1 and n_b == 1:
         a, b = (models[indices[0]].label for indices in members)
-        notes.append(f"{_pair_name(pair)}: one network per group ({a}, {b}): the rows compare these two networks "
-                     f"over images ({images}) and do not generalise to the families; several networks per group do")
+        note(f"{_pair_name(pair)}: one network per group ({a}, {b}): the rows compare these two networks "
+             f"over images ({images}) and do not generalise to the families; several networks per group do")
         return
-    notes.append(f"{_pair_name(pair)}: {n_a} vs {n_b} networks are the replicates (images {images}); "
-                 "p from an exact permutation test of the family labels over the network means")
+    note(f"{_pair_name(pair)}: {n_a} vs {n_b} networks are the replicates (images {images}); "
+         "p from an exact permutation test of the family labels over the network means")
     relabelings = math.comb(n_a + n_b, n_a)
     if relabelings <= MAX_EXACT_RELABELINGS and 2 / relabelings >= ALPHA:
-        notes.append(f"{_pair_name(pair)}: with {n_a} vs {n_b} networks the smallest p a two-sided permutation test "
-                     f"can give is {min(1.0, 2 / relabelings):.3g}, not below {ALPHA}: no verdict is possible; "
-                     "more networks per group are needed")
+        note(f"{_pair_name(pair)}: with {n_a} vs {n_b} networks the smallest p a two-sided permutation test "
+             f"can give is {min(1.0, 2 / relabelings):.3g}, not below {ALPHA}: no verdict is possible; "
+             "more networks per group are needed")
     for fam, indices in zip(pair, members):
         if len(indices) == 1:
-            notes.append(f"{_pair_name(pair)}: {title(fam)} has one network ({models[indices[0]].label}): the interval "
-                         "holds no between-network spread of that group, and Hedges' g needs two per group")
+            note(f"{_pair_name(pair)}: {title(fam)} has one network ({models[indices[0]].label}): the interval "
+                 "holds no between-network spread of that group, and Hedges' g needs two per group")
 
 
-def _note_multiplicity(records: Sequence[dict[str, Any]], correction: Correction, n_tests: int, notes: list[str],
+def _note_multiplicity(records: Sequence[dict[str, Any]], correction: Correction, n_tests: int,
                        rows_flag: str = "--summary-layers") -> None:
     if n_tests < 2:
         return
     if correction is Correction.none:
-        notes.append(f"the summary's {n_tests} p-values are not adjusted for multiple tests (--correction none)")
+        note(f"the summary's {n_tests} p-values are not adjusted for multiple tests (--correction none)")
         return
     name = {"holm": "Holm (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}[correction.value]
-    notes.append(f"the summary is one family of {n_tests} tests; verdicts use p-values adjusted by {name}")
+    note(f"the summary is one family of {n_tests} tests; verdicts use p-values adjusted by {name}")
     reachable = [r for r in records if math.isfinite(r["p_value"]) and r["min_p"] < ALPHA <= r["min_p_adjusted"]]
     if reachable:
-        notes.append(f"with {correction.value} over {n_tests} tests the smallest adjusted p this design can give is "
-                     f"{min(r['min_p_adjusted'] for r in reachable):.3g}: no verdict is possible; fewer tests "
-                     f"(--metric, {rows_flag}) or more networks per group are needed")
+        note(f"with {correction.value} over {n_tests} tests the smallest adjusted p this design can give is "
+             f"{min(r['min_p_adjusted'] for r in reachable):.3g}: no verdict is possible; fewer tests "
+             f"(--metric, {rows_flag}) or more networks per group are needed")
 
 
 def with_legacy_keys(record: dict[str, Any]) -> dict[str, Any]:
@@ -781,7 +777,15 @@ def compare_files(
         correction = Correction(correction)
     except ValueError:
         raise OptionError("correction", f"takes {', '.join(c.value for c in Correction)}, not '{correction}'") from None
-    notes: list[str] = []
+    with collect() as notes:
+        comparison = _compare(paths, labels, families, metrics, heads, layers, depth, summary_layers, groups, n_bootstrap,
+                              seed, correction, relevance)
+    return dataclasses.replace(comparison, notes=notes)
+
+
+def _compare(paths, labels, families, metrics, heads, layers, depth, summary_layers, groups, n_bootstrap, seed,
+             correction, relevance) -> Comparison:
+    """:func:`compare_files` inside its collector of notes."""
     pair = parse_groups(groups)
     metrics = list(dict.fromkeys(metrics)) if metrics else metrics  # a metric asked for twice: one table
     if not paths:
@@ -793,38 +797,41 @@ def compare_files(
             if changed:
                 raise AttnflowError(f"{flag} applies to metrics files; perturbation files have no layers or heads "
                                     "(--relevance picks their relevance maps)")
-        models, names = load_perturbations(paths, labels=labels, families=families, quantities=metrics, notes=notes)
-        pairs = summary_pairs(models, pair, notes)
-        _note_repeated_files(models, pairs, notes)
-        rows = plan_relevance(models, relevance, notes)
+        models, names = load_perturbations(paths, labels=labels, families=families, quantities=metrics)
+        pairs = summary_pairs(models, pair)
+        _note_repeated_files(models, pairs)
+        rows = plan_relevance(models, relevance)
         records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed, axis="relevance")
         summary_rows = rows
         if "random" not in (relevance or ()) and len(rows) > 1:
             summary_rows = [row for row in rows if row.name != "random"]
             if pairs and len(summary_rows) < len(rows):
-                notes.append("the summary leaves out random, the baseline (removing random patches in either order is the "
-                             "same in expectation); --relevance random includes it")
-        summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes, groups=pairs,
+                note("the summary leaves out random, the baseline (removing random patches in either order is the "
+                     "same in expectation); --relevance random includes it")
+        summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, groups=pairs,
                             correction=correction, axis="relevance")
-        return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads, pairs, PERTURBATION)
+        return Comparison(models, names, rows, records, summary, [], heads, pairs, PERTURBATION)
     if relevance:
         raise AttnflowError("--relevance applies to perturbation files (attnflow perturb); these are metrics files")
-    models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads, notes=notes)
-    pairs = summary_pairs(models, pair, notes)
-    _note_repeated_files(models, pairs, notes)
-    rows = plan_layers(models, layers, depth, notes)
+    models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads)
+    pairs = summary_pairs(models, pair)
+    _note_repeated_files(models, pairs)
+    rows = plan_layers(models, layers, depth)
     records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
-    summary_rows = plan_layers(models, summary_layers, depth, notes if pairs else [], option="--summary-layers")
-    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, notes=notes, groups=pairs,
+    with contextlib.ExitStack() as quiet:
+        if not pairs:  # no summary: nothing to say about its rows
+            quiet.enter_context(collect())
+        summary_rows = plan_layers(models, summary_layers, depth, option="--summary-layers")
+    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, groups=pairs,
                         correction=correction)
-    return Comparison(models, names, rows, records, summary, list(dict.fromkeys(notes)), heads, pairs)
+    return Comparison(models, names, rows, records, summary, [], heads, pairs)
 
 
-def _note_repeated_files(models: Sequence[ModelMetrics], pairs: Sequence[tuple[str, str]], notes: list[str]) -> None:
+def _note_repeated_files(models: Sequence[ModelMetrics], pairs: Sequence[tuple[str, str]]) -> None:
     """One file given twice is one model shown twice (a summary refuses it, see :func:`summarize`)."""
     copies: dict[str, list[ModelMetrics]] = {}
     for m in models:
         copies.setdefault(os.path.realpath(m.path), []).append(m)
     for same in copies.values():
         if len(same) > 1:
-            notes.append(f"{same[0].path} is given {len(same)} times (as {', '.join(m.label for m in same)})")
+            note(f"{same[0].path} is given {len(same)} times (as {', '.join(m.label for m in same)})")

@@ -20,7 +20,8 @@ from PIL import Image
 
 from .compare import ALL_PAIRS, Comparison, compare_files
 from .demo_models import DEMO_MODELS, TRAINED_DEMO_MODELS, demo_data_dir
-from .errors import AttnflowError, AttnflowNote
+from .errors import AttnflowError
+from .notes import note
 from .extract import extract
 from .images import list_images
 from .models import build_model
@@ -244,8 +245,8 @@ def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, 
     with threads_for(threads, "heads"):
         records, notes = probe_caches([(c, None) for c in caches], split=0.8, pools=pools_for_store(store),
                                       epochs=PROBE_EPOCHS, seed=0, on_progress=on_progress)
-    for note in notes:
-        warnings.warn(AttnflowNote(note), stacklevel=3)
+    for text in notes:
+        note(text)
     probe_csv = out / "probe.csv"
     with atomic_output(probe_csv) as tmp, open(tmp, "w", newline="") as handle:
         emit(records, [*PROBE_COLUMNS, *GAIN_COLUMNS, "cls_entropy_norm"], Format.csv, out=handle)

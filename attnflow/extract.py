@@ -14,7 +14,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +23,8 @@ import torch
 
 from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, masks_digest
 from .capture import AttentionCapture, MagnitudeUpdate
-from .errors import AttnflowError, AttnflowNote, OptionError
+from .errors import AttnflowError, OptionError
+from .notes import note
 from .decode import image_batches, with_decode
 from .images import ImageBatch, ImageDataset, Preprocessing, class_of, folder_classes, index_masks, resolve_preprocessing
 from .measure import metric_rows, warn_about_layout
@@ -378,7 +378,7 @@ def _plan(loaded: LoadedModel, paths: Sequence[Path], options: ExtractOptions, c
     device = resolve_device(options.run.device)
     amp = options.run.amp and device.type == "cuda"
     if options.run.amp and not amp:
-        warnings.warn(AttnflowNote("--amp has no effect on the CPU; running in float32"), stacklevel=3)
+        note("--amp has no effect on the CPU; running in float32")
     inputs = options.inputs
     return _Plan(
         loaded=loaded,
@@ -468,8 +468,8 @@ def _open_writers(files: dict[str, tuple[Any, Any, Any]], n_inputs: int, *, resu
         complete = [key for key, w in writers.items() if w.complete_attrs is not None]
         behind = [w.path for w in writers.values() if w.complete_attrs is None and w.n_inputs_done < n_inputs]
         if complete and behind:
-            warnings.warn(AttnflowNote(f"{', '.join(str(writers[k].path) for k in complete)} is complete but "
-                                       f"{', '.join(map(str, behind))} is not: computing both"), stacklevel=3)
+            note(f"{', '.join(str(writers[k].path) for k in complete)} is complete but {', '.join(map(str, behind))} "
+                 "is not: computing both")
             for key in complete:
                 spec, path, companion = files[key]
                 writers[key].close()
@@ -526,7 +526,7 @@ def _match_masks(paths: Sequence[Path], folder: str | Path) -> list[Path | None]
     if missing == len(paths):
         raise AttnflowError(f"no mask in {folder} has the file stem of any image")
     if missing:
-        warnings.warn(AttnflowNote(f"no mask in {folder} for {missing} of {len(paths)} images: their fg is NaN"), stacklevel=3)
+        note(f"no mask in {folder} for {missing} of {len(paths)} images: their fg is NaN")
     return matched
 
 

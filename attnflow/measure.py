@@ -15,7 +15,8 @@ import torch
 
 from .cache import MetricsSpec
 
-from .errors import AttnflowError, AttnflowNote
+from .errors import AttnflowError
+from .notes import note
 from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, metric_dataset, MetricsFile, open_cache, StoreMode
 from .flow import attention_flow
 from .layout import TokenLayout
@@ -65,10 +66,8 @@ def compute_metrics(
         flow_layers = options.flow.layers(int(cache.attrs["num_layers"]))  # () without --flow
         warn_about_layout(layout, full_maps=full_maps)
         if not has_token_norm:
-            warnings.warn(AttnflowNote(
-                f"{cache.path} holds no block output token norms (written by attnflow 0.1): the artifact metrics "
-                "are left out; re-extract to get them"
-            ), stacklevel=2)
+            note(f"{cache.path} holds no block output token norms (written by attnflow 0.1): the artifact metrics "
+                 "are left out; re-extract to get them")
         spec = MetricsSpec(
             source_attrs=cache.attrs,
             metric_levels=available_metrics(layout, full_maps=full_maps, has_fg=has_fg, has_token_norm=has_token_norm,
@@ -157,12 +156,10 @@ def metric_rows(
 def warn_about_layout(layout: TokenLayout, *, full_maps: bool) -> None:
     """Say once what a layout or a store mode leaves out of a metrics file."""
     if not layout.has_cls:
-        warnings.warn(AttnflowNote("the model has no cls token: every cls_* metric is NaN"), stacklevel=3)
+        note("the model has no cls token: every cls_* metric is NaN")
     if not full_maps:
-        warnings.warn(AttnflowNote(
-            "the cache keeps only cls/register rows (store=rows): patch metrics and rollout need full maps "
-            "and are left out"
-        ), stacklevel=3)
+        note("the cache keeps only cls/register rows (store=rows): patch metrics and rollout need full maps and are "
+             "left out")
 
 
 def _nanmean(x: np.ndarray, axis) -> np.ndarray:

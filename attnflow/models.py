@@ -20,7 +20,8 @@ from timm.models import get_arch_name
 from .architectures import ModelAdapter, adapter_for, timm_signature
 from .checkpoint import StateDict, file_sha256, read_checkpoint_file, select_state_dict, strip_encoder_prefix
 from .demo_models import DEMO_MODELS, create_demo_vit, demo_data_dir
-from .errors import AttnflowError, AttnflowNote, OptionError, first_line
+from .errors import AttnflowError, OptionError, first_line
+from .notes import note
 from .families import FAMILIES, checkpoint_family, infer_family
 from .layout import TokenLayout
 
@@ -216,9 +217,8 @@ def _family_of_checkpoint(name: str, obj, path: Path) -> str:
         return found[0]
     family = infer_family(name, architecture=False)
     if family == "unknown":
-        warnings.warn(AttnflowNote(
-            f"the family of {path.name} is unknown (its layout does not show how it was trained and '{name}' has no "
-            "pretrained tag); pass --family (e.g. --family mim) so that compare groups it"), stacklevel=3)
+        note(f"the family of {path.name} is unknown (its layout does not show how it was trained and '{name}' has no "
+             "pretrained tag); pass --family (e.g. --family mim) so that compare groups it")
     return family
 
 

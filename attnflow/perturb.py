@@ -28,7 +28,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, TextIO
@@ -42,7 +41,8 @@ from .architectures import VisionTransformerAdapter, adapter_for
 from .cache import RowDataset, RowFileWriter, _now, inputs_digest
 from .capture import AttentionCapture, resolve_blocks
 from .checkpoint import file_sha256
-from .errors import AttnflowError, AttnflowNote, OptionError
+from .errors import AttnflowError, OptionError
+from .notes import collect, note
 from .extract import default_workers, report_failures
 from .decode import image_batches, with_decode
 from .flow import attention_flow
@@ -365,8 +365,7 @@ def find_head(where: Path, loaded: LoadedModel, flag: str) -> ProbeHead:
         raise AttnflowError(f"{_spelled(flag, where)} was trained on the tokens of block {block}; perturb reads the last "
                             f"block's ({adapter.num_layers - 1}): use a head probed at the last block")
     if (config.get("model"), config.get("checkpoint_sha256")) != (loaded.name, loaded.checkpoint_sha256):
-        warnings.warn(AttnflowNote(f"{_spelled(flag, where)} was trained on {config.get('label')} ({config.get('model')}), "
-                                   f"not on {loaded.label}"), stacklevel=3)
+        note(f"{_spelled(flag, where)} was trained on {config.get('label')} ({config.get('model')}), not on {loaded.label}")
     return ProbeHead(where, head, config)
 
 
@@ -735,7 +734,14 @@ def summarize(paths: Sequence[str | Path], *, n_bootstrap: int = 2000, seed: int
     differences paired by image with a bootstrap CI over images. The unit of every CI is the image, within
     one network: they say how sure the mean over these images is, not how another training run would do.
     """
-    curves, aucs, notes, has_accuracy = [], [], [], False
+    with collect() as notes:
+        curves, aucs, has_accuracy = _summarize(paths, n_bootstrap, seed)
+    return PerturbSummary(curves, aucs, has_accuracy, notes)
+
+
+def _summarize(paths: Sequence[str | Path], n_bootstrap: int, seed: int) -> tuple[list, list, bool]:
+    """:func:`summarize` inside its collector of notes."""
+    curves, aucs, has_accuracy = [], [], False
     for m, path in enumerate(paths):
         with open_perturbation(path) as f:
             label, family = f.attrs["label"], f.attrs["family"]
@@ -747,7 +753,7 @@ def summarize(paths: Sequence[str | Path], *, n_bootstrap: int = 2000, seed: int
                 has_accuracy = True
         n = similarity.shape[0]
         if n == 0:
-            notes.append(f"{path} holds no images")
+            note(f"{path} holds no images")
             continue
         R, O, Fn = similarity.shape[1:]
         rng = np.random.default_rng([seed, m])
@@ -786,4 +792,4 @@ def summarize(paths: Sequence[str | Path], *, n_bootstrap: int = 2000, seed: int
                     record.update({key: math.nan, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan})
             record["n_images"] = n
             aucs.append(record)
-    return PerturbSummary(curves, aucs, has_accuracy, notes)
+    return curves, aucs, has_accuracy

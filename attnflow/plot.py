@@ -16,6 +16,7 @@ import torch
 
 from .compare import Comparison, describe, load_models, plan_layers
 from .errors import AttnflowError, OptionError
+from .notes import collect, note
 from .families import get_family
 from .flow import attention_flow
 from .images import Preprocessing, content_digest, decode_image, image_id as stored_id, path_of_id, read_image_file
@@ -195,12 +196,13 @@ def curve_comparison(paths: Sequence[str | Path], *, metrics: Sequence[str] | No
     """The per-layer records the curves draw, with the notes about the inputs; not ``compare``'s group summary,
     whose notes speak of options (``--groups``, ``--depth``) that ``plot curves`` does not have: curves align
     models of different depths by themselves (:func:`curve_data`)."""
-    notes: list[str] = []
     metrics = list(dict.fromkeys(metrics)) if metrics else metrics
-    models, names = load_models(paths, metrics=metrics, heads=heads, notes=notes)
-    rows = plan_layers(models, "all", "absolute")  # its note on depths is compare's, see above
+    with collect() as notes:
+        models, names = load_models(paths, metrics=metrics, heads=heads)
+    with collect():  # its note on depths is compare's, see above
+        rows = plan_layers(models, "all", "absolute")
     records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
-    return Comparison(models, names, rows, records, [], list(dict.fromkeys(notes)), heads)
+    return Comparison(models, names, rows, records, [], notes, heads)
 
 
 def reference_values(comparison: Comparison, name: str) -> list[float]:
@@ -358,7 +360,7 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
     exact attention flow (computed here from the full maps, mean head fusion as for the rollout), with
     ``heads_dir`` the attention of the probe heads saved there for this model (:func:`probe_head_panels`),
     and per head. ``image`` as :func:`find_image` takes it, or with ``by_id`` the image's stored id exactly."""
-    with open_cache(cache_path) as cache:
+    with open_cache(cache_path) as cache, collect() as notes:
         layout, a = cache.layout, cache.attrs
         ids = cache.image_ids
         index = _index_of_id(ids, str(image), cache.path) if by_id else find_image(ids, image)
@@ -366,7 +368,6 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         if not -L <= layer < L:
             raise AttnflowError(f"--layer {layer} is out of range for {a['label']} ({L} blocks)")
         layer %= L
-        notes: list[str] = []
         attention = head_maps = rollout_map = flow_map = None
         readout = "cls" if layout.has_cls else "mean of patch rows"
         if cache.store == StoreMode.full:
@@ -378,10 +379,10 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
                 flow_map = attention_flow(torch.from_numpy(attn[None]), layout, (layer,))[0, 0].numpy().reshape(layout.grid_size)
         elif cache.store == StoreMode.rows and layout.has_cls:
             per_head = _readout(cache.prefix_rows(index, index + 1, layer)[0, :, 0, :].astype(np.float64), layout)
-            notes.append(f"{a['label']}: the cache keeps only cls/register rows, so there is no rollout map")
+            note(f"{a['label']}: the cache keeps only cls/register rows, so there is no rollout map")
         else:
             per_head = None
-            notes.append(f"{a['label']}: the cache holds no maps to draw (store={a['store']})")
+            note(f"{a['label']}: the cache holds no maps to draw (store={a['store']})")
         grid = tuple(layout.grid_size)
         if per_head is not None:
             attention = per_head.mean(0).reshape(grid)
@@ -393,9 +394,9 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         if flow:
             panels.append(MapPanel(f"flow to block {layer}", uniform_share(flow_map)))
             if flow_map is None and per_head is not None:
-                notes.append(f"{a['label']}: the cache keeps only cls/register rows, so there is no flow map")
+                note(f"{a['label']}: the cache keeps only cls/register rows, so there is no flow map")
         if heads_dir is not None:
-            panels += probe_head_panels(cache, index, heads_dir, each=ep_queries_each, notes=notes)
+            panels += probe_head_panels(cache, index, heads_dir, each=ep_queries_each)
         if head_maps is not None:
             panels += [MapPanel(f"head {h}", share) for h, share in enumerate(uniform_share(head_maps))]
         fg = cache.fg(index, index + 1)[0].reshape(grid) if FG in cache else None
@@ -407,8 +408,7 @@ def map_data(cache_path: str | Path, image: str | int, *, layer: int = -1, heads
         )
 
 
-def probe_head_panels(cache, index: int, heads_dir: str | Path, *, each: bool = False,
-                      notes: list[str] | None = None) -> list[MapPanel]:
+def probe_head_panels(cache, index: int, heads_dir: str | Path, *, each: bool = False) -> list[MapPanel]:
     """The attention of the probe heads in ``heads_dir`` (``attnflow probe --save-heads``) trained on this
     cache's model, over image ``index``: computed from the cache's tokens of the block each head was trained
     on, with the final norm as ``probe`` applies it, through the head's ``attention`` in float64. abmilp: its
@@ -440,9 +440,8 @@ def probe_head_panels(cache, index: int, heads_dir: str | Path, *, each: bool = 
         with torch.no_grad():
             weights = head.double().attention(seen).reshape(-1, seen.shape[1]).numpy()  # (1 or M, N)
         if config["with_cls"]:
-            if notes is not None:
-                notes.append(f"{a['label']}: the {config['pool']} head gives the cls token "
-                             f"{weights[:, 0].mean():.1%} of its attention; its map is renormalised over the patches")
+            note(f"{a['label']}: the {config['pool']} head gives the cls token "
+                 f"{weights[:, 0].mean():.1%} of its attention; its map is renormalised over the patches")
             weights = weights[:, 1:] / weights[:, 1:].sum(-1, keepdims=True)
         maps = uniform_share(weights.reshape(-1, *grid))
         name = f"{config['pool']} probe ({path.stem.rsplit('.', 1)[0]}), block {block}"

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import AttnflowError, first_line
+from .notes import collect, note
 from .inference import Correction, adjust, paired_accuracy_difference
 from .output import atomic_output
 from .layout import TokenLayout
@@ -202,7 +203,7 @@ class ProbeSet:
         return len(self.labels)
 
 
-def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *, layer: int | None = None,
+def load_probe_set(path: str | Path, pools: Sequence[str], *, layer: int | None = None,
                    on_progress: OnProgress | None = None) -> tuple[ProbeSet, dict[str, Any], list[str]]:
     """Read tokens, labels and what the attention pools need from a cache; returns the set, its attributes
     and its class names. ``layer`` is the block (0-based, negative from the last) whose output tokens are
@@ -217,7 +218,7 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *, 
         layout, attrs = cache.layout, cache.attrs
         block = cache.token_layer(layer)
         if not cache.has_final_norm:
-            notes.append(f"{attrs['label']}: the cache records no final LayerNorm; tokens are used as stored")
+            note(f"{attrs['label']}: the cache records no final LayerNorm; tokens are used as stored")
         # the final norm on an intermediate block's tokens too, as timm's and DINOv2's intermediate features do
         # Tokens stay in the cache and are streamed in chunks: peak memory does not grow with the images.
         first = cache.tokens(0, min(1, len(cache)), layer=block, normalised=cache.has_final_norm)
@@ -249,10 +250,10 @@ def load_probe_set(path: str | Path, pools: Sequence[str], notes: list[str], *, 
                     maps.append(rollout(torch.from_numpy(cache.attention(start, min(start + 64, len(cache)))), layout)[:, block])
                 data.weights[Pool.rollout] = torch.cat(maps).float()
             else:
-                notes.append(f"{attrs['label']}: rollout pooling needs full maps (--store full); skipped")
+                note(f"{attrs['label']}: rollout pooling needs full maps (--store full); skipped")
         for pool in ATTENTION_POOLS:
             if pool in pools and pool not in data.weights and pool != Pool.rollout:
-                notes.append(f"{attrs['label']}: {pool} pooling needs the cls attention (a cls token and --store rows or full); skipped")
+                note(f"{attrs['label']}: {pool} pooling needs the cls attention (a cls token and --store rows or full); skipped")
         return data, attrs, cache.class_names or []
 
 
@@ -644,87 +645,87 @@ def probe_caches(
         except OSError as e:
             raise AttnflowError(f"--save-heads {save_heads}: cannot create the folder ({e.strerror or e})") from None
     device = str(resolve_device(device))  # a CUDA device this machine lacks: one line, before any reading
-    notes: list[str] = []
-    records: list[dict[str, Any]] = []
-    labels_seen: dict[str, int] = {}
-    for pool in TRAINED_POOLS:
-        if pool in pools and "linear" not in evaluators:
-            notes.append(f"{pool} pooling is trained with the linear probe; without --evaluator linear it is skipped")
-    for train_path, test_path in pairs:
-        train, attrs, names = load_probe_set(train_path, pools, notes, layer=layer, on_progress=on_progress)
-        if "cls" in pools and not train.layout.has_cls:
-            notes.append(f"{attrs.get('label', train_path)} has no cls token: cls pooling skipped (gain_over_cls is NaN)")
-        if "ep" in pools and ep_with_cls and not train.layout.has_cls:
-            notes.append(f"{attrs.get('label', train_path)} has no cls token: --ep-with-cls ignored, ep pools the patch tokens")
-        if "ep" in pools and not ep_fits(train.tokens.shape[-1], ep_queries):
-            notes.append(f"{attrs.get('label', train_path)}: ep pooling splits the token width {train.tokens.shape[-1]} into "
-                         f"--ep-queries {ep_queries} groups, which does not divide it; skipped")
-        if test_path is None:
-            if split is None:
-                raise AttnflowError("give --split to divide one cache into training and test images")
-            _need_two_classes(train.labels, names, f"{train_path} has one")
-            first, rest = stratified_split(train.labels, split, seed)
-            train, test = train.subset(first), train.subset(rest)
-        else:
-            test, test_attrs, test_names = load_probe_set(test_path, pools, notes, layer=layer, on_progress=on_progress)
-            if test_names != names:
-                raise AttnflowError(f"{train_path} and {test_path} have different classes "
-                                    f"({_class_list(names)} vs {_class_list(test_names)})")
-            if test.tokens.shape[1:] != train.tokens.shape[1:] or test.layout != train.layout:
-                raise AttnflowError(
-                    f"{train_path} and {test_path} come from different models ({attrs.get('label')}: "
-                    f"{'x'.join(map(str, train.tokens.shape[1:]))} tokens, {test_attrs.get('label')}: "
-                    f"{'x'.join(map(str, test.tokens.shape[1:]))}); pair each model's training cache with its own test cache"
-                )
-            if test_attrs.get("model") != attrs.get("model") or test_attrs.get("checkpoint_sha256") != attrs.get("checkpoint_sha256"):
-                notes.append(f"{train_path} and {test_path} come from different models")
-            shared = shared_images(train_path, test_path)
-            if shared and not allow_overlap:
-                raise AttnflowError(
-                    f"{test_path} holds {len(shared)} of the training images of {train_path} (e.g. {shared[0]}): the "
-                    "accuracy would not measure unseen images; pass --allow-overlap to probe anyway and report it")
-            if shared:
-                notes.append(f"{test_path} holds {len(shared)} of the {len(train)} training images of {train_path}")
-        if len(train) < 2 or len(test) < 1:
-            raise AttnflowError(f"{train_path}: too few images to probe ({len(train)} for training, {len(test)} for testing)")
-        _need_two_classes(train.labels, names, f"the training images of {train_path} hold one"
-                          + (f" after --split {split}" if test_path is None else ""))
-        _note_untested_classes(attrs.get("label", str(train_path)), train.labels, test.labels, names, notes,
-                               "too few images to divide" if test_path is None else "none in the test cache")
-        trained: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-        correct: dict[tuple[str, str], np.ndarray] = {}
-        rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
-                     epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
-                     n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget,
-                     correct=correct, on_progress=on_progress, model=str(attrs.get("label", train_path)))
-        base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == Pool.cls}
-        label = attrs.get("label", str(train_path))
-        labels_seen[label] = labels_seen.get(label, 0) + 1
-        if labels_seen[label] > 1:  # as compare does: rows of two models must not share a name
-            notes.append(f"two models are labelled '{label}'; {train_path} is shown as '{label}#{labels_seen[label]}'")
-            label = f"{label}#{labels_seen[label]}"
-        for pool, (head, config) in trained.items() if save_heads is not None else ():
-            save_head(head_path(save_heads, label, pool), head, reads=[p for pair in pairs for p in pair if p is not None], config={
-                **config, "label": label, "model": str(attrs.get("model")), "checkpoint_sha256": str(attrs.get("checkpoint_sha256")),
-                "num_prefix_tokens": train.layout.num_prefix_tokens, "has_cls": train.layout.has_cls,
-                "grid_size": [int(g) for g in train.layout.grid_size], "trained_on": str(train_path)})
-        for r in rows:
-            gain = dict.fromkeys(GAIN_COLUMNS, math.nan)
-            if r["evaluator"] in base and r["pool"] != Pool.cls:
-                rng = np.random.default_rng([seed, 2000 + len(records)])
-                gain.update(zip(GAIN_COLUMNS[:4], paired_accuracy_difference(
-                    correct[(r["pool"], r["evaluator"])], correct[(Pool.cls, r["evaluator"])], n_bootstrap, rng)))
-            elif r["evaluator"] in base:
-                gain["gain_over_cls"] = 0.0
-            records.append({
-                "model": label, "family": attrs.get("family", "unknown"), **r, **gain,
-                "cls_entropy_norm": train.cls_entropy_norm,
-                **({"layer": train.block} if layer is not None else {}),
-                **({"n_overlap": len(shared) if test_path is not None else 0} if allow_overlap else {}),
-            })
+    with collect() as notes:
+        records: list[dict[str, Any]] = []
+        labels_seen: dict[str, int] = {}
+        for pool in TRAINED_POOLS:
+            if pool in pools and "linear" not in evaluators:
+                note(f"{pool} pooling is trained with the linear probe; without --evaluator linear it is skipped")
+        for train_path, test_path in pairs:
+            train, attrs, names = load_probe_set(train_path, pools, layer=layer, on_progress=on_progress)
+            if "cls" in pools and not train.layout.has_cls:
+                note(f"{attrs.get('label', train_path)} has no cls token: cls pooling skipped (gain_over_cls is NaN)")
+            if "ep" in pools and ep_with_cls and not train.layout.has_cls:
+                note(f"{attrs.get('label', train_path)} has no cls token: --ep-with-cls ignored, ep pools the patch tokens")
+            if "ep" in pools and not ep_fits(train.tokens.shape[-1], ep_queries):
+                note(f"{attrs.get('label', train_path)}: ep pooling splits the token width {train.tokens.shape[-1]} into "
+                     f"--ep-queries {ep_queries} groups, which does not divide it; skipped")
+            if test_path is None:
+                if split is None:
+                    raise AttnflowError("give --split to divide one cache into training and test images")
+                _need_two_classes(train.labels, names, f"{train_path} has one")
+                first, rest = stratified_split(train.labels, split, seed)
+                train, test = train.subset(first), train.subset(rest)
+            else:
+                test, test_attrs, test_names = load_probe_set(test_path, pools, layer=layer, on_progress=on_progress)
+                if test_names != names:
+                    raise AttnflowError(f"{train_path} and {test_path} have different classes "
+                                        f"({_class_list(names)} vs {_class_list(test_names)})")
+                if test.tokens.shape[1:] != train.tokens.shape[1:] or test.layout != train.layout:
+                    raise AttnflowError(
+                        f"{train_path} and {test_path} come from different models ({attrs.get('label')}: "
+                        f"{'x'.join(map(str, train.tokens.shape[1:]))} tokens, {test_attrs.get('label')}: "
+                        f"{'x'.join(map(str, test.tokens.shape[1:]))}); pair each model's training cache with its own test cache"
+                    )
+                if test_attrs.get("model") != attrs.get("model") or test_attrs.get("checkpoint_sha256") != attrs.get("checkpoint_sha256"):
+                    note(f"{train_path} and {test_path} come from different models")
+                shared = shared_images(train_path, test_path)
+                if shared and not allow_overlap:
+                    raise AttnflowError(
+                        f"{test_path} holds {len(shared)} of the training images of {train_path} (e.g. {shared[0]}): the "
+                        "accuracy would not measure unseen images; pass --allow-overlap to probe anyway and report it")
+                if shared:
+                    note(f"{test_path} holds {len(shared)} of the {len(train)} training images of {train_path}")
+            if len(train) < 2 or len(test) < 1:
+                raise AttnflowError(f"{train_path}: too few images to probe ({len(train)} for training, {len(test)} for testing)")
+            _need_two_classes(train.labels, names, f"the training images of {train_path} hold one"
+                              + (f" after --split {split}" if test_path is None else ""))
+            _note_untested_classes(attrs.get("label", str(train_path)), train.labels, test.labels, names,
+                                   "too few images to divide" if test_path is None else "none in the test cache")
+            trained: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+            correct: dict[tuple[str, str], np.ndarray] = {}
+            rows = probe(train, test, pools=pools, evaluators=evaluators, classes=max(len(names), int(train.labels.max()) + 1),
+                         epochs=epochs, relu=relu, ep_queries=ep_queries, ep_with_cls=ep_with_cls, seed=seed,
+                         n_bootstrap=n_bootstrap, device=device, trained=trained, memory_budget=memory_budget,
+                         correct=correct, on_progress=on_progress, model=str(attrs.get("label", train_path)))
+            base = {(r["evaluator"]): r["accuracy"] for r in rows if r["pool"] == Pool.cls}
+            label = attrs.get("label", str(train_path))
+            labels_seen[label] = labels_seen.get(label, 0) + 1
+            if labels_seen[label] > 1:  # as compare does: rows of two models must not share a name
+                note(f"two models are labelled '{label}'; {train_path} is shown as '{label}#{labels_seen[label]}'")
+                label = f"{label}#{labels_seen[label]}"
+            for pool, (head, config) in trained.items() if save_heads is not None else ():
+                save_head(head_path(save_heads, label, pool), head, reads=[p for pair in pairs for p in pair if p is not None], config={
+                    **config, "label": label, "model": str(attrs.get("model")), "checkpoint_sha256": str(attrs.get("checkpoint_sha256")),
+                    "num_prefix_tokens": train.layout.num_prefix_tokens, "has_cls": train.layout.has_cls,
+                    "grid_size": [int(g) for g in train.layout.grid_size], "trained_on": str(train_path)})
+            for r in rows:
+                gain = dict.fromkeys(GAIN_COLUMNS, math.nan)
+                if r["evaluator"] in base and r["pool"] != Pool.cls:
+                    rng = np.random.default_rng([seed, 2000 + len(records)])
+                    gain.update(zip(GAIN_COLUMNS[:4], paired_accuracy_difference(
+                        correct[(r["pool"], r["evaluator"])], correct[(Pool.cls, r["evaluator"])], n_bootstrap, rng)))
+                elif r["evaluator"] in base:
+                    gain["gain_over_cls"] = 0.0
+                records.append({
+                    "model": label, "family": attrs.get("family", "unknown"), **r, **gain,
+                    "cls_entropy_norm": train.cls_entropy_norm,
+                    **({"layer": train.block} if layer is not None else {}),
+                    **({"n_overlap": len(shared) if test_path is not None else 0} if allow_overlap else {}),
+                })
     for record, p in zip(records, adjust([r["gain_p"] for r in records], Correction.holm)):
         record["gain_p_holm"] = float(p)
-    return records, list(dict.fromkeys(notes))
+    return records, notes
 
 
 def shared_images(train_path: str | Path, test_path: str | Path) -> list[str]:
@@ -766,14 +767,14 @@ def _need_two_classes(labels: torch.Tensor, names: Sequence[str], where: str) ->
 
 
 def _note_untested_classes(model: str, train_labels: torch.Tensor, test_labels: torch.Tensor, names: Sequence[str],
-                           notes: list[str], why: str) -> None:
+                           why: str) -> None:
     """Classes with too few images for a stratified split land on one side only: say which and what it means."""
     train_set, test_set = set(train_labels.tolist()), set(test_labels.tolist())
     only_test = sorted(test_set - train_set)
     only_train = sorted(train_set - test_set)
     if only_test:
-        notes.append(f"{model}: {_classes(len(only_test))} test images but no training images "
-                     f"({_class_list([_class_name(c, names) for c in only_test])}): their test images can only count as errors")
+        note(f"{model}: {_classes(len(only_test))} test images but no training images "
+             f"({_class_list([_class_name(c, names) for c in only_test])}): their test images can only count as errors")
     if only_train:
-        notes.append(f"{model}: {_classes(len(only_train))} no test images "
-                     f"({_class_list([_class_name(c, names) for c in only_train])}): {why}, not tested")
+        note(f"{model}: {_classes(len(only_train))} no test images "
+             f"({_class_list([_class_name(c, names) for c in only_train])}): {why}, not tested")

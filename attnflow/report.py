@@ -40,6 +40,7 @@ from PIL import Image
 from .choices import choice_values
 from .compare import DEFAULT_GROUPS, compare_files, summary_table
 from .errors import AttnflowError, OptionError
+from .notes import collect, note
 from .output import atomic_output
 from .families import get_family, title
 from .metrics import REGISTRY, Fusion, renormalise_over_patches, rollout
@@ -202,7 +203,7 @@ def _flow_source(attrs: dict[str, Any], ids: Sequence[str], metrics: Sequence[Pa
 
 
 def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_rows: str, views: dict[str, int],
-                pictures: list[list[str | None]], notes: list[str], progress: Callable[[], None]) -> dict[str, Any]:
+                pictures: list[list[str | None]], progress: Callable[[], None]) -> dict[str, Any]:
     """One cache's part of the page: its description, its maps of images ``ids`` quantised, its pictures."""
     with open_cache(path) as cache:
         a, layout = cache.attrs, cache.layout
@@ -218,9 +219,9 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_r
         query = np.zeros((n, L, H + 1 if query_heads else 1, P, P), np.uint8) if store == StoreMode.full and query_rows != "none" else None
         fg = np.zeros((n, P), np.uint8) if FG in cache else None
         if store == StoreMode.none:
-            notes.append(f"{a['label']}: the cache holds no maps (store=none); the page shows only its curves")
+            note(f"{a['label']}: the cache holds no maps (store=none); the page shows only its curves")
         elif store == StoreMode.rows:
-            notes.append(f"{a['label']}: the cache keeps only cls/register rows: no rollout and no query view")
+            note(f"{a['label']}: the cache keeps only cls/register rows: no rollout and no query view")
         view_key = json.dumps([cache.preprocessing, a.get("working_dir", "")], sort_keys=True)
         view = views.setdefault(view_key, len(views))
         if view == len(pictures):
@@ -253,8 +254,8 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_r
                         missing.append(ids[k])
                 progress()
         if missing:
-            notes.append(f"{a['label']}: {len(missing)} image file(s) cannot be read for display (first: {missing[0]}); "
-                         "their maps are shown without the picture")
+            note(f"{a['label']}: {len(missing)} image file(s) cannot be read for display (first: {missing[0]}); "
+                 "their maps are shown without the picture")
         arrays: dict[str, Any] = {}
         for name, codes in (("attention", attention), ("rollout", roll), ("query", query), ("fg", fg)):
             if codes is not None:
@@ -274,10 +275,9 @@ def _model_maps(path: Path, ids: Sequence[str], metrics: Sequence[Path], query_r
         }
 
 
-def _common_images(caches: Sequence[Path]) -> tuple[list[str], np.ndarray | None, list[str] | None, list[str]]:
+def _common_images(caches: Sequence[Path]) -> tuple[list[str], np.ndarray | None, list[str] | None]:
     """The image ids every cache holds (in the first cache's order), the labels of the first cache with labels
-    for them, its class names, and notes."""
-    notes: list[str] = []
+    for them, and its class names."""
     ids: list[str] | None = None
     labels = class_names = None
     for path in caches:
@@ -291,7 +291,7 @@ def _common_images(caches: Sequence[Path]) -> tuple[list[str], np.ndarray | None
                 if not common:
                     raise AttnflowError(f"{path} holds none of the images of {caches[0]}; a report shows the same images for every model")
                 if len(common) < len(ids) or len(common) < len(held):
-                    notes.append(f"the caches share {len(common)} images; the others are left out of the maps")
+                    note(f"the caches share {len(common)} images; the others are left out of the maps")
                 ids = common
             if labels is None and cache.class_names is not None:
                 by_id = dict(zip(held, cache.labels()))
@@ -300,7 +300,7 @@ def _common_images(caches: Sequence[Path]) -> tuple[list[str], np.ndarray | None
     if not ids:
         raise AttnflowError(f"{caches[0]} holds no images")
     label_array = np.array([labels[i] for i in ids]) if labels is not None and all(i in labels for i in ids) else None
-    return ids, label_array, class_names, notes
+    return ids, label_array, class_names
 
 
 # -- curves and tables -------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def _dasharray(linestyle: Any) -> str:
     return " ".join(f"{1.5 * d:g}" for d in linestyle[1])
 
 
-def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: int, seed: int, notes: list[str],
+def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: int, seed: int,
             progress: Callable[[], None]) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """Per head reduction, per metric, each model's curve; the summary tables; the models drawn."""
     names: set[str] = set()
@@ -342,7 +342,8 @@ def _curves(metrics: Sequence[Path], groups: str | Sequence[str], n_bootstrap: i
         reductions[reduction] = {name: [{"label": c.label, "x": c.x.tolist(), "mean": _finite(c.mean), "low": _finite(c.low),
                                          "high": _finite(c.high)} for c in found] for name, found in curves.items() if found}
         if reduction == Fusion.mean:  # compare's default: the summary and the models as compare shows them
-            notes.extend(comparison.notes)
+            for text in comparison.notes:
+                note(text)
             colours = _family_colours(comparison)
             from matplotlib.colors import to_hex
 
@@ -429,31 +430,30 @@ def build_report(
         raise AttnflowError("give attention caches and/or metrics files")
     caches, metrics = sort_inputs(files)
     probe_tables = [read_probe_table(p) for p in probes]  # before the long work: a bad file fails at once
-    notes: list[str] = []
-    ids: list[str] = []
-    images: list[dict[str, Any]] = []
-    n_total = 0
-    if caches:
-        all_ids, labels, class_names, shared_notes = _common_images(caches)
-        notes += shared_notes
-        n_total = len(all_ids)
-        chosen = sample_images(len(all_ids), n_images, labels, seed)
-        ids = [all_ids[i] for i in chosen]
-        images = [{"id": image_id, "name": name, "class": class_names[labels[i]] if labels is not None and class_names else ""}
-                  for image_id, name, i in zip(ids, short_names(ids), chosen)]
-    # progress in steps: one comparison per head reduction, then one image of one cache
-    total, done = (len(Fusion) if metrics else 0) + len(ids) * len(caches), [0]
+    with collect() as notes:
+        ids: list[str] = []
+        images: list[dict[str, Any]] = []
+        n_total = 0
+        if caches:
+            all_ids, labels, class_names = _common_images(caches)
+            n_total = len(all_ids)
+            chosen = sample_images(len(all_ids), n_images, labels, seed)
+            ids = [all_ids[i] for i in chosen]
+            images = [{"id": image_id, "name": name, "class": class_names[labels[i]] if labels is not None and class_names else ""}
+                      for image_id, name, i in zip(ids, short_names(ids), chosen)]
+        # progress in steps: one comparison per head reduction, then one image of one cache
+        total, done = (len(Fusion) if metrics else 0) + len(ids) * len(caches), [0]
 
-    def step() -> None:
-        done[0] += 1
-        if on_progress:
-            on_progress(done[0], total)
+        def step() -> None:
+            done[0] += 1
+            if on_progress:
+                on_progress(done[0], total)
 
-    curves, tables, curve_models = (_curves(metrics, groups, n_bootstrap, seed, notes, step) if metrics
-                                    else ({"models": [], "metrics": {}, "reductions": {}, "x_label": ""}, [], []))
-    pictures: list[list[str | None]] = []
-    views: dict[str, int] = {}
-    models = [_model_maps(path, ids, metrics, query_rows, views, pictures, notes, step) for path in caches]
+        curves, tables, curve_models = (_curves(metrics, groups, n_bootstrap, seed, step) if metrics
+                                        else ({"models": [], "metrics": {}, "reductions": {}, "x_label": ""}, [], []))
+        pictures: list[list[str | None]] = []
+        views: dict[str, int] = {}
+        models = [_model_maps(path, ids, metrics, query_rows, views, pictures, step) for path in caches]
     how = f"sampled with seed {seed}{', stratified by class' if images and images[0]['class'] else ''}"
     holds = [f"maps of {len(ids)} of the {n_total} images the caches share{'' if len(ids) == n_total else f' ({how})'}, "
              f"from {len(models)} cache(s)" if models else "no maps (no caches given)",
@@ -471,7 +471,7 @@ def build_report(
         "models": models,
         "curves": curves,
         "tables": tables + probe_tables,
-        "notes": list(dict.fromkeys(notes)),
+        "notes": notes,
     }
     write_page(output, render_page(data), reads=[*files, *probes])
     return Report(output, output.stat().st_size, ids, [m["label"] for m in models], curve_models, data["notes"])

@@ -41,7 +41,7 @@ def normed_tokens(path: Path) -> np.ndarray:
 
 def test_streamed_and_held_epochs_draw_the_same_batches_of_the_right_tokens(tmp_path):
     path = by_class_cache(tmp_path / "c.h5", 150)
-    data, _, _ = load_probe_set(path, ["ep"], [])
+    data, _, _ = load_probe_set(path, ["ep"])
     held = pool_tokens(data, memory_budget=1 << 30)
     streamed = pool_tokens(data, memory_budget=0)  # the threshold lowered through the parameter
     assert isinstance(streamed, TokenSource) and isinstance(held, torch.Tensor)

@@ -21,7 +21,7 @@ def _cache(tmp_path: Path, n: int = 70) -> Path:
 
 def test_streamed_mean_equals_numpy_mean_of_stored_tokens(tmp_path):
     path = _cache(tmp_path)
-    data, _, _ = load_probe_set(path, ["mean"], [])
+    data, _, _ = load_probe_set(path, ["mean"])
     assert isinstance(data.tokens, TokenSource)
     with h5py.File(path, "r") as f:
         stored = f["tokens"][:].astype(np.float64)  # the final norm is the identity up to eps
@@ -36,7 +36,7 @@ def test_reads_never_exceed_the_chunk(tmp_path, monkeypatch):
     from attnflow.schema import Cache
 
     path = _cache(tmp_path)
-    data, _, _ = load_probe_set(path, ["mean"], [])
+    data, _, _ = load_probe_set(path, ["mean"])
     sizes, read = [], Cache.tokens
 
     def spy(self, start=0, stop=None, **kw):  # records the size of each read; the read itself is the real one

@@ -40,7 +40,7 @@ def run_example(heading: str, tmp_path, monkeypatch) -> dict:
 
 def test_every_python_example_is_run_here():
     # A new ```python block needs a test below that makes what it reads (files, checkpoints) and runs it.
-    assert set(python_examples()) == {"A pipeline in Python", "Capture in your own code"}
+    assert set(python_examples()) == {"A pipeline in Python", "Capture in your own code", "Notes and errors"}
 
 
 def test_readme_pipeline_example_runs(tmp_path, monkeypatch, capsys):
@@ -61,6 +61,14 @@ def test_readme_capture_example_runs(tmp_path, monkeypatch):
     namespace = run_example("Capture in your own code", tmp_path, monkeypatch)
     assert namespace["captured"].attn.shape == (8, 12, 6, 197, 197)
     assert (tmp_path / "dino.h5").is_file() and (tmp_path / "dino_metrics.h5").is_file()
+
+
+def test_readme_notes_example_runs(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), tmp_path / "weights.pth")
+    namespace = run_example("Notes and errors", tmp_path, monkeypatch)
+    [text] = namespace["notes"]
+    assert text.startswith("the family of weights.pth is unknown")
 
 
 def github_anchors(text: str) -> set[str]:

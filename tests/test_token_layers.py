@@ -128,10 +128,9 @@ def hand_knn_right(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, tes
 
 def test_probe_layer_uses_the_chosen_blocks_tokens_and_attention(caches, run_cli):
     root, _, _ = caches
-    notes: list[str] = []
     per_block = {}
     for block in (0, 1):
-        data, _, _ = load_probe_set(root / "train.h5", ["mean", "cls-attn", "rollout"], notes, layer=block)
+        data, _, _ = load_probe_set(root / "train.h5", ["mean", "cls-attn", "rollout"], layer=block)
         want, _ = hand_mean_pool(root / "train.h5", block)
         np.testing.assert_allclose(pooled(data, "mean").numpy(), want, rtol=1e-4, atol=1e-5)
         per_block[block] = want
@@ -185,5 +184,5 @@ def test_caches_of_attnflow_0_1_still_read(tmp_path):
         np.testing.assert_array_equal(cache.tokens(layer=1, normalised=False), cache["tokens"][:])
         with pytest.raises(AttnflowError, match=r"stores the tokens of block 1 \(0-based, of 2\), not of layer 0"):
             cache.tokens(layer=0)
-    data, _, _ = load_probe_set(path, ["mean", "cls-attn"], [], layer=-1)
+    data, _, _ = load_probe_set(path, ["mean", "cls-attn"], layer=-1)
     assert data.block == 1 and data.tokens.shape == (6, 9, 48)
