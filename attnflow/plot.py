@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +29,9 @@ from .schema import FG, open_cache, StoreMode
 __all__ = [
     "DPI", "PANEL_SIZE", "MAP_SIZE", "FORMATS", "MAP_COLORMAP", "MAP_SCALES", "LOG_SHARE_LIMITS", "SHARE_LABEL",
     "COLORBAR_WIDTH", "MASK_COLOR", "PAPER_RC", "REFERENCE_STYLE", "LABEL_POINTS", "pyplot", "save_figure",
-    "wrap_text", "Curve", "curve_data", "plot_curves", "curve_comparison", "reference_values", "share_y_by_unit",
+    "wrap_text", "Curve", "curve_data", "CurvesFigure", "plot_curves", "curve_comparison", "reference_values", "share_y_by_unit",
     "MapData", "MapPanel", "MapScale", "uniform_share", "shared_scale", "find_image", "map_data",
-    "probe_head_panels", "display_image", "plot_maps", "plot_perturbation",
+    "probe_head_panels", "display_image", "MapsFigure", "plot_maps", "plot_perturbation",
 ]
 
 DPI = 150
@@ -129,6 +129,22 @@ def curve_data(comparison: Comparison) -> tuple[dict[str, list[Curve]], str]:
     return curves, "relative depth (block / depth)" if relative else "block"
 
 
+class CurvesFigure(NamedTuple):
+    """What :func:`plot_curves` returns (a tuple: ``path, curves, notes = plot_curves(...)``)."""
+
+    path: Path
+    curves: dict[str, list[Curve]]
+    notes: list[str]
+
+
+class MapsFigure(NamedTuple):
+    """What :func:`plot_maps` returns (a tuple: ``path, rows, notes = plot_maps(...)``)."""
+
+    path: Path
+    rows: list[MapData]
+    notes: list[str]
+
+
 def plot_curves(
     paths: Sequence[str | Path],
     output: str | Path,
@@ -138,7 +154,7 @@ def plot_curves(
     n_bootstrap: int = 2000,
     seed: int = 0,
     share_y: str = "unit",
-) -> tuple[Path, dict[str, list[Curve]], list[str]]:
+) -> CurvesFigure:
     """Draw one panel per metric (default: ``attnflow compare``'s default set) with a line per model into
     ``output``; returns the path, the curves drawn and the notes about the inputs.
 
@@ -188,7 +204,7 @@ def plot_curves(
     legend_rows = math.ceil(len(legend) / min(4, len(legend)))
     fig.tight_layout(rect=(0, (0.25 + 0.2 * legend_rows) / (PANEL_SIZE[1] * nrows + 0.6), 1, 1))
     save_figure(fig, output, paths)
-    return output, curves, comparison.notes
+    return CurvesFigure(output, curves, comparison.notes)
 
 
 def curve_comparison(paths: Sequence[str | Path], *, metrics: Sequence[str] | None, heads: str, n_bootstrap: int,
@@ -480,7 +496,7 @@ def plot_maps(
     caches: Sequence[str | Path], image: str | int | Sequence[str | int], output: str | Path, *, layer: int = -1,
     heads: bool = False, scale: str = "log", flow: bool = False, heads_dir: str | Path | None = None,
     ep_queries_each: bool = False,
-) -> tuple[Path, list[MapData], list[str]]:
+) -> MapsFigure:
     """A row per image and cache (``image``: one image, or several for a grid, each found in every cache as
     :func:`find_image` does; rows go image by image, the caches in order within each): the image, the head-mean
     readout attention of ``layer``, the rollout map, with ``flow`` the attention flow map, with ``heads_dir`` the
@@ -537,7 +553,7 @@ def plot_maps(
     _draw_colorbar(fig, cax, shared, wrap_inches=max(0.5, top - bottom) * height)
     reads = [*caches, *(row.image_path for row in rows), *(Path(heads_dir).glob("*.pt") if heads_dir is not None else ())]
     save_figure(fig, output, reads)
-    return output, rows, [n for r in rows for n in r.notes]
+    return MapsFigure(output, rows, list(dict.fromkeys(n for r in rows for n in r.notes)))
 
 
 def _draw_colorbar(fig, cax, scale: MapScale, wrap_inches: float = 4.0) -> None:

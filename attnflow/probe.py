@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ __all__ = [
     "KNN_BLOCK", "READ_SPARSITY", "IN_MEMORY_BYTES", "pools_for_store", "TokenSource", "Tokens", "token_chunks",
     "ProbeSet", "load_probe_set", "pooled", "knn_accuracy", "AbMILP", "ep_fits", "EfficientProbe", "HEAD_FORMAT",
     "HEAD_CONFIG_KEYS", "make_head", "head_path", "save_head", "load_head", "LinearHead", "stratified_split",
-    "predict", "fit_linear", "train_linear", "bootstrap_accuracy", "pool_tokens", "probe", "probe_caches",
+    "predict", "fit_linear", "train_linear", "bootstrap_accuracy", "pool_tokens", "probe", "ProbeResult", "probe_caches",
     "shared_images",
 ]
 
@@ -620,13 +620,21 @@ def _pool_seed(seed: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)[0])
 
 
+class ProbeResult(NamedTuple):
+    """What :func:`probe_caches` returns: a record per model, pool and evaluator, and the notes of the run
+    (a tuple, so ``records, notes = probe_caches(...)`` reads it too)."""
+
+    records: list[dict[str, Any]]
+    notes: list[str]
+
+
 def probe_caches(
     pairs: Sequence[tuple[Path, Path | None]], *, split: float | None = None, pools: Sequence[str] = POOLS,
     evaluators: Sequence[str] = EVALUATORS, epochs: int = 100, relu: bool = False, ep_queries: int = EP_QUERIES,
     ep_with_cls: bool = False, seed: int = 0, n_bootstrap: int = 1000, device: str = "cpu", layer: int | None = None,
     save_heads: Path | None = None, memory_budget: int = IN_MEMORY_BYTES, allow_overlap: bool = False,
     on_progress: OnProgress | None = None,
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> ProbeResult:
     """Probe every model: ``(train cache, test cache)`` pairs, or ``(cache, None)`` split by ``split``.
 
     Returns long-format records (``PROBE_COLUMNS`` plus ``gain_over_cls`` and the probed block's
@@ -725,7 +733,7 @@ def probe_caches(
                 })
     for record, p in zip(records, adjust([r["gain_p"] for r in records], Correction.holm)):
         record["gain_p_holm"] = float(p)
-    return records, notes
+    return ProbeResult(records, notes)
 
 
 def shared_images(train_path: str | Path, test_path: str | Path) -> list[str]:
