@@ -104,21 +104,23 @@ def test_the_public_api_is_the_pipeline_whatever_was_imported_before():
 
 
 def test_every_module_declares_its_public_names():
-    """Each module's __all__ names what it defines without a leading underscore, and only what exists."""
+    """Each module's __all__ (of subpackages too) names what it defines without a leading underscore, and only
+    what exists; a package that defines nothing declares an empty one."""
     import importlib
     import pkgutil
 
     import attnflow
 
-    for info in pkgutil.iter_modules(attnflow.__path__):
-        if info.name == "__main__":  # runs the command
+    for info in pkgutil.walk_packages(attnflow.__path__, "attnflow."):
+        if info.name == "attnflow.__main__":  # runs the command
             continue
-        module = importlib.import_module(f"attnflow.{info.name}")
+        module = importlib.import_module(info.name)
         declared = getattr(module, "__all__", None)
-        assert declared, f"attnflow.{info.name} has no __all__"
+        assert declared is not None, f"{info.name} has no __all__"
         missing = [name for name in declared if not hasattr(module, name)]
         assert not missing, (info.name, missing)
         tree = ast.parse(Path(module.__file__).read_text())
         defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
         undeclared = [name for name in defined if name not in declared]
-        assert not undeclared, f"attnflow.{info.name} defines {undeclared} without declaring them in __all__"
+        assert not undeclared, f"{info.name} defines {undeclared} without declaring them in __all__"
+        assert declared or info.ispkg, f"{info.name} declares nothing in __all__"

@@ -1,0 +1,3 @@
+"""attnflow's HDF5 files: their names and schema (:mod:`.names`)."""
+
+__all__ = []
