@@ -46,7 +46,8 @@ from .schema import (
     TOKEN_NORM, TOKENS, Compression, DType, StoreMode, attach_dimension_scales, file_attrs, from_text, layout_attrs,
     metric_dataset, partial_path, tokens_dataset,
 )
-from .schema import ROOT_ATTRS, _plain
+from .schema import ROOT_ATTRS
+from .store.validate import plain
 
 __all__ = [
     "RESUME_KEYS", "to_text", "inputs_digest", "masks_digest", "RowDataset", "CacheSpec", "MetricsSpec",
@@ -400,7 +401,7 @@ class RowFileWriter:
         self._digests = image_digests
         self._static = static or {}
         self.partial = partial_path(self.path)
-        self._attrs = {k: _text_safe(_plain(v)) for k, v in attrs.items()}
+        self._attrs = {k: _text_safe(plain(v)) for k, v in attrs.items()}
         self._rows = rows
         self._class_names = class_names
         self._compression = compression
