@@ -35,9 +35,9 @@ _EXPORTS = {
     "compute_metrics": ("measure", "compute_metrics"),
     "extract": ("extract", "extract"),
     "load_model": ("models", "load_model"),
-    "open_cache": ("schema", "open_cache"),
-    "open_metrics": ("schema", "open_metrics"),
-    "open_perturbation": ("schema", "open_perturbation"),
+    "open_cache": ("store.read", "open_cache"),
+    "open_metrics": ("store.read", "open_metrics"),
+    "open_perturbation": ("store.read", "open_perturbation"),
     "perturb": ("perturb", "perturb"),
     "probe": ("probe", "probe_caches"),
 }

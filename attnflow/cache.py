@@ -1,6 +1,6 @@
 """Writing attnflow's HDF5 files: the specs that fix a file's shapes and identity, and the crash-safe writer.
 
-The schema (every dataset and attribute name, shapes, validation) and the readers are in :mod:`attnflow.schema`;
+The schema (every dataset and attribute name, shapes, validation) and the readers are in :mod:`attnflow.store`;
 the readers are importable from here too.
 
 A run writes into the folder ``<path>.partial/``, one atomically committed segment file per batch, and
@@ -36,18 +36,19 @@ from .output import (
     remove_run_folder, write_new_file,
 )
 from .choices import choice_values
+from .deprecated import SCHEMA_NAMES, moved
 from .images import image_id
 from .layout import TokenLayout
 from .metrics import ArtifactRule
 from .version import __version__
-from .schema import (
+from .store.names import (
     ATTN, ATTN_ROWS, CLASS_NAMES, FG, FINAL_NORM_BIAS, FINAL_NORM_EPS, FINAL_NORM_WEIGHT, IMAGE_IDS, IMAGE_SHA256,
-    LABELS, MAGNITUDE, METRICS_SCHEMA, ROLLOUT_MAP, FLOW_MAP, SCHEMA, SKIP_DATASETS, SKIPPED, SKIPPED_REASON,
-    TOKEN_NORM, TOKENS, Compression, DType, StoreMode, attach_dimension_scales, file_attrs, from_text, layout_attrs,
-    metric_dataset, partial_path, tokens_dataset,
+    LABELS, MAGNITUDE, METRICS_SCHEMA, ROLLOUT_MAP, FLOW_MAP, ROOT_ATTRS, SCHEMA, SKIP_DATASETS, SKIPPED,
+    SKIPPED_REASON, TOKEN_NORM, TOKENS, Compression, DType, StoreMode, from_text, layout_attrs, metric_dataset,
+    partial_path, tokens_dataset,
 )
-from .schema import ROOT_ATTRS
-from .store.validate import plain
+from .store.scales import attach_dimension_scales
+from .store.validate import file_attrs, plain
 
 __all__ = [
     "RESUME_KEYS", "to_text", "inputs_digest", "masks_digest", "RowDataset", "CacheSpec", "MetricsSpec",
@@ -1081,14 +1082,6 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def __getattr__(name: str):
-    """The readers and names of :mod:`attnflow.schema`, which attnflow 0.1 showed imported from here: they
-    still are until 0.3, with a DeprecationWarning."""
-    from . import schema
-
-    if name in schema.__all__:
-        import warnings
-
-        warnings.warn(f"attnflow.cache.{name} is deprecated: import it from attnflow (open_cache, open_metrics) or "
-                      f"attnflow.schema; attnflow.cache keeps it until 0.3", DeprecationWarning, stacklevel=2)
-        return getattr(schema, name)
-    raise AttributeError(f"module 'attnflow.cache' has no attribute '{name}'")
+    """The names of :mod:`attnflow.schema`, which attnflow 0.1 showed imported from here: they still are until
+    0.3, from the storage package, with a DeprecationWarning."""
+    return moved(__name__, name, SCHEMA_NAMES)

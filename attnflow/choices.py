@@ -1,5 +1,5 @@
 """String-valued choices as enums: each option with a fixed set of values declares it once, as a
-:class:`StrEnum` in the module that owns the concept (:class:`attnflow.schema.StoreMode`,
+:class:`StrEnum` in the module that owns the concept (:class:`attnflow.store.names.StoreMode`,
 :class:`attnflow.metrics.Fusion`, :class:`attnflow.probe.Pool`, ...), and the CLI offers exactly its values.
 
 Members compare equal to their strings, so values read back from files need no conversion; options keep

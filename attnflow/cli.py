@@ -27,7 +27,7 @@ from .images import READ_TIMEOUT_S, DecodeMode as Decode, Interpolation, Preproc
 from .inference import Correction
 from .metrics import DEFAULT_ARTIFACT_FACTOR, REGISTRY, Fusion as Reduction  # rollout's --fusion and compare's --heads
 from .probe import EP_QUERIES, Evaluator, Pool
-from .schema import Compression, DType, StoreMode as Store
+from .store.names import Compression, DType, StoreMode as Store
 from .registry import Y_SHARING
 from .render import Format, Table
 from .options import QUERY_ROWS, REPORT_IMAGES
@@ -343,7 +343,7 @@ def metrics_command(
 
     The definitions are in the README's "Metrics" section.
     """
-    from .schema import open_cache, open_metrics
+    from .store.read import open_cache, open_metrics
     from .measure import compute_metrics, layer_summary
     from .options import FlowOptions, MetricsOptions, resolve_device
     from .progress import progress_bar
@@ -828,7 +828,7 @@ def info(
     format: InfoFormat = typer.Option(InfoFormat("table"), "--format", "-f", help="table or json."),
 ) -> None:
     """Print what an attnflow file holds: its attributes and dataset shapes."""
-    from .schema import describe
+    from .store.read import describe
 
     described = describe(path)
     if format is InfoFormat("json"):

@@ -35,7 +35,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .schema import PERTURB_SCHEMA, open_hdf5, open_metrics, open_perturbation
+from .store.names import PERTURB_SCHEMA
+from .store.validate import open_hdf5
+from .store.read import open_metrics, open_perturbation
 from .errors import AttnflowError, OptionError
 from .notes import collect, note
 from .families import FAMILIES, title

@@ -30,7 +30,7 @@ from .plot import plot_curves, plot_maps, pyplot
 from .probe import GAIN_COLUMNS, PROBE_COLUMNS, pools_for_store, probe_caches
 from .progress import OnProgress
 from .render import Format, emit
-from .schema import StoreMode
+from .store.names import StoreMode
 from .threads import threads_for
 
 __all__ = [

@@ -22,14 +22,15 @@ import torch.distributed as dist
 
 from .cache import in_memory_hdf5, inputs_digest
 
-from .schema import file_attrs
+from .store.validate import file_attrs
 from .output import atomic_output
 from .errors import AttnflowError
 from .extract import extract
 from .images import folder_classes
 from .models import LoadedModel
 from .options import ExtractOptions
-from .schema import FG, IMAGE_IDS, LABELS, SKIP_DATASETS, STATIC_DATASETS, attach_dimension_scales
+from .store.names import FG, IMAGE_IDS, LABELS, SKIP_DATASETS, STATIC_DATASETS
+from .store.scales import attach_dimension_scales
 
 __all__ = [
     "SMALL_ROW_DATASETS", "Rank", "launched_rank", "init", "shard", "shard_path", "barrier", "finish",

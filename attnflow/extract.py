@@ -31,7 +31,7 @@ from .measure import metric_rows, warn_about_layout
 from .metrics import available_metrics
 from .models import LoadedModel
 from .options import ExtractOptions, resolve_device
-from .schema import ATTN, ATTN_ROWS, FG, MAGNITUDE, TOKEN_NORM, TOKENS, DType, StoreMode
+from .store.names import ATTN, ATTN_ROWS, FG, MAGNITUDE, TOKEN_NORM, TOKENS, DType, StoreMode
 
 __all__ = [
     "ExtractResult", "LARGE_INPUT_SIDE", "ANNOUNCED_CACHE_BYTES", "LARGE_IMAGE_BYTES", "cache_bytes_per_image",

@@ -17,7 +17,8 @@ from .cache import MetricsSpec
 
 from .errors import AttnflowError
 from .notes import note
-from .schema import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, metric_dataset, MetricsFile, open_cache, StoreMode
+from .store.names import FG, FLOW_MAP, LABELS, ROLLOUT_MAP, metric_dataset, StoreMode
+from .store.read import MetricsFile, open_cache
 from .flow import attention_flow
 from .layout import TokenLayout
 from .options import MetricsOptions, RolloutOptions, resolve_device

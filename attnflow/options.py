@@ -21,7 +21,7 @@ from .capture import MagnitudeUpdate, resolve_blocks
 from .choices import StrEnum, choice_values
 from .images import CROP_PCT_MIN, READ_TIMEOUT_S, DecodeMode, Interpolation, Preprocess
 from .metrics import DEFAULT_ARTIFACT_FACTOR, ArtifactRule, Fusion
-from .schema import Compression, DType, StoreMode
+from .store.names import Compression, DType, StoreMode
 
 __all__ = [
     "DEVICE_PATTERN", "REPORT_IMAGES", "QUERY_ROWS", "StoreOptions", "RolloutOptions", "ArtifactOptions",

@@ -207,7 +207,7 @@ def _os_errno(error: Exception) -> int | None:
 def file_system_errors(path: Path, *, resumable: bool, remove: Path | None = None):
     """Turn a file system's refusal (full disk, quota, read-only, permissions) while writing ``path`` into
     one line that says what to do, after removing the half-written ``remove``."""
-    from .schema import hdf5_reason
+    from .store.validate import hdf5_reason
 
     try:
         yield

@@ -15,7 +15,7 @@ and every fraction f of ``fractions``, the first ``round(f P)`` patches of the o
 Measured: the cosine similarity of the perturbed representation to the clean one (``cls``: the final-normed
 cls token; ``mean``: the mean of the final-normed patch tokens that are left) and, with a probe head saved by
 ``attnflow probe --save-heads`` and labels, whether its prediction is still right. Everything per image goes
-into a perturbation file (:class:`~attnflow.schema.PerturbFile`, written as ``attnflow extract`` writes a
+into a perturbation file (:class:`~attnflow.store.read.PerturbFile`, written as ``attnflow extract`` writes a
 cache: committed batch by batch, resumable, the path appearing only once complete); :func:`summarize` turns
 files into curves (mean over images with a 95% bootstrap CI per fraction) and areas under them.
 
@@ -52,10 +52,10 @@ from .metrics import renormalise_over_patches, rollout
 from .models import LoadedModel
 from .options import InputOptions, RunOptions, _Groups, resolve_device
 from .render import Format, emit, json_value
-from .schema import (
+from .store.names import (
     PERTURB_CLEAN_CORRECT, PERTURB_CORRECT, PERTURB_RELEVANCE, PERTURB_SCHEMA, PERTURB_SIMILARITY, layout_attrs,
-    open_perturbation,
 )
+from .store.read import open_perturbation
 from .version import __version__
 
 __all__ = [

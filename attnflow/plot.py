@@ -24,7 +24,8 @@ from .metrics import REGISTRY, renormalise_over_patches, rollout
 from .output import atomic_output, check_output_path
 from .perturb import ORDERS, PerturbSummary, summarize as summarize_perturbation
 from .registry import Y_SHARING
-from .schema import FG, open_cache, StoreMode
+from .store.names import FG, StoreMode
+from .store.read import open_cache
 
 __all__ = [
     "DPI", "PANEL_SIZE", "MAP_SIZE", "FORMATS", "MAP_COLORMAP", "MAP_SCALES", "LOG_SHARE_LIMITS", "SHARE_LABEL",
@@ -229,7 +230,7 @@ def reference_values(comparison: Comparison, name: str) -> list[float]:
         return []
     if not isinstance(uniform, str):
         return [float(uniform)]
-    from .schema import open_metrics
+    from .store.read import open_metrics
 
     values = []
     for model in comparison.models:

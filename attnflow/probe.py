@@ -46,7 +46,8 @@ from .metrics import cls_metrics, renormalise_over_patches, rollout
 from .options import resolve_device
 from .progress import OnProgress
 from .choices import StrEnum, choice_values
-from .schema import LABELS, TOKENS, open_cache, StoreMode
+from .store.names import LABELS, TOKENS, StoreMode
+from .store.read import open_cache
 
 __all__ = [
     "Pool", "Evaluator", "POOLS", "EVALUATORS", "ATTENTION_POOLS", "TRAINED_POOLS", "EP_WITH_CLS", "POOL_STORES",
@@ -208,7 +209,7 @@ def load_probe_set(path: str | Path, pools: Sequence[str], *, layer: int | None 
     """Read tokens, labels and what the attention pools need from a cache; returns the set, its attributes
     and its class names. ``layer`` is the block (0-based, negative from the last) whose output tokens are
     probed and whose attention weighs them (rollout: up to that block); it must be one the cache stores tokens
-    of (:meth:`~attnflow.schema.Cache.token_layer`); None: the deepest stored, the last block by default."""
+    of (:meth:`~attnflow.store.read.Cache.token_layer`); None: the deepest stored, the last block by default."""
     with open_cache(path) as cache:
         missing = [(flag, name) for flag, name, there in (("--save-tokens", TOKENS, cache.has_tokens),
                                                          ("--labels-from-dirs", LABELS, LABELS in cache)) if not there]

@@ -47,7 +47,9 @@ from .metrics import REGISTRY, Fusion, renormalise_over_patches, rollout
 from .options import QUERY_ROWS, REPORT_IMAGES
 from .plot import MAP_COLORMAP, SHARE_LABEL, _family_colours, curve_data, display_image, shared_scale
 from .render import format_cell
-from .schema import FG, FLOW_MAP, METRICS_SCHEMA, SCHEMA, file_attrs, open_cache, open_hdf5, open_metrics, StoreMode
+from .store.names import FG, FLOW_MAP, METRICS_SCHEMA, SCHEMA, StoreMode
+from .store.validate import file_attrs, open_hdf5
+from .store.read import open_cache, open_metrics
 from .version import __version__
 
 __all__ = [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnflow.schema import open_cache, open_metrics
+from attnflow.store.read import open_cache, open_metrics
 from attnflow.capture import AttentionCapture
 from attnflow.errors import AttnflowError, AttnflowNote, OptionError
 from attnflow.extract import extract

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from attnflow import AttnflowError, build_model, open_cache
-from attnflow.schema import SCHEMA
+from attnflow.store.names import SCHEMA
 from attnflow.extract import extract
 from attnflow.images import list_images
 from conftest import Interrupt, direct_capture, read_all, tiny

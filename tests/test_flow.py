@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnflow.schema import open_metrics
+from attnflow.store.read import open_metrics
 from attnflow.flow import FLOW_SCALE, attention_flow, max_flow_to_patches
 from attnflow.layout import TokenLayout
 from attnflow.metrics import REGISTRY
@@ -148,7 +148,7 @@ def flow_cache(tmp_path, image_dir, run_cli):
 
 
 def test_cli_metrics_flow_writes_maps_and_metrics(tmp_path, flow_cache, run_cli):
-    from attnflow.schema import open_cache
+    from attnflow.store.read import open_cache
 
     out = tmp_path / "m.h5"
     result = run_cli("metrics", flow_cache, "-o", out, "--flow", "--flow-layers", "2,-1", "-q")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import attnflow
 
 PACKAGE = Path(attnflow.__file__).resolve().parent
@@ -90,7 +92,7 @@ def test_the_public_api_is_the_pipeline_whatever_was_imported_before():
     from attnflow.measure import compute_metrics
     from attnflow.perturb import perturb
     from attnflow.probe import probe_caches
-    from attnflow.schema import open_metrics
+    from attnflow.store.read import open_metrics
 
     assert (attnflow.extract, attnflow.compare, attnflow.probe, attnflow.perturb) == (extract, compare_files, probe_caches, perturb)
     assert attnflow.compute_metrics is compute_metrics and attnflow.open_metrics is open_metrics
@@ -108,6 +110,7 @@ def test_every_module_declares_its_public_names():
     what exists; a package that defines nothing declares an empty one."""
     import importlib
     import pkgutil
+    import warnings
 
     import attnflow
 
@@ -117,10 +120,58 @@ def test_every_module_declares_its_public_names():
         module = importlib.import_module(info.name)
         declared = getattr(module, "__all__", None)
         assert declared is not None, f"{info.name} has no __all__"
-        missing = [name for name in declared if not hasattr(module, name)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the old paths' names (attnflow.schema)
+            missing = [name for name in declared if not hasattr(module, name)]
         assert not missing, (info.name, missing)
         tree = ast.parse(Path(module.__file__).read_text())
         defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
         undeclared = [name for name in defined if name not in declared]
         assert not undeclared, f"{info.name} defines {undeclared} without declaring them in __all__"
         assert declared or info.ispkg, f"{info.name} declares nothing in __all__"
+
+
+# Every public name of attnflow.schema as attnflow 0.2.0 had it, and the module of the storage package that holds it now.
+OLD_SCHEMA = {
+    "attnflow.store.names": [
+        "SCHEMA", "METRICS_SCHEMA", "PERTURB_SCHEMA", "StoreMode", "DType", "Compression", "PARTIAL_SUFFIX",
+        "IMAGE_IDS", "IMAGE_SHA256", "LABELS", "CLASS_NAMES", "SKIPPED", "SKIPPED_REASON", "FG", "ATTN", "ATTN_ROWS",
+        "MAGNITUDE", "TOKEN_NORM", "TOKENS", "LAYER_TOKENS", "FINAL_NORM_WEIGHT", "FINAL_NORM_BIAS", "FINAL_NORM_EPS",
+        "METRICS_GROUP", "ROLLOUT_MAP", "FLOW_MAP", "PERTURB_SIMILARITY", "PERTURB_CORRECT", "PERTURB_CLEAN_CORRECT",
+        "PERTURB_RELEVANCE", "MAPS_DATASET", "STATIC_DATASETS", "SKIP_DATASETS", "metric_dataset", "partial_path",
+        "from_text", "layout_attrs", "layout_from_attrs", "stored_token_layers", "tokens_dataset", "Expect",
+        "CACHE_DATASETS", "METRICS_DATASETS", "PERTURB_DATASETS", "METRIC_DATASETS", "Attr", "ROOT_ATTRS",
+        "FILE_ATTRS", "CACHE_ATTRS", "METRICS_ATTRS", "PERTURB_ATTRS", "OPTIONAL_ATTRS", "PREPROCESSING_KEYS",
+    ],
+    "attnflow.store.validate": ["open_hdf5", "hdf5_reason", "file_attrs", "validate", "written_by"],
+    "attnflow.store.scales": ["attach_dimension_scales"],
+    "attnflow.store.read": ["Rows", "CheckedDataset", "Cache", "MetricsFile", "PerturbFile", "open_cache", "open_metrics",
+                            "open_perturbation", "describe"],
+}
+
+
+def check_old_path(old: str, name: str, home: str) -> None:
+    """``old.name`` is ``home.name``, given with one DeprecationWarning that names the new path."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(home), name), (old, name)
+    also = f" (or attnflow.{name})" if name in attnflow.__all__ else ""
+    assert [str(w.message) for w in caught] == [f"{old}.{name} moved to {home}.{name}{also}; the old path is removed in 0.3"]
+    assert caught[0].category is DeprecationWarning and caught[0].filename == __file__  # the caller's line
+
+
+def test_the_old_paths_still_give_every_name_they_had():
+    """Until 0.3, every public name attnflow.schema had still comes from it, as the very object of its new
+    home, with a DeprecationWarning."""
+    import importlib
+
+    for home, names in OLD_SCHEMA.items():
+        for name in names:
+            check_old_path("attnflow.schema", name, home)
+    assert sorted(importlib.import_module("attnflow.schema").__all__) == sorted(n for names in OLD_SCHEMA.values() for n in names)
+    with pytest.raises(AttributeError, match="has no attribute 'NOT_A_NAME'"):
+        importlib.import_module("attnflow.schema").NOT_A_NAME

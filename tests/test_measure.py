@@ -12,7 +12,8 @@ import pytest
 
 from attnflow import AttnflowError, open_cache
 from attnflow.errors import OptionError
-from attnflow.schema import METRICS_SCHEMA, open_metrics
+from attnflow.store.names import METRICS_SCHEMA
+from attnflow.store.read import open_metrics
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.measure import compute_metrics, layer_summary

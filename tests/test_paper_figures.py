@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attnflow import plot
-from attnflow.schema import open_metrics
+from attnflow.store.read import open_metrics
 from attnflow.demo import demo_images
 from attnflow.demo_models import demo_data_dir
 from attnflow.extract import extract

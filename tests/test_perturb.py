@@ -34,7 +34,8 @@ from attnflow.perturb import (
     auc, drop_problem, embed, forward_kept, perturb, removal_order, removed_count, summarize, zero_patches,
 )
 from attnflow.probe import AbMILP, LinearHead, head_path, save_head
-from attnflow.schema import ROOT_ATTRS, open_perturbation
+from attnflow.store.names import ROOT_ATTRS
+from attnflow.store.read import open_perturbation
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.25, 0.5, 0.75)

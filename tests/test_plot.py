@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache
-from attnflow.schema import open_metrics
+from attnflow.store.read import open_metrics
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.plot import DPI, MAP_SIZE, PANEL_SIZE, find_image, map_data, plot_curves, plot_maps

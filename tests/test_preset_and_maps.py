@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache
-from attnflow.schema import open_metrics
+from attnflow.store.read import open_metrics
 from attnflow.errors import OptionError
 from attnflow.extract import extract
 from attnflow.images import ImageDataset, Preprocessing, build_size, collate_images, list_images, resolve_preprocessing

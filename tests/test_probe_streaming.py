@@ -33,7 +33,7 @@ def test_streamed_mean_equals_numpy_mean_of_stored_tokens(tmp_path):
 
 def test_reads_never_exceed_the_chunk(tmp_path, monkeypatch):
     """Every read of the cache, also of a sparse subset, is at most ``chunk`` images."""
-    from attnflow.schema import Cache
+    from attnflow.store.read import Cache
 
     path = _cache(tmp_path)
     data, _, _ = load_probe_set(path, ["mean"])

@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 
 from attnflow import AttnflowError, open_cache
-from attnflow.schema import attach_dimension_scales, describe, open_metrics
+from attnflow.store.scales import attach_dimension_scales
+from attnflow.store.read import describe, open_metrics
 from attnflow.distributed import assemble
 from attnflow.extract import extract
 from attnflow.images import list_images
 from attnflow.measure import compute_metrics
-from attnflow.schema import ROOT_ATTRS
+from attnflow.store.names import ROOT_ATTRS
 from conftest import write_images, tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"

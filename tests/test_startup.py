@@ -18,4 +18,4 @@ def test_version_without_torch():
 def test_package_imports_lazily_and_exports_everything():
     out = run("import sys, attnflow; print('torch' in sys.modules); print(attnflow.open_cache.__module__, "
               "attnflow.AttentionCapture.__module__); print(sorted(set(attnflow.__all__) - set(dir(attnflow))))")
-    assert out.splitlines() == ["False", "attnflow.schema attnflow.capture", "[]"]
+    assert out.splitlines() == ["False", "attnflow.store.read attnflow.capture", "[]"]

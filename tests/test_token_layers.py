@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnflow.schema import open_cache
+from attnflow.store.read import open_cache
 from attnflow.errors import AttnflowError
 from attnflow.extract import extract
 from attnflow.images import list_images, resolve_preprocessing

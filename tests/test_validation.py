@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from attnflow import open_cache
-from attnflow.schema import open_metrics
+from attnflow.store.read import open_metrics
 from attnflow.distributed import assemble
 from attnflow.extract import extract
 from attnflow.images import list_images
