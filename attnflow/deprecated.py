@@ -6,7 +6,7 @@ import importlib
 import warnings
 from typing import Any
 
-__all__ = ["SCHEMA_NAMES", "moved"]
+__all__ = ["SCHEMA_NAMES", "CACHE_NAMES", "moved"]
 
 # The public names of attnflow.schema (0.1 and 0.2) and the module of the storage package that holds each now.
 SCHEMA_NAMES = {
@@ -24,6 +24,14 @@ SCHEMA_NAMES = {
     "attach_dimension_scales": "attnflow.store.scales",
     **dict.fromkeys(("Rows", "CheckedDataset", "Cache", "MetricsFile", "PerturbFile", "open_cache", "open_metrics",
                      "open_perturbation", "describe"), "attnflow.store.read"),
+}
+
+# The public names of attnflow.cache (0.2), and those of attnflow.schema that it gave since 0.1.
+CACHE_NAMES = {
+    **dict.fromkeys(("RESUME_KEYS", "to_text", "inputs_digest", "masks_digest", "RowDataset", "CacheSpec", "MetricsSpec",
+                     "GZIP_LEVEL", "RunLock", "RowFileWriter"), "attnflow.store.write"),
+    **dict.fromkeys(("Segment", "in_memory_hdf5", "ASSEMBLY", "ASSEMBLY_STATE", "STEP_BYTES"), "attnflow.store.assembly"),
+    **SCHEMA_NAMES,
 }
 
 

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cache import in_memory_hdf5, inputs_digest
-
-from .store.validate import file_attrs
 from .output import atomic_output
 from .errors import AttnflowError
 from .extract import extract
 from .images import folder_classes
 from .models import LoadedModel
 from .options import ExtractOptions
+from .store.assembly import in_memory_hdf5
 from .store.names import FG, IMAGE_IDS, LABELS, SKIP_DATASETS, STATIC_DATASETS
 from .store.scales import attach_dimension_scales
+from .store.validate import file_attrs
+from .store.write import inputs_digest
 
 __all__ = [
     "SMALL_ROW_DATASETS", "Rank", "launched_rank", "init", "shard", "shard_path", "barrier", "finish",

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cache import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, masks_digest
+from .store.write import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, masks_digest
 from .capture import AttentionCapture, MagnitudeUpdate
 from .errors import AttnflowError, OptionError
 from .notes import note

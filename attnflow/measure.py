@@ -1,7 +1,7 @@
 """Turn an attention cache into a metrics file, and summarise a metrics file per layer.
 
 The metric definitions live in :mod:`attnflow.metrics`; this module only moves batches of cache rows
-through :func:`attnflow.metrics.batch_metrics` into a :class:`~attnflow.cache.MetricsSpec` file.
+through :func:`attnflow.metrics.batch_metrics` into a :class:`~attnflow.store.write.MetricsSpec` file.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .cache import MetricsSpec
+from .store.write import MetricsSpec
 
 from .errors import AttnflowError
 from .notes import note

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .architectures import VisionTransformerAdapter, adapter_for
-from .cache import RowDataset, RowFileWriter, _now, inputs_digest
+from .store.write import RowDataset, RowFileWriter, inputs_digest, utc_now
 from .capture import AttentionCapture, resolve_blocks
 from .checkpoint import file_sha256
 from .errors import AttnflowError, OptionError
@@ -455,7 +455,7 @@ def _root_attrs(plan: _Plan, paths: Sequence[Path], preprocessing) -> dict[str, 
     return {
         "schema": PERTURB_SCHEMA,
         "attnflow_version": __version__,
-        "created": _now(),
+        "created": utc_now(),
         "model": loaded.name, "label": loaded.label, "family": loaded.family, "weights": loaded.weights,
         "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256,
         **layout_attrs(plan.layout, adapter.num_layers, adapter.num_heads),
@@ -487,7 +487,8 @@ def _row_datasets(plan: _Plan) -> dict[str, RowDataset]:
 def open_writer(path: str | Path, attrs: dict[str, Any], rows: dict[str, RowDataset], *, class_names, resume: bool,
                 overwrite: bool) -> RowFileWriter:
     """The one place a perturbation file is opened for writing: batches committed into ``<path>.partial/``,
-    the file put in place by rename once complete (:class:`~attnflow.cache.RowFileWriter`, as extract writes)."""
+    the file put in place by rename once complete (:class:`~attnflow.store.write.RowFileWriter`, as extract
+    writes)."""
     return RowFileWriter(path, attrs, rows, class_names=class_names, compression="gzip", resume=resume, overwrite=overwrite)
 
 

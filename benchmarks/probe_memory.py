@@ -32,7 +32,7 @@ def write_synthetic_cache(path: Path, n: int, *, grid: tuple[int, int] = GRID, d
     ``by_class``, in class blocks, i * classes // n, as caches of class folders store them) and an identity final
     norm; ``signal`` is added to the label's channel of every token so probes can learn it. Image ids name the
     seed: caches of other seeds hold other images."""
-    from attnflow.cache import CacheSpec
+    from attnflow.store.write import CacheSpec
     from attnflow.layout import TokenLayout
 
     layout = TokenLayout(has_cls=True, num_prefix_tokens=1, grid_size=grid, patch_size=(16, 16))

@@ -27,7 +27,7 @@ import timm
 import torch
 
 import attnflow
-from attnflow.cache import RowFileWriter
+from attnflow.store.write import RowFileWriter
 from attnflow.extract import extract
 from attnflow.images import ImageDataset, collate_images, list_images, resolve_preprocessing
 from attnflow.measure import compute_metrics

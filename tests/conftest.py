@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from attnflow import AttentionCapture
-from attnflow.cache import MetricsSpec
+from attnflow.store.write import MetricsSpec
 from attnflow.images import resolve_preprocessing
 from attnflow.models import LoadedModel
 

@@ -25,7 +25,7 @@ N, BATCH, T = 360, 40, 65  # 9 segments of about 1.3 MB (float16 noise does not 
 SCRIPT = f"""
 import sys
 import numpy as np
-from attnflow.cache import CacheSpec
+from attnflow.store.write import CacheSpec
 from attnflow.layout import TokenLayout
 
 def spec():

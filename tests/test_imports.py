@@ -47,7 +47,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "attnflow.cli" in graph and "attnflow.cache" in graph["attnflow.extract"]  # the parser sees imports
+    assert "attnflow.cli" in graph and "attnflow.store.write" in graph["attnflow.extract"]  # the parser sees imports
     state: dict[str, str] = {}
 
     def visit(node: str, trail: list[str]) -> None:
@@ -149,6 +149,13 @@ OLD_SCHEMA = {
                             "open_perturbation", "describe"],
 }
 
+# Every public name attnflow.cache defined in attnflow 0.2.0 (it also gave those of attnflow.schema), and its new home.
+OLD_CACHE = {
+    "attnflow.store.write": ["RESUME_KEYS", "to_text", "inputs_digest", "masks_digest", "RowDataset", "CacheSpec",
+                             "MetricsSpec", "GZIP_LEVEL", "RunLock", "RowFileWriter"],
+    "attnflow.store.assembly": ["Segment", "in_memory_hdf5", "ASSEMBLY", "ASSEMBLY_STATE", "STEP_BYTES"],
+}
+
 
 def check_old_path(old: str, name: str, home: str) -> None:
     """``old.name`` is ``home.name``, given with one DeprecationWarning that names the new path."""
@@ -165,13 +172,19 @@ def check_old_path(old: str, name: str, home: str) -> None:
 
 
 def test_the_old_paths_still_give_every_name_they_had():
-    """Until 0.3, every public name attnflow.schema had still comes from it, as the very object of its new
-    home, with a DeprecationWarning."""
+    """Until 0.3, every public name attnflow.schema and attnflow.cache had still comes from them, as the very
+    object of its new home, with a DeprecationWarning; attnflow.cache also gives attnflow.schema's, as it did
+    since 0.1."""
     import importlib
 
-    for home, names in OLD_SCHEMA.items():
-        for name in names:
-            check_old_path("attnflow.schema", name, home)
-    assert sorted(importlib.import_module("attnflow.schema").__all__) == sorted(n for names in OLD_SCHEMA.values() for n in names)
-    with pytest.raises(AttributeError, match="has no attribute 'NOT_A_NAME'"):
-        importlib.import_module("attnflow.schema").NOT_A_NAME
+    for old, tables in (("attnflow.schema", [OLD_SCHEMA]), ("attnflow.cache", [OLD_CACHE, OLD_SCHEMA])):
+        names = []
+        for table in tables:
+            for home, moved in table.items():
+                for name in moved:
+                    check_old_path(old, name, home)
+                names += moved
+        module = importlib.import_module(old)
+        assert sorted(module.__all__) == sorted(names)
+        with pytest.raises(AttributeError, match=f"module '{old}' has no attribute 'NOT_A_NAME'"):
+            module.NOT_A_NAME

@@ -318,7 +318,7 @@ def test_a_mangled_manifest_is_one_line(base, tmp_path, run_cli, manifest):
 def test_assembly_moves_the_segments_without_a_second_copy(tmp_path, store, compression, batch):
     """Every row lands where it belongs whatever the chunks (64-, 256- and 1024-row chunks cut across batches),
     and the assembled file is no larger than its segments: no chunk is written twice."""
-    from attnflow.cache import CacheSpec
+    from attnflow.store.write import CacheSpec
     from attnflow.layout import TokenLayout
 
     layout = TokenLayout(has_cls=True, num_prefix_tokens=2, grid_size=(4, 4), patch_size=(8, 8))
