@@ -1,4 +1,5 @@
-"""The schema module's typed readers, its dimension scales and its promise to read attnflow 0.1's files.
+"""The storage package's typed readers, its dimension scales, its promise to read attnflow 0.1's files, and
+the description of the format in its docstring.
 
 Values read through the readers are compared with the same datasets read by plain h5py (what the file holds)
 and with float64 recomputations; dimension names with the schema written out by hand here.
@@ -328,3 +329,26 @@ def test_every_written_attribute_is_declared_once(files):
         required = {key for key, attr in ROOT_ATTRS.items() if kind in attr.required}
         assert required <= written, (name, required - written)
     assert all(attr.meaning for attr in ROOT_ATTRS.values())
+
+
+def test_the_store_package_documents_the_whole_format():
+    """attnflow.store's docstring, the one description of the format, names every dataset, dimension and root
+    attribute attnflow writes, and every file of a run folder."""
+    import attnflow.store
+    from attnflow.output import RUN_MARKER
+    from attnflow.store import names
+    from attnflow.store.assembly import ASSEMBLY, ASSEMBLY_STATE
+    from attnflow.store.write import RowFileWriter, RunLock
+
+    doc = " ".join(attnflow.store.__doc__.split())
+    tables = [names.CACHE_DATASETS, names.METRICS_DATASETS, names.PERTURB_DATASETS]
+    datasets = {name for table in tables for name in table} | {names.metric_dataset("<name>")}
+    dims = {dim for table in [*tables, names.METRIC_DATASETS] for expect in table.values() for dim in expect.dims}
+    run_folder = {RUN_MARKER, RowFileWriter.MANIFEST, RunLock.NAME, "seg-NNNNNNNN.h5", ASSEMBLY, ASSEMBLY_STATE}
+    for kind, expected in (("dataset", datasets), ("dimension", dims), ("root attribute", set(names.ROOT_ATTRS)),
+                           ("run folder file", run_folder)):
+        missing = sorted(name for name in expected if f"``{name}``" not in doc)
+        assert not missing, f"attnflow.store's docstring does not name the {kind}s {missing}"
+    for schema in (names.SCHEMA, names.METRICS_SCHEMA, names.PERTURB_SCHEMA):
+        assert f"``schema = {schema}``" in doc
+    assert f"``<path>{names.PARTIAL_SUFFIX}/``" in doc
