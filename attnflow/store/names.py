@@ -151,13 +151,14 @@ def tokens_dataset(num_blocks: int) -> str:
 class Expect(NamedTuple):
     """What one dataset must look like.
 
-    ``shape`` is spelled in the symbols of :mod:`attnflow.store`'s docstring: n, L, H, T, p and P come from the root
-    attributes, D, K and m from the first dataset (or ``n_skipped``) that fixes them, and ``...`` allows any
-    further axes. ``kind`` is ``float``, ``int`` or ``text``. ``values`` is what every read is checked for:
+    ``shape`` is spelled in the symbols of :mod:`attnflow.store`'s docstring: n, L, H, T, p and P come from the
+    root attributes, D, K and m from the first dataset (or ``n_skipped``) that fixes them, and ``...`` allows
+    any further axes. ``kind`` is ``float``, ``int`` or ``text``. ``values`` is what every read is checked for:
     ``attention`` (rows of a post-softmax map), ``finite``, ``norm`` (finite and >= 0), ``fraction`` (in [0, 1], or NaN for an image
     without a mask), ``metric`` (finite, NaN only where the metric's declaration allows it).
-    ``dims`` names every axis (the file's HDF5 dimension scales, see :func:`attnflow.store.scales.attach_dimension_scales`);
-    messages name the first ``located`` of them (all by default): a bad value of a map is located by its row.
+    ``dims`` names every axis (the file's HDF5 dimension scales, see
+    :func:`attnflow.store.scales.attach_dimension_scales`); messages name the first ``located`` of them (all
+    by default): a bad value of a map is located by its row.
     """
 
     shape: tuple[str, ...]
