@@ -79,3 +79,29 @@ def test_the_command_has_the_bounds_of_the_option_objects(run_cli, tmp_path):
         MetricsOptions().replace(discard_ratio=1.0)
     allowed = run_cli("metrics", tmp_path / "missing.h5", "-o", tmp_path / "m.h5", "--discard-ratio", "0.9995")
     assert allowed.exit_code == 1 and "missing.h5" in allowed.stderr  # past the options: the cache is what is wrong
+
+
+def test_every_command_default_is_its_option_objects_default():
+    """A default is written in the option objects; the commands' own defaults must give the same run (the
+    three that are text or empty on the command line are parsed as the commands parse them)."""
+    import typer
+
+    from attnflow.cli import app
+    from attnflow.perturb import DEFAULT_RELEVANCE, PerturbationOptions, PerturbOptions
+
+    command = typer.main.get_command(app)
+    as_parsed = {"token_layers": lambda v: (-1,) if v is None else StoreOptions.parse_token_layers(v),
+                 "relevance": lambda v: tuple(v) or DEFAULT_RELEVANCE,
+                 "fractions": PerturbationOptions.parse_fractions}
+    checked = 0
+    for name, options in (("extract", ExtractOptions()), ("metrics", MetricsOptions()), ("perturb", PerturbOptions())):
+        for parameter in command.commands[name].params:
+            try:
+                group = options.owner(parameter.name)
+            except TypeError:
+                continue  # a command-only flag (--threads, --quiet, ...)
+            default = getattr(parameter.default, "value", parameter.default)
+            default = as_parsed.get(parameter.name, lambda v: v)(default)
+            assert default == getattr(getattr(options, group), parameter.name), (name, parameter.name)
+            checked += 1
+    assert checked == 55  # every option of the three commands that has a field
