@@ -22,7 +22,6 @@ interpolation). Images whose value is NaN are left out of that metric's statisti
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import math
@@ -779,54 +778,44 @@ def compare_files(
         correction = Correction(correction)
     except ValueError:
         raise OptionError("correction", f"takes {', '.join(c.value for c in Correction)}, not '{correction}'") from None
-    with collect() as notes:
-        comparison = _compare(paths, labels, families, metrics, heads, layers, depth, summary_layers, groups, n_bootstrap,
-                              seed, correction, relevance)
-    return dataclasses.replace(comparison, notes=notes)
-
-
-def _compare(paths, labels, families, metrics, heads, layers, depth, summary_layers, groups, n_bootstrap, seed,
-             correction, relevance) -> Comparison:
-    """:func:`compare_files` inside its collector of notes."""
     pair = parse_groups(groups)
     metrics = list(dict.fromkeys(metrics)) if metrics else metrics  # a metric asked for twice: one table
     if not paths:
         raise AttnflowError("no metrics files to compare")
-    if input_kind(paths) == PERTURBATION:
-        given = {"--heads": heads != "mean", "--layers": layers != "all", "--depth": depth != "absolute",
-                 "--summary-layers": summary_layers != "last"}
-        for flag, changed in given.items():
-            if changed:
-                raise AttnflowError(f"{flag} applies to metrics files; perturbation files have no layers or heads "
-                                    "(--relevance picks their relevance maps)")
-        models, names = load_perturbations(paths, labels=labels, families=families, quantities=metrics)
+    with collect() as notes:
+        if input_kind(paths) == PERTURBATION:
+            given = {"--heads": heads != "mean", "--layers": layers != "all", "--depth": depth != "absolute",
+                     "--summary-layers": summary_layers != "last"}
+            for flag, changed in given.items():
+                if changed:
+                    raise AttnflowError(f"{flag} applies to metrics files; perturbation files have no layers or heads "
+                                        "(--relevance picks their relevance maps)")
+            models, names = load_perturbations(paths, labels=labels, families=families, quantities=metrics)
+            pairs = summary_pairs(models, pair)
+            _note_repeated_files(models, pairs)
+            rows = plan_relevance(models, relevance)
+            records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed, axis="relevance")
+            summary_rows = rows
+            if "random" not in (relevance or ()) and len(rows) > 1:
+                summary_rows = [row for row in rows if row.name != "random"]
+                if pairs and len(summary_rows) < len(rows):
+                    note("the summary leaves out random, the baseline (removing random patches in either order is the "
+                         "same in expectation); --relevance random includes it")
+            summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, groups=pairs,
+                                correction=correction, axis="relevance")
+            return Comparison(models, names, rows, records, summary, notes, heads, pairs, PERTURBATION)
+        if relevance:
+            raise AttnflowError("--relevance applies to perturbation files (attnflow perturb); these are metrics files")
+        models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads)
         pairs = summary_pairs(models, pair)
         _note_repeated_files(models, pairs)
-        rows = plan_relevance(models, relevance)
-        records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed, axis="relevance")
-        summary_rows = rows
-        if "random" not in (relevance or ()) and len(rows) > 1:
-            summary_rows = [row for row in rows if row.name != "random"]
-            if pairs and len(summary_rows) < len(rows):
-                note("the summary leaves out random, the baseline (removing random patches in either order is the "
-                     "same in expectation); --relevance random includes it")
+        rows = plan_layers(models, layers, depth)
+        records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
+        with contextlib.nullcontext() if pairs else collect():  # no summary: nothing to say about its rows
+            summary_rows = plan_layers(models, summary_layers, depth, option="--summary-layers")
         summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, groups=pairs,
-                            correction=correction, axis="relevance")
-        return Comparison(models, names, rows, records, summary, [], heads, pairs, PERTURBATION)
-    if relevance:
-        raise AttnflowError("--relevance applies to perturbation files (attnflow perturb); these are metrics files")
-    models, names = load_models(paths, labels=labels, families=families, metrics=metrics, heads=heads)
-    pairs = summary_pairs(models, pair)
-    _note_repeated_files(models, pairs)
-    rows = plan_layers(models, layers, depth)
-    records = describe(models, names, rows, n_bootstrap=n_bootstrap, seed=seed)
-    with contextlib.ExitStack() as quiet:
-        if not pairs:  # no summary: nothing to say about its rows
-            quiet.enter_context(collect())
-        summary_rows = plan_layers(models, summary_layers, depth, option="--summary-layers")
-    summary = summarize(models, names, summary_rows, n_bootstrap=n_bootstrap, seed=seed, groups=pairs,
-                        correction=correction)
-    return Comparison(models, names, rows, records, summary, [], heads, pairs)
+                            correction=correction)
+        return Comparison(models, names, rows, records, summary, notes, heads, pairs)
 
 
 def _note_repeated_files(models: Sequence[ModelMetrics], pairs: Sequence[tuple[str, str]]) -> None:

@@ -5,6 +5,7 @@ anything else is a bug and keeps its traceback.
 """
 
 import re
+import warnings
 from typing import Callable
 
 __all__ = ["AttnflowError", "OptionError", "AttnflowNote", "first_line"]
@@ -28,8 +29,6 @@ class OptionError(AttnflowError):
     @property
     def flag(self) -> str:
         """Deprecated (0.1's attribute; removed in 0.3): the flag as the CLI spells it; use :attr:`parameter`."""
-        import warnings
-
         warnings.warn("OptionError.flag is deprecated and goes in 0.3: use OptionError.parameter (the Python name)",
                       DeprecationWarning, stacklevel=2)
         return "--" + self.parameter.replace("_", "-")

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -34,9 +34,11 @@ REPORT_IMAGES = 24  # --images: a sample of maps that opens quickly
 QUERY_ROWS = ("mean", "heads", "none")  # --query-rows: which of every patch's own rows the page stores for the query view
 
 
-def _choice(flag: str, value: Any, allowed: type[StrEnum]) -> None:
-    if value not in choice_values(allowed):
-        raise OptionError(flag, f"choose from {', '.join(allowed)}, not '{value}'")
+def _choice(parameter: str, value: Any, allowed: type[StrEnum] | Sequence[str]) -> None:
+    """Refuse ``value`` unless it is one of ``allowed`` (a ``StrEnum`` or plain strings), naming ``parameter``."""
+    values = choice_values(allowed) if isinstance(allowed, type) else tuple(allowed)
+    if value not in values:
+        raise OptionError(parameter, f"choose from {', '.join(values)}, not '{value}'")
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ class StoreOptions:
         if not self.token_layers:
             raise OptionError("token_layers", "names no block")
         if not self.save_tokens and (self.token_layers != (-1,) or self.tokens_dtype != DType.float32):
-            flag = "token_layers" if self.token_layers != (-1,) else "tokens_dtype"
-            raise OptionError(flag, "chooses how tokens are stored: add {save_tokens}")
+            parameter = "token_layers" if self.token_layers != (-1,) else "tokens_dtype"
+            raise OptionError(parameter, "chooses how tokens are stored: add {save_tokens}")
 
     @staticmethod
     def parse_token_layers(text: str) -> tuple[int, ...]:
@@ -161,8 +163,8 @@ class InputOptions:
         _choice("decode", self.decode, DecodeMode)
         if self.preprocess == Preprocess.beyond_cls and (self.crop_pct is not None or self.interpolation is not None):
             # the preset is the paper's transform; an override would make it something else under its name
-            flag = "crop_pct" if self.crop_pct is not None else "interpolation"
-            raise OptionError(flag, "{preprocess}=beyond-cls fixes the crop (256 -> 224) and the interpolation (bicubic); drop it")
+            parameter = "crop_pct" if self.crop_pct is not None else "interpolation"
+            raise OptionError(parameter, "{preprocess}=beyond-cls fixes the crop (256 -> 224) and the interpolation (bicubic); drop it")
         if self.crop_pct is not None and not (math.isfinite(self.crop_pct) and CROP_PCT_MIN <= self.crop_pct <= 1):
             raise OptionError("crop_pct", f"must be in [{CROP_PCT_MIN}, 1], not {self.crop_pct}")
         if self.interpolation is not None:
@@ -195,20 +197,20 @@ class RunOptions:
             raise OptionError("resume", "continues a run and {overwrite} starts one afresh: give one of them")
 
 
-def _parse_blocks(flag: str, text: str, what: str) -> tuple[int, ...]:
-    """Comma-separated block indices of a flag's text (0-based, negative from the last)."""
+def _parse_blocks(parameter: str, text: str, what: str) -> tuple[int, ...]:
+    """Comma-separated block indices in ``parameter``'s text (0-based, negative from the last)."""
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise OptionError(flag, f"takes {what}, not '{text}'") from None
+        raise OptionError(parameter, f"takes {what}, not '{text}'") from None
 
 
-def _blocks(flag: str, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
-    """A flag's blocks resolved for a ``num_layers``-block model (:func:`attnflow.capture.resolve_blocks`)."""
+def _blocks(parameter: str, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """``parameter``'s blocks resolved for a ``num_layers``-block model (:func:`attnflow.capture.resolve_blocks`)."""
     try:
         return resolve_blocks(layers, num_layers)
     except ValueError as e:
-        raise OptionError(flag, str(e)) from None
+        raise OptionError(parameter, str(e)) from None
 
 
 class _Groups:

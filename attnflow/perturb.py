@@ -50,7 +50,7 @@ from .images import ImageDataset, class_of, folder_classes, resolve_preprocessin
 from .layout import TokenLayout
 from .metrics import renormalise_over_patches, rollout
 from .models import LoadedModel
-from .options import InputOptions, RunOptions, _Groups, resolve_device
+from .options import InputOptions, RunOptions, _choice, _Groups, resolve_device
 from .render import Format, emit, json_value
 from .store.names import (
     PERTURB_CLEAN_CORRECT, PERTURB_CORRECT, PERTURB_RELEVANCE, PERTURB_SCHEMA, PERTURB_SIMILARITY, layout_attrs,
@@ -100,11 +100,6 @@ DEFAULT_AREA_QUANTITIES = ("gap",)
 
 
 # -- options --------------------------------------------------------------------------------------------
-
-
-def _choice(flag: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise OptionError(flag, f"choose from {', '.join(allowed)}, not '{value}'")
 
 
 @dataclass(frozen=True)
@@ -736,61 +731,55 @@ def summarize(paths: Sequence[str | Path], *, n_bootstrap: int = 2000, seed: int
     one network: they say how sure the mean over these images is, not how another training run would do.
     """
     with collect() as notes:
-        curves, aucs, has_accuracy = _summarize(paths, n_bootstrap, seed)
-    return PerturbSummary(curves, aucs, has_accuracy, notes)
-
-
-def _summarize(paths: Sequence[str | Path], n_bootstrap: int, seed: int) -> tuple[list, list, bool]:
-    """:func:`summarize` inside its collector of notes."""
-    curves, aucs, has_accuracy = [], [], False
-    for m, path in enumerate(paths):
-        with open_perturbation(path) as f:
-            label, family = f.attrs["label"], f.attrs["family"]
-            relevance, orders, fractions = f.relevance, f.orders, f.fractions
-            similarity = f.similarity().astype(np.float64)  # (n, R, O, F)
-            correct = clean = None
-            if f.has_accuracy:
-                correct, clean = f.correct()
-                has_accuracy = True
-        n = similarity.shape[0]
-        if n == 0:
-            note(f"{path} holds no images")
-            continue
-        R, O, Fn = similarity.shape[1:]
-        rng = np.random.default_rng([seed, m])
-        low, high = _bootstrap_ci(similarity.reshape(n, -1), rng, n_bootstrap)
-        low, high = low.reshape(R, O, Fn), high.reshape(R, O, Fn)
-        mean = similarity.mean(0)
-        if correct is not None:
-            acc = np.concatenate([np.broadcast_to(clean[:, None, None, None], (n, R, O, 1)), correct], -1).astype(np.float64)
-            acc_low, acc_high = _bootstrap_ci(acc.reshape(n, -1), rng, n_bootstrap)
-            acc_mean, acc_low, acc_high = acc.mean(0), acc_low.reshape(R, O, Fn + 1), acc_high.reshape(R, O, Fn + 1)
-        for r, name in enumerate(relevance):
-            for o, order in enumerate(orders):
-                for f, fraction in enumerate([0.0, *fractions]):
-                    record = {"model": label, "family": family, "relevance": name, "order": order, "fraction": fraction,
-                              "similarity": 1.0 if f == 0 else float(mean[r, o, f - 1]),
-                              "ci_low": 1.0 if f == 0 else float(low[r, o, f - 1]),
-                              "ci_high": 1.0 if f == 0 else float(high[r, o, f - 1]), "n_images": n}
-                    if correct is not None:
-                        record.update(accuracy=float(acc_mean[r, o, f]), accuracy_ci_low=float(acc_low[r, o, f]),
-                                      accuracy_ci_high=float(acc_high[r, o, f]))
-                    curves.append(record)
-        columns = area_values(fractions, orders, similarity)  # auc_positive, auc_negative, gap: (n, R) each
-        rand = relevance.index("random") if "random" in relevance else None
-        if rand is not None:
-            columns["positive_vs_random"] = columns["auc_positive"] - columns["auc_positive"][:, rand:rand + 1]
-            columns["negative_vs_random"] = columns["auc_negative"] - columns["auc_negative"][:, rand:rand + 1]
-        stacked = np.concatenate(list(columns.values()), 1)  # (n, K * R): resampled together, paired by image
-        low, high = _bootstrap_ci(stacked, rng, n_bootstrap)
-        for r, name in enumerate(relevance):
-            record: dict[str, Any] = {"model": label, "family": family, "relevance": name}
-            for k, key in enumerate(AUC_COLUMNS[3:-1:3]):
-                if key in columns and not (name == "random" and key.endswith("_vs_random")):
-                    record.update({key: float(columns[key][:, r].mean()), f"{key}_ci_low": float(low[k * R + r]),
-                                   f"{key}_ci_high": float(high[k * R + r])})
-                else:
-                    record.update({key: math.nan, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan})
-            record["n_images"] = n
-            aucs.append(record)
-    return curves, aucs, has_accuracy
+        curves, aucs, has_accuracy = [], [], False
+        for m, path in enumerate(paths):
+            with open_perturbation(path) as f:
+                label, family = f.attrs["label"], f.attrs["family"]
+                relevance, orders, fractions = f.relevance, f.orders, f.fractions
+                similarity = f.similarity().astype(np.float64)  # (n, R, O, F)
+                correct = clean = None
+                if f.has_accuracy:
+                    correct, clean = f.correct()
+                    has_accuracy = True
+            n = similarity.shape[0]
+            if n == 0:
+                note(f"{path} holds no images")
+                continue
+            R, O, Fn = similarity.shape[1:]
+            rng = np.random.default_rng([seed, m])
+            low, high = _bootstrap_ci(similarity.reshape(n, -1), rng, n_bootstrap)
+            low, high = low.reshape(R, O, Fn), high.reshape(R, O, Fn)
+            mean = similarity.mean(0)
+            if correct is not None:
+                acc = np.concatenate([np.broadcast_to(clean[:, None, None, None], (n, R, O, 1)), correct], -1).astype(np.float64)
+                acc_low, acc_high = _bootstrap_ci(acc.reshape(n, -1), rng, n_bootstrap)
+                acc_mean, acc_low, acc_high = acc.mean(0), acc_low.reshape(R, O, Fn + 1), acc_high.reshape(R, O, Fn + 1)
+            for r, name in enumerate(relevance):
+                for o, order in enumerate(orders):
+                    for f, fraction in enumerate([0.0, *fractions]):
+                        record = {"model": label, "family": family, "relevance": name, "order": order, "fraction": fraction,
+                                  "similarity": 1.0 if f == 0 else float(mean[r, o, f - 1]),
+                                  "ci_low": 1.0 if f == 0 else float(low[r, o, f - 1]),
+                                  "ci_high": 1.0 if f == 0 else float(high[r, o, f - 1]), "n_images": n}
+                        if correct is not None:
+                            record.update(accuracy=float(acc_mean[r, o, f]), accuracy_ci_low=float(acc_low[r, o, f]),
+                                          accuracy_ci_high=float(acc_high[r, o, f]))
+                        curves.append(record)
+            columns = area_values(fractions, orders, similarity)  # auc_positive, auc_negative, gap: (n, R) each
+            rand = relevance.index("random") if "random" in relevance else None
+            if rand is not None:
+                columns["positive_vs_random"] = columns["auc_positive"] - columns["auc_positive"][:, rand:rand + 1]
+                columns["negative_vs_random"] = columns["auc_negative"] - columns["auc_negative"][:, rand:rand + 1]
+            stacked = np.concatenate(list(columns.values()), 1)  # (n, K * R): resampled together, paired by image
+            low, high = _bootstrap_ci(stacked, rng, n_bootstrap)
+            for r, name in enumerate(relevance):
+                record: dict[str, Any] = {"model": label, "family": family, "relevance": name}
+                for k, key in enumerate(AUC_COLUMNS[3:-1:3]):
+                    if key in columns and not (name == "random" and key.endswith("_vs_random")):
+                        record.update({key: float(columns[key][:, r].mean()), f"{key}_ci_low": float(low[k * R + r]),
+                                       f"{key}_ci_high": float(high[k * R + r])})
+                    else:
+                        record.update({key: math.nan, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan})
+                record["n_images"] = n
+                aucs.append(record)
+        return PerturbSummary(curves, aucs, has_accuracy, notes)
