@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import io
 import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -295,6 +296,17 @@ def _leave_interrupts_to_the_parent(worker_id: int) -> None:
     """Ctrl-C on a terminal reaches every process of the group: a worker ignores it, so that the parent alone
     stops the run and says so in one line (each worker would print its own traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _silent_about_a_departed_parent
+
+
+def _silent_about_a_departed_parent(kind: type[BaseException], error: BaseException, traceback) -> None:
+    """A worker's excepthook. multiprocessing's resource sharer, the thread that hands a batch's file
+    descriptors to the parent, reports a connection the parent dropped (it was exiting on Ctrl-C) through
+    ``sys.excepthook``, which would print a traceback under the parent's one line. A parent still running
+    sees the failed handover itself and reports it, so nothing is lost by staying quiet here."""
+    if isinstance(error, (OSError, EOFError)):
+        return
+    sys.__excepthook__(kind, error, traceback)
 
 
 def _surviving(loader: Iterable) -> Iterable:
