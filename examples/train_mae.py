@@ -1,9 +1,10 @@
 """Train the demo MIM model: a masked autoencoder (He et al. 2022) on the demo recipe.
 
-75% of the 64 patches are masked at random, the encoder (the shared demo ViT) sees the rest with the cls
-token, a light decoder reconstructs the masked patches, and the loss is the mean squared error against
-per-patch normalised pixels. The checkpoint is saved in MAE's own layout, ``{'model': state_dict}`` with
-the decoder keys, in float16:
+75% of the patches are masked at random (``--mask-ratio``), the encoder (the shared demo ViT) sees the
+rest with the cls token, a light decoder reconstructs the masked patches, and the loss is the mean squared
+error against per-patch normalised pixels (``--pixel-target raw``: against the pixels as the encoder sees
+them, so that the high-contrast item weighs more than the low-contrast clutter around it). The checkpoint
+is saved in MAE's own layout, ``{'model': state_dict}`` with the decoder keys, in float16:
 
     python examples/train_mae.py --images-seen 600000 --out attnflow/demo_data/mae.pth
 
@@ -26,12 +27,22 @@ from demo_data import TrainingStream, cosine_schedule, normalize
 from training_run import TrainingRun, add_run_arguments, check_run_arguments
 
 
+PIXEL_TARGETS = ("normalised", "raw")  # MAE's norm_pix_loss True / False
+
+
 class MaskedAutoencoder(nn.Module):
-    def __init__(self, mask_ratio: float = 0.75, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 2):
+    def __init__(self, mask_ratio: float = 0.75, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 2,
+                 pixel_target: str = "normalised"):
         super().__init__()
+        if pixel_target not in PIXEL_TARGETS:
+            raise ValueError(f"pixel_target must be one of {PIXEL_TARGETS}, not {pixel_target!r}")
+        self.pixel_target = pixel_target
         self.encoder = create_demo_vit()
         self.mask_ratio = mask_ratio
         width, num_patches = self.encoder.embed_dim, self.encoder.patch_embed.num_patches
+        if not 1 <= int(num_patches * (1 - mask_ratio)) < num_patches:
+            raise ValueError(f"mask ratio {mask_ratio} must leave at least one of the {num_patches} patches visible "
+                             "and mask at least one")
         self.patch = self.encoder.patch_embed.patch_size[0]
         self.decoder_embed = nn.Linear(width, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -69,7 +80,8 @@ class MaskedAutoencoder(nn.Module):
         pred = self.decoder_pred(self.decoder_norm(d))[:, 1:]
 
         target = self.patchify(x)
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        if self.pixel_target == "normalised":
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         masked = torch.ones(B, P, device=x.device)
         masked[:, :keep] = 0
         masked = torch.gather(masked, 1, restore)
@@ -89,12 +101,19 @@ def main() -> None:
     p.add_argument("--base-lr", type=float, default=1.5e-4, help="per 256 images, as in MAE")
     p.add_argument("--decoder-depth", type=int, default=2, help="decoder blocks (MAE's linear probe is sensitive to it)")
     p.add_argument("--decoder-dim", type=int, default=64, help="decoder width")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="the share of the patches masked")
+    p.add_argument("--pixel-target", choices=PIXEL_TARGETS, default="normalised",
+                   help="reconstruct per-patch normalised pixels (MAE's default) or the raw input pixels")
     args = p.parse_args()
     device = check_run_arguments(p, args)
 
     torch.manual_seed(args.seed)
     stream = TrainingStream(device, args.seed, root=args.data_root)
-    model = MaskedAutoencoder(decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth).to(device)
+    try:
+        model = MaskedAutoencoder(mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
+                                  decoder_depth=args.decoder_depth, pixel_target=args.pixel_target).to(device)
+    except ValueError as e:
+        p.error(f"--mask-ratio {args.mask_ratio}: {e}")
     peak = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.05)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -113,8 +132,8 @@ def main() -> None:
     if not run.complete:
         run.exit_incomplete()
     record = {
-        "recipe": f"MAE, mask ratio 0.75, decoder {args.decoder_depth}x{args.decoder_dim}, normalised-pixel loss, "
-                  "AdamW (0.9, 0.95) wd 0.05, cosine",
+        "recipe": f"MAE, mask ratio {args.mask_ratio}, decoder {args.decoder_depth}x{args.decoder_dim}, "
+                  f"{args.pixel_target}-pixel loss, AdamW (0.9, 0.95) wd 0.05, cosine",
         **run.summary(),
     }
     torch.save({"model": model.checkpoint_state(), "training": record}, args.out)

@@ -184,3 +184,26 @@ def test_evaluation_prints_the_markdown_table_with_intervals_for_the_random_base
         assert abs(row[key] * 32 - round(row[key] * 32)) < 32 * 5e-5
         assert float(acc) == pytest.approx(100 * row[key], abs=0.051)
     assert lines[2] in stdout
+
+
+@pytest.mark.parametrize("target, expected", [("raw", 0.25), ("normalised", 0.0)])
+def test_the_mae_loss_reconstructs_the_chosen_pixel_target(target, expected):
+    """With a decoder that predicts 0 everywhere, the loss is the masked patches' mean squared target: a flat
+    image of 0.5 has raw pixels 0.5 (0.25) and per-patch normalised pixels 0 (its patches have no variance)."""
+    from train_mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(decoder_dim=16, decoder_depth=1, pixel_target=target)
+    torch.nn.init.zeros_(model.decoder_pred.weight)
+    torch.nn.init.zeros_(model.decoder_pred.bias)
+    with torch.no_grad():
+        loss = model(torch.full((3, 1, 48, 48), 0.5))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_mae_refuses_a_mask_ratio_that_masks_nothing_or_everything():
+    from train_mae import MaskedAutoencoder
+
+    for ratio in (0.0, 0.999):
+        with pytest.raises(ValueError, match="mask ratio"):
+            MaskedAutoencoder(mask_ratio=ratio)
