@@ -529,15 +529,15 @@ def demo(
     )
     if quiet:
         return
-    from .demo import PROBE_EPOCHS, demo_disk_use
+    from .demo import PROBE_EPOCHS, demo_disk_use, probe_cache_paths
 
     console.print("attnflow: demo: seconds per stage: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in run.stage_seconds)
                   + f"; total {sum(seconds for _, seconds in run.stage_seconds):.1f}", markup=False)
     console.print(f"attnflow: demo: {demo_disk_use(run)}", markup=False)
     if run.probe_records:
         console.print(f"attnflow: demo: the probes trained {PROBE_EPOCHS} epochs each (attnflow probe's default is 100); "
-                      f"the same numbers: attnflow probe {out / 'mae_probe.h5'} {out / 'dino_probe.h5'} --split 0.8 "
-                      f"--epochs {PROBE_EPOCHS}", markup=False)
+                      f"the same numbers: attnflow probe {' '.join(map(str, probe_cache_paths(out).values()))} "
+                      f"--split 0.8 --epochs {PROBE_EPOCHS}", markup=False)
 
 
 @app.command("probe")

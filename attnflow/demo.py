@@ -35,6 +35,7 @@ from .threads import threads_for
 
 __all__ = [
     "DemoRun", "demo_images", "run_demo", "PROBE_EPOCHS", "demo_disk_use", "PROBE_IMAGES", "write_probe_images",
+    "probe_cache_paths",
 ]
 
 
@@ -190,7 +191,7 @@ def demo_disk_use(run: DemoRun) -> str:
     total = megabytes(run.out.rglob("*"))
     text = f"{run.out} holds {total:,.0f} MB"
     if run.probe_images is not None:
-        probe_caches = [run.out / f"{name.split(':', 1)[1]}_probe.h5" for name in DEMO_MODELS]
+        probe_caches = list(probe_cache_paths(run.out).values())
         images = list(run.probe_images.rglob("*.png"))
         text += (f", of which the probe caches {megabytes(probe_caches):,.0f} MB and {len(images):,} probe images "
                  f"(PNG, in {run.probe_images}) {megabytes(images):,.0f} MB")
@@ -227,17 +228,21 @@ def _images_progress(on_progress: OnProgress | None, step: str):
     return None if on_progress is None else (lambda done, total: on_progress(step, done, total))
 
 
+def probe_cache_paths(out: Path) -> dict[str, Path]:
+    """The probe cache of each demo model in the demo folder ``out``, by model name."""
+    return {name: out / f"{name.split(':', 1)[1]}_probe.h5" for name in DEMO_MODELS}
+
+
 def _run_probe(out: Path, *, overwrite: bool, device: str, workers: int | None, threads: int | None, stage,
                on_progress: OnProgress | None, limit: int | None = None) -> tuple[Path, list]:
     stage(f"writing the probe images (PNG, into {out / 'probe_images'})")
     paths = write_probe_images(out / "probe_images", limit)
     caches, store = [], StoreMode.rows.value  # the cls rows the attention pools need; rollout pooling would need full maps
-    for name in DEMO_MODELS:
+    for name, cache in probe_cache_paths(out).items():
         stage(f"extracting {name} probe images ({len(paths):,}, tokens kept)")
-        short = name.split(":", 1)[1]
         with threads_for(threads, "model", workers or 0):
             caches.append(extract(
-                build_model(name), paths, out / f"{short}_probe.h5", store=store, save_tokens=True, labels_from_dirs=True,
+                build_model(name), paths, cache, store=store, save_tokens=True, labels_from_dirs=True,
                 batch_size=100, workers=workers, device=device, overwrite=overwrite,
                 on_progress=_images_progress(on_progress, f"extract {name} (probe images)"),
             ).path)

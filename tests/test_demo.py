@@ -86,6 +86,14 @@ def test_demo_command_end_to_end(tmp_path, run_cli):
     gains = [p for p in probes if p["pool"] != "cls" and p["gain_p"] != "nan"]
     assert gains and all(float(p["gain_p"]) <= float(p["gain_p_holm"]) <= 1 for p in gains)
     assert all(float(p["gain_ci_low"]) <= float(p["gain_over_cls"]) <= float(p["gain_ci_high"]) for p in gains)
+    # the command the demo prints for its probe numbers gives them, Holm-adjusted p-values included
+    command = result.stderr.split("the same numbers: attnflow ", 1)[1].split()
+    assert command[0] == "probe" and [Path(c).name for c in command[1:4]] == ["mae_probe.h5", "dino_probe.h5", "random_probe.h5"]
+    again = run_cli(*command, "-f", "csv")
+    assert again.exit_code == 0, again.stderr
+    key = ("model", "pool", "evaluator", "accuracy", "gain_over_cls", "gain_p_holm")
+    assert [tuple(p[k] for k in key) for p in csv.DictReader(io.StringIO(again.stdout))] == \
+        [tuple(p[k] for k in key) for p in probes]
     assert "cls_fg_mass" in {r["metric"] for r in rows} and all(r["n_images"] == "20" for r in rows)
     with open_cache(out / "mae.h5") as cache:
         a = cache.attrs
