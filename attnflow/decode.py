@@ -16,6 +16,7 @@ README.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -23,7 +24,7 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -36,7 +37,7 @@ from .images import (
 __all__ = [
     "JPEG_MAGIC", "EXIF_ORIENTATION", "DEVICE_INTERPOLATIONS", "DEVICE_CROP_MODES", "with_decode",
     "check_device_decodable", "check_decode_device", "scaled_size", "resize_and_crop", "EncodedJpeg", "EncodedItem",
-    "EncodedImages", "EncodedBatch", "collate_encoded", "decode_batch", "image_batches",
+    "EncodedImages", "EncodedBatch", "collate_encoded", "decode_batch", "image_batches", "worker_deaths_reported",
 ]
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first byte of the next marker: every JPEG file starts so
@@ -326,8 +327,25 @@ def _surviving(loader: Iterable) -> Iterable:
         # user's file into a skip reason, so nothing else is raised here)
         if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
             raise
-        raise AttnflowError(f"a decoding worker process died ({type(e).__name__}: {first_line(e)}); the committed "
-                            "batches are kept: rerun with --resume (with fewer --workers if memory ran out)") from None
+        raise _worker_died(e) from None
+
+
+@contextlib.contextmanager
+def worker_deaths_reported() -> Iterator[None]:
+    """Around the loop that consumes :func:`image_batches`: the DataLoader's SIGCHLD handler raises a worker's
+    death in the main thread wherever it happens to be, often in the model's forward pass rather than in the
+    loader, so the loop's body needs the same one-line report as the loader itself."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise _worker_died(e) from None
+
+
+def _worker_died(error: BaseException) -> AttnflowError:
+    return AttnflowError(f"a decoding worker process died ({type(error).__name__}: {first_line(error)}); the "
+                         "committed batches are kept: rerun with --resume (with fewer --workers if memory ran out)")
 
 
 def _stalled_message(error: ReadStalled) -> tuple[str, bool]:

@@ -25,7 +25,7 @@ from .store.write import CacheSpec, MetricsSpec, RowFileWriter, inputs_digest, m
 from .capture import AttentionCapture, MagnitudeUpdate
 from .errors import AttnflowError, OptionError
 from .notes import note
-from .decode import image_batches, with_decode
+from .decode import image_batches, with_decode, worker_deaths_reported
 from .images import ImageBatch, ImageDataset, Preprocessing, class_of, folder_classes, index_masks, resolve_preprocessing
 from .measure import metric_rows, warn_about_layout
 from .metrics import available_metrics
@@ -419,7 +419,7 @@ def _run(plan: _Plan, spec: CacheSpec, writers: dict[str, RowFileWriter], *, on_
     background = BackgroundWriter(writers)
     try:
         capture = AttentionCapture(model, magnitude=options.store.magnitude, token_layers=spec.stored_token_layers, reuse_buffer=True)
-        with capture, torch.inference_mode():
+        with capture, torch.inference_mode(), worker_deaths_reported():
             for batch in loader:
                 skipped = report_failures(batch, path_texts, start, options.inputs.strict, on_skip)
                 rows = HostRows.empty(writers)

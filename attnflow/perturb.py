@@ -44,7 +44,7 @@ from .checkpoint import file_sha256
 from .errors import AttnflowError, OptionError
 from .notes import collect, note
 from .extract import default_workers, report_failures
-from .decode import image_batches, with_decode
+from .decode import image_batches, with_decode, worker_deaths_reported
 from .flow import attention_flow
 from .images import ImageDataset, class_of, folder_classes, resolve_preprocessing
 from .layout import TokenLayout
@@ -551,7 +551,7 @@ def _run(plan: _Plan, paths: Sequence[Path], preprocessing, writer: RowFileWrite
         ImageDataset(paths[start:], preprocessing, read_timeout=options.run.read_timeout), device=plan.device, batch_size=options.run.batch_size,
         workers=default_workers() if options.run.workers is None else options.run.workers,
     )
-    with torch.inference_mode():
+    with torch.inference_mode(), worker_deaths_reported():
         for batch in loader:
             skipped = report_failures(batch, path_texts, start, options.inputs.strict, on_skip)
             labels = [class_index[class_of(paths[start + i])] for i in batch.indices] if plan.class_names is not None else None

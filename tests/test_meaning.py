@@ -281,6 +281,45 @@ def test_a_killed_decoding_worker_is_one_line_and_resumable(many_images, tmp_pat
         assert f.attrs["n_images"] == 40
 
 
+class _SlowItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, index: int) -> int:
+        import time
+
+        time.sleep(0.2)
+        return index
+
+
+def test_a_worker_death_noticed_outside_the_loader_is_one_line_too():
+    """The DataLoader's SIGCHLD handler raises a killed worker's death wherever the main thread is: in the
+    run's forward pass as often as in the loader (CI caught its traceback once). Here it fires during the
+    loop body's own work, a sleep, and must read as the loader's one line."""
+    import signal
+    import time
+
+    from attnflow.decode import worker_deaths_reported
+
+    before = set(_workers_of(os.getpid()))
+    batches = iter(torch.utils.data.DataLoader(_SlowItems(), batch_size=1, num_workers=1))
+    try:
+        next(batches)
+        workers = set(_workers_of(os.getpid())) - before  # the loader's worker, no other child of this process
+        assert workers, "the loader has no worker process to kill"
+        with pytest.raises(AttnflowError, match=r"^a decoding worker process died \(RuntimeError: DataLoader worker "
+                                                r"\(pid \d+\) is killed by signal: Killed"):
+            with worker_deaths_reported():
+                for worker in workers:
+                    os.kill(worker, signal.SIGKILL)
+                for _ in range(600):  # the loop body; the handler raises inside it
+                    time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="^unrelated"), worker_deaths_reported():
+            raise RuntimeError("unrelated: not a worker's death")  # other errors pass through unchanged
+    finally:
+        del batches
+
+
 def test_ctrl_c_on_a_terminal_is_one_line_with_workers(many_images, tmp_path):
     """Ctrl-C reaches the whole foreground process group: the workers too."""
     import signal
