@@ -314,7 +314,8 @@ def _surviving(loader: Iterable) -> Iterable:
     """The loader's batches; a worker process that dies (killed, out of memory) or a read that stalls ends the
     run with one line instead of the DataLoader's traceback, its committed batches kept."""
     try:
-        yield from loader
+        with worker_deaths_reported():  # the DataLoader's own report of a worker that died
+            yield from loader
     except ReadStalled as e:
         message, in_worker = _stalled_message(e)
         # The kernel holds a thread blocked in a hung mount's read until the mount answers (FUSE: even past
@@ -322,11 +323,9 @@ def _surviving(loader: Iterable) -> Iterable:
         held = "" if in_worker else "; with --workers 0 the read is this process's own, so it exits only once the read returns"
         raise ReadStalled(f"{message} (--read-timeout); the committed batches are kept: rerun with --resume once it "
                           f"answers{held}") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        # the DataLoader's own report, or a batch cut off in transfer (the dataset turns every failure of a
-        # user's file into a skip reason, so nothing else is raised here)
-        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
-            raise
+    except (OSError, EOFError) as e:
+        # a batch cut off in transfer by a dying worker (the dataset turns every failure of a user's file into a
+        # skip reason, so nothing else is raised here)
         raise _worker_died(e) from None
 
 
