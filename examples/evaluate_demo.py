@@ -109,11 +109,16 @@ def main() -> None:
     if missing is not None:
         p.error(f"--data-root: {missing}")
     specs = list(args.models) + ([RANDOM] if args.random_init and RANDOM not in args.models else [])
+    models = []  # all loaded before any is measured: a checkpoint that cannot be read ends the run at once
+    for spec in specs:
+        try:
+            models.append((spec, *load_spec(spec, args.random_seed)))
+        except attnflow.AttnflowError as e:
+            p.error(f"{spec}: {e}")
     train_x, train_y = composed_split("train", args.train, 1, args.data_root)
     test_x, test_y = composed_split("test", args.test, 2, args.data_root)
     rows = []
-    for spec in specs:
-        label, model = load_spec(spec, args.random_seed)
+    for spec, label, model in models:
         model = model.to(args.device).eval()
         tr, te = features(model, train_x, device=args.device), features(model, test_x, device=args.device)
         row = {"model": spec, "label": label, "train": args.train, "test": args.test}

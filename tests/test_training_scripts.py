@@ -207,3 +207,16 @@ def test_the_mae_refuses_a_mask_ratio_that_masks_nothing_or_everything():
     for ratio in (0.0, 0.999):
         with pytest.raises(ValueError, match="mask ratio"):
             MaskedAutoencoder(mask_ratio=ratio)
+
+
+def test_evaluation_refuses_a_checkpoint_it_cannot_read_before_measuring_anything(tmp_path, data_root, monkeypatch, capsys):
+    foreign = tmp_path / "notes.pth"
+    foreign.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        run_example(monkeypatch, capsys, "evaluate_demo.py", "demo:random", f"demo:mae={foreign}", "--train", 48,
+                    "--test", 32, "--data-root", data_root)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing measured: demo:random, named first, printed no row
+    assert captured.err.splitlines()[-1].startswith(f"evaluate_demo.py: error: demo:mae={foreign}: checkpoint {foreign}")
+    assert "Traceback" not in captured.err
